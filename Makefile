@@ -1,0 +1,49 @@
+# Two commands do everything on a fresh machine:
+#   make demo   the whole split on the embedded tiny model pair
+#   make test   lint, type-check and the test suite (what .ci/run runs)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Re-install when the project's dependencies change.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+PROTO_FILES := $(wildcard protos/speckv/v1/*.proto)
+
+.PHONY: venv test lint typecheck pytest demo protos protos-check buf-lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# The CPU build of torch lies on these machines; installing it first keeps
+	@# the looser `torch>=` requirement from pulling a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all,dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy predictor_service decode_worker client benchmarks/speckv_eval
+
+pytest: venv
+	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+demo: venv
+	$(PY) -m speckv_client.demo
+
+# Regenerate the committed stubs; tests/test_protos.py fails when they drift.
+protos: venv
+	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
+		--grpc_python_out=protos $(PROTO_FILES)
+
+buf-lint:
+	npx -y @bufbuild/buf lint protos
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""speckv_eval: reproduce the seed tables and measure gamma policies honestly."""

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs of the SpecKV wire contract (`protos/speckv`)."""
