@@ -96,3 +96,146 @@ class Decision:
     model_name: str = ""
     model_version: int = 0
     arm: str = ""
+
+
+# --- Model repository and routing (PredictorService admin and read calls) ---
+
+
+class ModelState(str, Enum):
+    UNSPECIFIED = "unspecified"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    UNLOADED = "unloaded"
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    version: int
+    state: ModelState
+    window: str = ""
+    feature_names: tuple[str, ...] = ()
+    gamma_candidates: tuple[int, ...] = ()
+    aliases: tuple[str, ...] = ()
+    error: str = ""
+    """Why a load failed, when state is FAILED."""
+    manifest_json: str = ""
+
+
+@dataclass(frozen=True)
+class RouteWeight:
+    """`target` is an alias ("stable", "canary") or a version number as text ("3")."""
+
+    target: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Routing:
+    weights: tuple[RouteWeight, ...] = ()
+    salt: str = ""
+    shadow_version: int = 0
+    """Scored on the same rows, recorded in metrics, never returned; 0 means none."""
+    aliases: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    versions: tuple[ModelVersionInfo, ...] = ()
+    routing: Routing = field(default_factory=Routing)
+    is_default: bool = False
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Raw predicted acceptance for each row of a Predict call, and who answered."""
+
+    predicted_acceptance: tuple[float, ...]
+    model_name: str
+    model_version: int
+    arm: str
+
+
+# --- DecoderService ---
+
+
+class DecisionSource(str, Enum):
+    UNSPECIFIED = "unspecified"
+    REMOTE = "remote"
+    FALLBACK = "fallback"
+    LOCAL = "local"
+
+
+class FinishReason(str, Enum):
+    UNSPECIFIED = "unspecified"
+    EOS = "eos"
+    LENGTH = "length"
+    STOP_STRING = "stop_string"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step: int
+    gamma: int
+    accepted: int
+    tokens_produced: int
+    source: DecisionSource
+    model_name: str = ""
+    model_version: int = 0
+    arm: str = ""
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    decision_wait_seconds: float = 0.0
+    signals: DraftSignals | None = None
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """Text produced by one decode step, with that step's statistics."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    step: StepStats | None = None
+
+
+@dataclass(frozen=True)
+class GenerationSummary:
+    new_tokens: int
+    steps: int
+    tokens_per_step: float
+    acceptance_rate: float
+    mean_gamma: float
+    wall_seconds: float
+    tokens_per_second: float
+    remote_decisions: int = 0
+    fallback_decisions: int = 0
+    local_decisions: int = 0
+    decision_wait_seconds: float = 0.0
+    finish_reason: FinishReason = FinishReason.UNSPECIFIED
+    text: str = ""
+    request_id: str = ""
+    model_versions: dict[str, int] = field(default_factory=dict)
+    """Predictor versions that decided, "name:version" -> count."""
+
+
+GenerateEvent = TokenChunk | GenerationSummary
+"""What `DecoderClient.generate` yields: chunks as they come, then one summary."""
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    draft_model: str
+    target_model: str
+    compression: Compression | None
+    target_dtype: str
+    device: str
+    policy: str
+    predictor_address: str
+    window: Window | None
+    objective: Objective | None
+    fallback_gamma: int
+    max_new_tokens_limit: int
+    concurrency: str
+    version: str

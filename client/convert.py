@@ -1,0 +1,343 @@
+"""Protobuf <-> the library's dataclasses. The only module that touches message fields.
+
+`*_to_pb` builds request messages from dataclasses; `*_from_pb` turns responses into
+dataclasses. Everything above this module works on `speckv_client.types`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from speckv.v1 import common_pb2, decoder_pb2, predictor_pb2
+from speckv_client.types import (
+    CandidateScore,
+    Compression,
+    DecideBatch,
+    Decision,
+    DecisionSource,
+    DraftSignals,
+    FeatureRow,
+    FinishReason,
+    GenerateEvent,
+    GenerationSummary,
+    ModelInfo,
+    ModelSelector,
+    ModelState,
+    ModelVersionInfo,
+    Objective,
+    Prediction,
+    RouteWeight,
+    Routing,
+    StepStats,
+    StepTiming,
+    TokenChunk,
+    Window,
+    WorkerInfo,
+)
+
+_COMPRESSION_TO_PB = {
+    Compression.FP16: common_pb2.COMPRESSION_FP16,
+    Compression.INT8: common_pb2.COMPRESSION_INT8,
+    Compression.NF4: common_pb2.COMPRESSION_NF4,
+}
+_COMPRESSION_FROM_PB = {v: k for k, v in _COMPRESSION_TO_PB.items()}
+
+_WINDOW_TO_PB = {
+    Window.SAME_STEP: common_pb2.DECISION_WINDOW_SAME_STEP,
+    Window.PREVIOUS_STEP: common_pb2.DECISION_WINDOW_PREVIOUS_STEP,
+    Window.PREFIX: common_pb2.DECISION_WINDOW_PREFIX,
+}
+_WINDOW_FROM_PB = {v: k for k, v in _WINDOW_TO_PB.items()}
+
+_OBJECTIVE_TO_PB = {
+    Objective.TOKENS_PER_STEP: common_pb2.OBJECTIVE_TOKENS_PER_STEP,
+    Objective.GOODPUT: common_pb2.OBJECTIVE_GOODPUT,
+}
+_OBJECTIVE_FROM_PB = {v: k for k, v in _OBJECTIVE_TO_PB.items()}
+
+_STATE_FROM_PB = {
+    predictor_pb2.MODEL_STATE_UNSPECIFIED: ModelState.UNSPECIFIED,
+    predictor_pb2.MODEL_STATE_LOADING: ModelState.LOADING,
+    predictor_pb2.MODEL_STATE_READY: ModelState.READY,
+    predictor_pb2.MODEL_STATE_FAILED: ModelState.FAILED,
+    predictor_pb2.MODEL_STATE_UNLOADED: ModelState.UNLOADED,
+}
+
+_SOURCE_FROM_PB = {
+    decoder_pb2.DECISION_SOURCE_UNSPECIFIED: DecisionSource.UNSPECIFIED,
+    decoder_pb2.DECISION_SOURCE_REMOTE: DecisionSource.REMOTE,
+    decoder_pb2.DECISION_SOURCE_FALLBACK: DecisionSource.FALLBACK,
+    decoder_pb2.DECISION_SOURCE_LOCAL: DecisionSource.LOCAL,
+}
+
+_FINISH_FROM_PB = {
+    decoder_pb2.FINISH_REASON_UNSPECIFIED: FinishReason.UNSPECIFIED,
+    decoder_pb2.FINISH_REASON_EOS: FinishReason.EOS,
+    decoder_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    decoder_pb2.FINISH_REASON_STOP_STRING: FinishReason.STOP_STRING,
+    decoder_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
+}
+
+
+def error_code_name(code: int) -> str:
+    """ "INVALID_ARGUMENT" for ERROR_CODE_INVALID_ARGUMENT, etc."""
+    if code in predictor_pb2.ErrorCode.values():
+        name: str = predictor_pb2.ErrorCode.Name(code)
+    else:
+        name = f"ERROR_CODE_{code}"
+    return name.removeprefix("ERROR_CODE_")
+
+
+# --- common ---
+
+
+def signals_to_pb(s: DraftSignals) -> common_pb2.DraftSignals:
+    return common_pb2.DraftSignals(
+        mean_draft_entropy=s.mean_draft_entropy,
+        mean_draft_confidence=s.mean_draft_confidence,
+        max_draft_entropy=s.max_draft_entropy,
+        min_draft_confidence=s.min_draft_confidence,
+    )
+
+
+def signals_from_pb(m: common_pb2.DraftSignals) -> DraftSignals:
+    return DraftSignals(
+        mean_draft_entropy=m.mean_draft_entropy,
+        mean_draft_confidence=m.mean_draft_confidence,
+        max_draft_entropy=m.max_draft_entropy,
+        min_draft_confidence=m.min_draft_confidence,
+    )
+
+
+def selector_to_pb(sel: ModelSelector | None) -> common_pb2.ModelSelector | None:
+    if sel is None:
+        return None
+    return common_pb2.ModelSelector(name=sel.name, version=sel.version, alias=sel.alias)
+
+
+def objective_to_pb(objective: Objective | None) -> int:
+    return common_pb2.OBJECTIVE_UNSPECIFIED if objective is None else _OBJECTIVE_TO_PB[objective]
+
+
+# --- predictor: Decide ---
+
+
+def timing_to_pb(t: StepTiming) -> predictor_pb2.StepTiming:
+    return predictor_pb2.StepTiming(
+        draft_seconds_per_token=t.draft_seconds_per_token,
+        verify_base_seconds=t.verify_base_seconds,
+        verify_seconds_per_token=t.verify_seconds_per_token,
+    )
+
+
+def row_to_pb(row: FeatureRow) -> predictor_pb2.FeatureRow:
+    return predictor_pb2.FeatureRow(
+        routing_key=row.routing_key,
+        step=row.step,
+        signals=signals_to_pb(row.signals),
+        compression=_COMPRESSION_TO_PB[Compression(row.compression)],
+    )
+
+
+def decide_request_to_pb(batch: DecideBatch, request_id: int) -> predictor_pb2.DecideRequest:
+    req = predictor_pb2.DecideRequest(
+        request_id=request_id,
+        rows=[row_to_pb(r) for r in batch.rows],
+        window=_WINDOW_TO_PB[Window(batch.window)],
+        gamma_candidates=list(batch.gamma_candidates),
+        objective=objective_to_pb(batch.objective),
+    )
+    if batch.timing is not None:
+        req.timing.CopyFrom(timing_to_pb(batch.timing))
+    selector = selector_to_pb(batch.model)
+    if selector is not None:
+        req.model.CopyFrom(selector)
+    return req
+
+
+def decision_from_pb(m: predictor_pb2.Decision) -> Decision:
+    return Decision(
+        routing_key=m.routing_key,
+        step=m.step,
+        gamma=m.gamma,
+        candidates=tuple(
+            CandidateScore(
+                gamma=c.gamma, predicted_acceptance=c.predicted_acceptance, score=c.score
+            )
+            for c in m.candidates
+        ),
+        model_name=m.model_name,
+        model_version=m.model_version,
+        arm=m.arm,
+    )
+
+
+def decisions_from_pb(m: predictor_pb2.DecideResponse) -> list[Decision]:
+    return [decision_from_pb(d) for d in m.decisions]
+
+
+# --- predictor: Predict and the repository ---
+
+
+def predict_request_to_pb(
+    rows: Sequence[Sequence[float]], model: ModelSelector | None, routing_key: str
+) -> predictor_pb2.PredictRequest:
+    req = predictor_pb2.PredictRequest(
+        rows=[predictor_pb2.FeatureVector(values=[float(v) for v in r]) for r in rows],
+        routing_key=routing_key,
+    )
+    selector = selector_to_pb(model)
+    if selector is not None:
+        req.model.CopyFrom(selector)
+    return req
+
+
+def prediction_from_pb(m: predictor_pb2.PredictResponse) -> Prediction:
+    return Prediction(
+        predicted_acceptance=tuple(m.predicted_acceptance),
+        model_name=m.model_name,
+        model_version=m.model_version,
+        arm=m.arm,
+    )
+
+
+def version_info_from_pb(m: predictor_pb2.ModelVersionInfo) -> ModelVersionInfo:
+    return ModelVersionInfo(
+        version=m.version,
+        state=_STATE_FROM_PB.get(m.state, ModelState.UNSPECIFIED),
+        window=m.window,
+        feature_names=tuple(m.feature_names),
+        gamma_candidates=tuple(m.gamma_candidates),
+        aliases=tuple(m.aliases),
+        error=m.error,
+        manifest_json=m.manifest_json,
+    )
+
+
+def routing_from_pb(m: predictor_pb2.Routing) -> Routing:
+    return Routing(
+        weights=tuple(RouteWeight(target=w.target, weight=w.weight) for w in m.weights),
+        salt=m.salt,
+        shadow_version=m.shadow_version,
+        aliases=dict(sorted(m.aliases.items())),
+    )
+
+
+def routing_to_pb(r: Routing) -> predictor_pb2.Routing:
+    return predictor_pb2.Routing(
+        weights=[predictor_pb2.RouteWeight(target=w.target, weight=w.weight) for w in r.weights],
+        salt=r.salt,
+        shadow_version=r.shadow_version,
+        aliases=dict(r.aliases),
+    )
+
+
+def model_info_from_pb(m: predictor_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        name=m.name,
+        versions=tuple(version_info_from_pb(v) for v in m.versions),
+        routing=routing_from_pb(m.routing),
+        is_default=m.is_default,
+    )
+
+
+# --- decoder ---
+
+
+def generate_request_to_pb(
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    stop: Sequence[str],
+    seed: int,
+    request_id: str,
+    policy: str,
+    predictor_model: ModelSelector | None,
+    objective: Objective | None,
+) -> decoder_pb2.GenerateRequest:
+    req = decoder_pb2.GenerateRequest(
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop=list(stop),
+        seed=seed,
+        request_id=request_id,
+        policy=policy,
+        objective=objective_to_pb(objective),
+    )
+    selector = selector_to_pb(predictor_model)
+    if selector is not None:
+        req.predictor_model.CopyFrom(selector)
+    return req
+
+
+def step_stats_from_pb(m: decoder_pb2.StepStats) -> StepStats:
+    return StepStats(
+        step=m.step,
+        gamma=m.gamma,
+        accepted=m.accepted,
+        tokens_produced=m.tokens_produced,
+        source=_SOURCE_FROM_PB.get(m.source, DecisionSource.UNSPECIFIED),
+        model_name=m.model_name,
+        model_version=m.model_version,
+        arm=m.arm,
+        draft_seconds=m.draft_seconds,
+        verify_seconds=m.verify_seconds,
+        decision_wait_seconds=m.decision_wait_seconds,
+        signals=signals_from_pb(m.signals) if m.HasField("signals") else None,
+    )
+
+
+def summary_from_pb(m: decoder_pb2.GenerationSummary) -> GenerationSummary:
+    return GenerationSummary(
+        new_tokens=m.new_tokens,
+        steps=m.steps,
+        tokens_per_step=m.tokens_per_step,
+        acceptance_rate=m.acceptance_rate,
+        mean_gamma=m.mean_gamma,
+        wall_seconds=m.wall_seconds,
+        tokens_per_second=m.tokens_per_second,
+        remote_decisions=m.remote_decisions,
+        fallback_decisions=m.fallback_decisions,
+        local_decisions=m.local_decisions,
+        decision_wait_seconds=m.decision_wait_seconds,
+        finish_reason=_FINISH_FROM_PB.get(m.finish_reason, FinishReason.UNSPECIFIED),
+        text=m.text,
+        request_id=m.request_id,
+        model_versions=dict(sorted(m.model_versions.items())),
+    )
+
+
+def generate_event_from_pb(m: decoder_pb2.GenerateResponse) -> GenerateEvent | None:
+    """A chunk or the summary; None for an empty message (a newer server's unknown event)."""
+    kind = m.WhichOneof("event")
+    if kind == "chunk":
+        return TokenChunk(
+            text=m.chunk.text,
+            token_ids=tuple(m.chunk.token_ids),
+            step=step_stats_from_pb(m.chunk.step) if m.chunk.HasField("step") else None,
+        )
+    if kind == "summary":
+        return summary_from_pb(m.summary)
+    return None
+
+
+def worker_info_from_pb(m: decoder_pb2.GetInfoResponse) -> WorkerInfo:
+    return WorkerInfo(
+        draft_model=m.draft_model,
+        target_model=m.target_model,
+        compression=_COMPRESSION_FROM_PB.get(m.compression),
+        target_dtype=m.target_dtype,
+        device=m.device,
+        policy=m.policy,
+        predictor_address=m.predictor_address,
+        window=_WINDOW_FROM_PB.get(m.window),
+        objective=_OBJECTIVE_FROM_PB.get(m.objective),
+        fallback_gamma=m.fallback_gamma,
+        max_new_tokens_limit=m.max_new_tokens_limit,
+        concurrency=m.concurrency,
+        version=m.version,
+    )
