@@ -1,0 +1,556 @@
+"""`speckv`: generate through a decode worker, ask and administer a predictor.
+
+Errors a user can act on are printed to stderr in one or two lines (no traceback) and
+end the process with a distinct exit code (see `ExitCode`; docs/client.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from speckv_client.channel import TlsConfig
+from speckv_client.errors import (
+    AdminAuthError,
+    InvalidArgument,
+    NotFound,
+    PredictorRequestError,
+    PredictorUnavailable,
+    SpeckvError,
+    WorkerUnavailable,
+)
+from speckv_client.types import (
+    Compression,
+    DecideBatch,
+    DraftSignals,
+    FeatureRow,
+    GenerationSummary,
+    ModelInfo,
+    ModelSelector,
+    Objective,
+    RouteWeight,
+    Routing,
+    StepTiming,
+    TokenChunk,
+    Window,
+)
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    SERVER_ERROR = 1
+    """The server failed in a way none of the codes below describes (INTERNAL, ...)."""
+    USAGE = 2
+    """Bad command line: unknown flag, malformed or out-of-range value."""
+    UNREACHABLE = 3
+    """No server at the address, or it did not answer within --timeout."""
+    AUTH = 4
+    """The admin token was missing or refused."""
+    NOT_FOUND = 5
+    """Unknown model, version or alias."""
+    REFUSED = 6
+    """The server refused the request's values (it names the field)."""
+    INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A flag value the CLI can reject before calling anything."""
+
+
+# --- parsing helpers (raise UsageError with the flag and the value) ---
+
+
+def _floats(text: str, flag: str, n: int) -> list[float]:
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != n:
+        raise UsageError(f"{flag} needs {n} comma-separated numbers, got {len(parts)}: {text!r}")
+    values: list[float] = []
+    for p in parts:
+        try:
+            v = float(p)
+        except ValueError:
+            raise UsageError(f"{flag}: {p!r} is not a number (in {text!r})") from None
+        if not math.isfinite(v):
+            raise UsageError(f"{flag}: {p!r} is not finite (in {text!r})")
+        values.append(v)
+    return values
+
+
+def _candidates(text: str) -> tuple[int, ...]:
+    out: list[int] = []
+    for p in text.split(","):
+        try:
+            g = int(p.strip())
+        except ValueError:
+            raise UsageError(
+                f"--candidates: {p.strip()!r} is not an integer (in {text!r}); e.g. 2,4,6,8"
+            ) from None
+        if g < 0:
+            raise UsageError(f"--candidates: gamma must be >= 0, got {g}")
+        out.append(g)
+    return tuple(out)
+
+
+def _selector(text: str) -> ModelSelector:
+    """NAME, NAME:VERSION or NAME@ALIAS."""
+    if "@" in text:
+        name, alias = text.split("@", 1)
+        if not name or not alias:
+            raise UsageError(f"--model: expected NAME@ALIAS, got {text!r}")
+        return ModelSelector(name=name, alias=alias)
+    if ":" in text:
+        name, version = text.split(":", 1)
+        if not name or not version.isdigit() or int(version) <= 0:
+            raise UsageError(f"--model: expected NAME:VERSION with VERSION >= 1, got {text!r}")
+        return ModelSelector(name=name, version=int(version))
+    if not text:
+        raise UsageError("--model: empty model name")
+    return ModelSelector(name=text)
+
+
+def _weights(pairs: Sequence[str]) -> tuple[RouteWeight, ...]:
+    weights: list[RouteWeight] = []
+    for pair in pairs:
+        target, sep, value = pair.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not sep or not target or not math.isfinite(weight) or weight < 0:
+            raise UsageError(
+                f"route: expected TARGET=WEIGHT with a weight >= 0 "
+                f"(e.g. stable=90 canary=10 or 2=50), got {pair!r}"
+            )
+        weights.append(RouteWeight(target=target, weight=weight))
+    if not weights or sum(w.weight for w in weights) <= 0:
+        raise UsageError("route: give at least one TARGET=WEIGHT with a positive weight")
+    return tuple(weights)
+
+
+def _aliases(pairs: Sequence[str]) -> dict[str, int]:
+    aliases: dict[str, int] = {}
+    for pair in pairs:
+        alias, sep, version = pair.partition("=")
+        if not sep or not alias or not version.isdigit() or int(version) <= 0:
+            raise UsageError(f"--alias: expected ALIAS=VERSION (e.g. stable=1), got {pair!r}")
+        aliases[alias] = int(version)
+    return aliases
+
+
+def _positive_version(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise UsageError(f"VERSION must be a positive integer, got {text!r}")
+    return int(text)
+
+
+# --- output ---
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _print_json(obj: Any, out: TextIO) -> None:
+    out.write(json.dumps(_jsonable(obj), sort_keys=False) + "\n")
+
+
+def format_routing(r: Routing) -> str:
+    weights = " ".join(f"{w.target}={w.weight:g}" for w in r.weights) or "(default)"
+    parts = [weights]
+    if r.aliases:
+        parts.append("aliases " + " ".join(f"{a}=v{v}" for a, v in r.aliases.items()))
+    if r.shadow_version:
+        parts.append(f"shadow v{r.shadow_version}")
+    if r.salt:
+        parts.append(f"salt {r.salt!r}")
+    return "; ".join(parts)
+
+
+def format_summary(s: GenerationSummary) -> str:
+    """The one-line summary `speckv generate` ends with."""
+    line = (
+        f"{s.new_tokens} tokens in {s.wall_seconds:.2f} s: {s.tokens_per_second:.1f} tokens/s, "
+        f"{s.tokens_per_step:.2f} tokens/step, mean gamma {s.mean_gamma:.2f}, "
+        f"acceptance {s.acceptance_rate:.2f}, decisions remote {s.remote_decisions} / "
+        f"fallback {s.fallback_decisions} / local {s.local_decisions}, "
+        f"finish {s.finish_reason.value}"
+    )
+    if s.model_versions:
+        line += ", predictor " + " ".join(f"{k}x{v}" for k, v in s.model_versions.items())
+    return line
+
+
+def _format_model(m: ModelInfo) -> str:
+    versions = ", ".join(
+        f"v{v.version} {v.state.value}" + (f" [{'/'.join(v.aliases)}]" if v.aliases else "")
+        for v in m.versions
+    )
+    default = " (default)" if m.is_default else ""
+    return f"{m.name}{default}: {versions or 'no versions'}; routing {format_routing(m.routing)}"
+
+
+# --- commands ---
+
+
+def _tls(args: argparse.Namespace) -> TlsConfig | None:
+    if not (args.tls or args.tls_ca or args.tls_server_name):
+        return None
+    ca = Path(args.tls_ca) if args.tls_ca else None
+    if ca is not None and not ca.is_file():
+        raise UsageError(f"--tls-ca: no such file {str(ca)!r}")
+    return TlsConfig(ca_cert=ca, server_name=args.tls_server_name or "")
+
+
+def _predictor(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from speckv_client.predictor import PredictorClient
+
+    return PredictorClient(
+        args.predictor,
+        tls=_tls(args),
+        admin_token=args.admin_token or None,
+        timeout_s=args.timeout,
+    )
+
+
+def cmd_generate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from speckv_client.decoder import DecoderClient
+
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0 or not math.isfinite(args.temperature):
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.top_p <= 1:
+        raise UsageError(f"--top-p must be in [0, 1], got {args.top_p}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    with DecoderClient(
+        args.worker, tls=_tls(args), timeout_s=args.timeout, generate_timeout_s=args.deadline
+    ) as client:
+        events = client.generate(
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            stop=args.stop or (),
+            seed=args.seed,
+            policy=args.policy or "",
+            request_id=args.request_id or "",
+        )
+        summary: GenerationSummary | None = None
+        try:
+            for event in events:
+                if args.json:
+                    kind = "chunk" if isinstance(event, TokenChunk) else "summary"
+                    _print_json({"event": kind, **_jsonable(event)}, out)
+                    out.flush()
+                elif isinstance(event, TokenChunk):
+                    out.write(event.text)
+                    out.flush()
+                if isinstance(event, GenerationSummary):
+                    summary = event
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+        if summary is None:
+            raise WorkerUnavailable(f"worker at {args.worker} ended the stream without a summary")
+        if not args.json:
+            out.write("\n")
+            out.flush()
+            err.write(format_summary(summary) + "\n")
+    return ExitCode.OK
+
+
+def cmd_predict(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    h, c, hmax, cmin = _floats(args.features, "--features", 4)
+    timing = None
+    if args.timing:
+        draft, base, per_token = _floats(args.timing, "--timing", 3)
+        timing = StepTiming(draft, base, per_token)
+    batch = DecideBatch(
+        rows=(
+            FeatureRow(
+                routing_key=args.routing_key,
+                step=args.step,
+                signals=DraftSignals(h, c, hmax, cmin),
+                compression=Compression(args.compression),
+            ),
+        ),
+        gamma_candidates=_candidates(args.candidates),
+        window=Window(args.window),
+        objective=Objective(args.objective) if args.objective else None,
+        timing=timing,
+        model=_selector(args.model) if args.model else None,
+    )
+    with _predictor(args) as client:
+        decisions = client.decide(batch)
+    if not decisions:
+        raise SpeckvError(f"predictor at {args.predictor} answered with no decision")
+    d = decisions[0]
+    if args.json:
+        _print_json(d, out)
+        return ExitCode.OK
+    out.write(f"gamma {d.gamma}  (model {d.model_name} v{d.model_version}, arm {d.arm})\n")
+    out.write(f"{'gamma':>6} {'acceptance':>11} {'score':>10}\n")
+    for cand in d.candidates:
+        mark = "  <- chosen" if cand.gamma == d.gamma else ""
+        out.write(f"{cand.gamma:>6} {cand.predicted_acceptance:>11.4f} {cand.score:>10.4f}{mark}\n")
+    return ExitCode.OK
+
+
+def cmd_models(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    with _predictor(args) as client:
+        if args.models_command == "list":
+            models = client.list_models()
+            if args.json:
+                _print_json(models, out)
+            elif not models:
+                out.write("no models loaded\n")
+            for m in models if not args.json else ():
+                out.write(_format_model(m) + "\n")
+        elif args.models_command == "show":
+            m = client.get_model(args.name)
+            if args.json:
+                _print_json(m, out)
+                return ExitCode.OK
+            out.write(_format_model(m) + "\n")
+            for v in m.versions:
+                out.write(
+                    f"  v{v.version}: {v.state.value}, window {v.window}, "
+                    f"features {','.join(v.feature_names)}, "
+                    f"candidates {','.join(map(str, v.gamma_candidates))}"
+                    + (f", aliases {','.join(v.aliases)}" if v.aliases else "")
+                    + (f", error: {v.error}" if v.error else "")
+                    + "\n"
+                )
+        elif args.models_command == "load":
+            info = client.load_model(args.name, _positive_version(args.version))
+            if args.json:
+                _print_json(info, out)
+            else:
+                why = f": {info.error}" if info.error else ""
+                out.write(f"{args.name} v{info.version}: {info.state.value}{why}\n")
+        else:
+            version = _positive_version(args.version)
+            client.unload_model(args.name, version)
+            if args.json:
+                _print_json({"name": args.name, "version": version, "unloaded": True}, out)
+            else:
+                out.write(f"{args.name} v{version}: unloaded\n")
+    return ExitCode.OK
+
+
+def cmd_route(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    weights = _weights(args.weights)
+    aliases = _aliases(args.alias or [])
+    if args.shadow is not None and args.shadow < 0:
+        raise UsageError(f"--shadow must be a version >= 1 (or 0 for none), got {args.shadow}")
+    with _predictor(args) as client:
+        current = client.get_routing(args.model)
+        merged = Routing(
+            weights=weights,
+            salt=current.salt if args.salt is None else args.salt,
+            shadow_version=(
+                0
+                if args.no_shadow
+                else (current.shadow_version if args.shadow is None else args.shadow)
+            ),
+            aliases={**current.aliases, **aliases},
+        )
+        routing = client.set_routing(args.model, merged)
+    if args.json:
+        _print_json(routing, out)
+    else:
+        out.write(f"{args.model}: {format_routing(routing)}\n")
+    return ExitCode.OK
+
+
+def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    with _predictor(args) as client:
+        routing = client.rollback(args.model)
+    if args.json:
+        _print_json(routing, out)
+    else:
+        out.write(f"{args.model}: {format_routing(routing)}\n")
+    return ExitCode.OK
+
+
+# --- parser ---
+
+
+def _global_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Global flags, accepted before and after the subcommand."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--admin-token",
+        default=default(os.environ.get("SPECKV_ADMIN_TOKEN", "")),
+        help="token for admin calls (default: $SPECKV_ADMIN_TOKEN)",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", default=default(False), help="use TLS (system CA roots)"
+    )
+    parser.add_argument("--tls-ca", default=default(""), help="PEM CA file; implies --tls")
+    parser.add_argument(
+        "--tls-server-name", default=default(""), help="name to check in the server certificate"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default(5.0),
+        help="seconds per call, retries included (default 5)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speckv", description="Talk to SpecKV decode workers and predictors."
+    )
+    _global_flags(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_flags(common, suppress=True)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", parents=[common], help="generate text through a worker")
+    gen.add_argument("prompt")
+    gen.add_argument("--worker", required=True, metavar="HOST:PORT")
+    gen.add_argument("--max-new-tokens", type=int, default=0, help="0: the worker's default")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=0.0, help="0 or 1: off")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed; 0: unseeded")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--policy", help="remote | fixed:N | heuristic (default: the worker's)")
+    gen.add_argument("--request-id", help="sticky routing key (default: random)")
+    gen.add_argument(
+        "--deadline", type=float, default=600.0, help="seconds for the whole generation"
+    )
+    gen.set_defaults(run=cmd_generate)
+
+    pred = sub.add_parser(
+        "predict", parents=[common], help="ask a predictor for one gamma decision"
+    )
+    pred.add_argument("--predictor", required=True, metavar="HOST:PORT")
+    pred.add_argument(
+        "--features",
+        required=True,
+        metavar="H,C,HMAX,CMIN",
+        help="mean entropy (bits), mean confidence, max entropy, min confidence",
+    )
+    pred.add_argument("--compression", required=True, choices=[c.value for c in Compression])
+    pred.add_argument("--candidates", default="2,4,6,8", metavar="G,G,...")
+    pred.add_argument("--objective", choices=[o.value for o in Objective])
+    pred.add_argument(
+        "--timing",
+        metavar="DRAFT,BASE,PER_TOKEN",
+        help="seconds: draft per token, verify base, verify per token (for goodput)",
+    )
+    pred.add_argument(
+        "--window", choices=[w.value for w in Window], default=Window.PREVIOUS_STEP.value
+    )
+    pred.add_argument("--model", metavar="NAME[:VERSION|@ALIAS]")
+    pred.add_argument("--routing-key", default="speckv-cli")
+    pred.add_argument("--step", type=int, default=1)
+    pred.set_defaults(run=cmd_predict)
+
+    models = sub.add_parser("models", help="list, show, load and unload predictor models")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    for action, help_text in (
+        ("list", "every model, its versions and routing"),
+        ("show", "one model in detail"),
+        ("load", "load a version (admin)"),
+        ("unload", "unload a version (admin)"),
+    ):
+        p = msub.add_parser(action, parents=[common], help=help_text)
+        p.add_argument("--predictor", required=True, metavar="HOST:PORT")
+        if action != "list":
+            p.add_argument("name")
+        if action in ("load", "unload"):
+            p.add_argument("version")
+    models.set_defaults(run=cmd_models)
+
+    route = sub.add_parser(
+        "route",
+        parents=[common],
+        help="set a model's routing (admin); unspecified salt/shadow/aliases are kept",
+    )
+    route.add_argument("model")
+    route.add_argument("weights", nargs="+", metavar="TARGET=WEIGHT")
+    route.add_argument("--predictor", required=True, metavar="HOST:PORT")
+    route.add_argument("--shadow", type=int, help="version scored in the shadow")
+    route.add_argument("--no-shadow", action="store_true", help="clear the shadow version")
+    route.add_argument("--salt")
+    route.add_argument("--alias", action="append", metavar="ALIAS=VERSION")
+    route.set_defaults(run=cmd_route)
+
+    rollback = sub.add_parser(
+        "rollback",
+        parents=[common],
+        help="route 100%% to the `stable` alias and clear the shadow (admin)",
+    )
+    rollback.add_argument("model")
+    rollback.add_argument("--predictor", required=True, metavar="HOST:PORT")
+    rollback.set_defaults(run=cmd_rollback)
+    return parser
+
+
+_EXIT_FOR: tuple[tuple[type[BaseException], ExitCode, str], ...] = (
+    (UsageError, ExitCode.USAGE, "see `speckv COMMAND --help`"),
+    (PredictorUnavailable, ExitCode.UNREACHABLE, ""),
+    (WorkerUnavailable, ExitCode.UNREACHABLE, ""),
+    (AdminAuthError, ExitCode.AUTH, ""),
+    (NotFound, ExitCode.NOT_FOUND, "list what is loaded with `speckv models list`"),
+    (PredictorRequestError, ExitCode.REFUSED, ""),
+    (InvalidArgument, ExitCode.REFUSED, ""),
+    (SpeckvError, ExitCode.SERVER_ERROR, ""),
+    (ValueError, ExitCode.USAGE, ""),
+)
+
+
+def main(
+    argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = build_parser().parse_args(argv)
+    if args.timeout <= 0:
+        err.write(f"speckv: error: --timeout must be > 0, got {args.timeout}\n")
+        return ExitCode.USAGE
+    run: Callable[[argparse.Namespace, TextIO, TextIO], int] = args.run
+    try:
+        return int(run(args, out, err))
+    except KeyboardInterrupt:
+        err.write("\nspeckv: interrupted\n")
+        return ExitCode.INTERRUPTED
+    except BrokenPipeError:
+        return ExitCode.OK
+    except Exception as exc:
+        for cls, code, hint in _EXIT_FOR:
+            if isinstance(exc, cls):
+                err.write(f"speckv: error: {exc}\n")
+                if hint:
+                    err.write(f"  {hint}\n")
+                return int(code)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
