@@ -1,0 +1,32 @@
+"""`speckv-eval`: reproduce the seed's tables, replay policies on a real pair."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from speckv_eval import paper_cli
+
+    parser = argparse.ArgumentParser(
+        prog="speckv-eval",
+        description="Measure γ policies: the seed's replay and honest counterfactual replay.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    paper = sub.add_parser(
+        "paper", help="reproduce the seed's Tables 1-2 and CIs, then the honest variants"
+    )
+    paper_cli.add_arguments(paper)
+    paper.set_defaults(run=paper_cli.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""PNG plots for docs/results.md (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from speckv_eval.paper import HonestResult, SeedReproduction
+
+
+def _plt():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def grouped_bars(
+    path: Path,
+    table: pd.DataFrame,
+    group_col: str,
+    series: Sequence[str],
+    ylabel: str,
+    title: str,
+) -> Path:
+    """One bar per series within each group (e.g. policy within compression)."""
+    plt = _plt()
+    groups = list(table[group_col])
+    x = np.arange(len(groups))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(groups) * len(series) / 3), 4.5))
+    for i, s in enumerate(series):
+        ax.bar(x + i * width, table[s].to_numpy(dtype=float), width, label=s)
+    ax.set_xticks(x + width * (len(series) - 1) / 2)
+    ax.set_xticklabels(groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3, axis="y")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def gamma_histograms(path: Path, shares: Mapping[str, Mapping[int, float]], title: str) -> Path:
+    """One panel per policy: share of steps at each chosen γ."""
+    plt = _plt()
+    names = list(shares)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), sharey=True)
+    axes_list = np.atleast_1d(axes)
+    for ax, name in zip(axes_list, names, strict=True):
+        gs = sorted(shares[name])
+        ax.bar([str(g) for g in gs], [100 * shares[name][g] for g in gs], color="steelblue")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("chosen γ")
+    axes_list[0].set_ylabel("% of steps")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def predicted_vs_actual(
+    path: Path, predicted: np.ndarray, actual: np.ndarray, title: str, bins: int = 10
+) -> Path:
+    """Calibration: mean actual acceptance per bin of predicted acceptance, plus the scatter."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.scatter(predicted, actual, s=4, alpha=0.15, color="grey", label="steps")
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(predicted, edges) - 1, 0, bins - 1)
+    centers, means = [], []
+    for b in range(bins):
+        m = idx == b
+        if m.sum() >= 5:
+            centers.append(float(predicted[m].mean()))
+            means.append(float(actual[m].mean()))
+    ax.plot(centers, means, "o-", color="C1", label="mean actual per bin")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    corr = float(np.corrcoef(predicted, actual)[0, 1]) if len(actual) > 2 else float("nan")
+    ax.set_xlabel("predicted acceptance rate")
+    ax.set_ylabel("actual acceptance rate")
+    ax.set_title(f"{title}\n(n={len(actual)}, corr={corr:.3f})", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _shares_from_table(df: pd.DataFrame) -> dict[int, float]:
+    row = df[df["compression"] == "Overall"].iloc[0]
+    return {int(c.split("=")[1]): float(row[c]) for c in df.columns if c.startswith("γ=")}
+
+
+def plot_paper(out: Path, rep: SeedReproduction, honest: HonestResult | None) -> list[Path]:
+    """Seed-data plots: tokens/s by policy × compression, γ histograms, calibration."""
+    from speckv_eval.paper import gamma_counts
+
+    paths = []
+    shares = {
+        "SpecKV-fast (seed protocol)": _shares_from_table(gamma_counts(rep.steps)),
+        "SpecKV-accurate (seed protocol)": _shares_from_table(
+            gamma_counts(rep.steps, "SpecKV-accurate")
+        ),
+    }
+    if honest is not None:
+        for label, df in honest.gamma_shares.items():
+            if label.startswith("held-out + previous_step, judged"):
+                shares["SpecKV-fast (honest)"] = _shares_from_table(df)
+            if label.startswith("goodput"):
+                shares["Goodput-fast (honest)"] = _shares_from_table(df)
+        wall = honest.wallclock_policies
+        series = [c for c in wall.columns if c != "compression"]
+        paths.append(
+            grouped_bars(
+                out / "paper_tokens_per_s.png",
+                wall,
+                "compression",
+                series,
+                "modelled tokens/s",
+                "Seed data: tokens/s by policy (honest protocol, seed's ms/step by γ)",
+            )
+        )
+        paths.append(
+            grouped_bars(
+                out / "paper_tokens_per_step.png",
+                pd.concat(
+                    [
+                        rep.table1.assign(compression=rep.table1["compression"] + " seed"),
+                        honest.final_table1.assign(
+                            compression=honest.final_table1["compression"] + " honest"
+                        ),
+                    ]
+                ),
+                "compression",
+                ["Fixed-4", "Fixed-best", "Task-oracle", "SpecKV-fast", "SpecKV-accurate"],
+                "tokens per step",
+                "Seed data: tokens per step, seed protocol vs honest protocol",
+            )
+        )
+        pa = honest.calibration
+        paths.append(
+            predicted_vs_actual(
+                out / "paper_predicted_vs_actual.png",
+                pa[0],
+                pa[1],
+                "Seed data: held-out previous_step MLP-16",
+            )
+        )
+    paths.append(gamma_histograms(out / "paper_gamma_hist.png", shares, "Seed data: chosen γ"))
+    return paths
