@@ -1,0 +1,123 @@
+"""Typed configuration of the decode worker, validated once and passed explicitly.
+
+`EngineConfig` is what the speculative loop needs; `RemotePolicyConfig` what the
+predictor-backed gamma policy needs; `WorkerConfig` is what `speckv-worker serve`
+builds from its flags. No module globals: every knob lives in one of these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from speckv_client.types import ModelSelector, Objective, Window
+
+FALLBACK_MODES = ("fixed", "last")
+DEFAULT_GAMMA_CANDIDATES = (2, 4, 6, 8)
+
+
+class ConfigError(ValueError):
+    """A configuration value a user gave is out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and defaults of the speculative loop (one engine per loaded pair)."""
+
+    # Used when a request leaves max_new_tokens at 0.
+    default_max_new_tokens: int = 128
+    # Requests asking for more are refused, never silently cut.
+    max_new_tokens_limit: int = 1024
+    # Upper bound on any policy's gamma (a remote answer above it is clipped).
+    max_gamma: int = 16
+    # Weight of the newest sample in the draft/verify timing moving averages.
+    timing_ema_alpha: float = 0.1
+    # Label written in the `task` column of step records (the seed's schema needs one).
+    record_task: str = "live"
+
+    def __post_init__(self) -> None:
+        if self.default_max_new_tokens < 1:
+            raise ConfigError(
+                f"default_max_new_tokens must be ≥ 1, got {self.default_max_new_tokens}"
+            )
+        if self.max_new_tokens_limit < self.default_max_new_tokens:
+            raise ConfigError(
+                f"max_new_tokens_limit ({self.max_new_tokens_limit}) must be ≥ "
+                f"default_max_new_tokens ({self.default_max_new_tokens})"
+            )
+        if not 1 <= self.max_gamma <= 64:
+            raise ConfigError(f"max_gamma must be in [1, 64], got {self.max_gamma}")
+        if not 0.0 < self.timing_ema_alpha <= 1.0:
+            raise ConfigError(f"timing_ema_alpha must be in (0, 1], got {self.timing_ema_alpha}")
+
+
+@dataclass(frozen=True)
+class RemotePolicyConfig:
+    """How the `remote` policy asks the predictor and what it does when no answer comes."""
+
+    window: Window = Window.PREVIOUS_STEP
+    # None: the model manifest's default objective.
+    objective: Objective | None = Objective.GOODPUT
+    gamma_candidates: tuple[int, ...] = DEFAULT_GAMMA_CANDIDATES
+    # Gamma of the first step (previous_step window) and of every step without an answer.
+    fallback_gamma: int = 4
+    # "fixed": fallback_gamma; "last": the last gamma the sequence used.
+    fallback_mode: str = "fixed"
+    # How long the step loop waits for an answer that has not arrived when it is needed.
+    decision_timeout_s: float = 0.010
+    model: ModelSelector | None = None
+    # Tokens drafted before asking, in the prefix window.
+    prefix_tokens: int = 2
+
+    def __post_init__(self) -> None:
+        if self.window not in (Window.PREVIOUS_STEP, Window.PREFIX):
+            raise ConfigError(
+                f"window {self.window.value!r} cannot be served causally; "
+                "use previous_step or prefix"
+            )
+        if not self.gamma_candidates or any(g < 0 for g in self.gamma_candidates):
+            raise ConfigError(f"gamma candidates must be non-negative, got {self.gamma_candidates}")
+        if len(set(self.gamma_candidates)) != len(self.gamma_candidates):
+            raise ConfigError(f"gamma candidates must be distinct, got {self.gamma_candidates}")
+        if self.fallback_gamma < 0:
+            raise ConfigError(f"fallback gamma must be ≥ 0, got {self.fallback_gamma}")
+        if self.fallback_mode not in FALLBACK_MODES:
+            raise ConfigError(
+                f"fallback mode {self.fallback_mode!r} unknown; use one of {FALLBACK_MODES}"
+            )
+        if not 0.0 <= self.decision_timeout_s <= 10.0:
+            raise ConfigError(
+                f"decision timeout must be in [0, 10] s, got {self.decision_timeout_s}"
+            )
+        if self.prefix_tokens < 1:
+            raise ConfigError(f"prefix_tokens must be ≥ 1, got {self.prefix_tokens}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything `speckv-worker serve` runs with; built by serve_cli from its flags."""
+
+    draft: str
+    target: str
+    compression: str = "fp16"
+    device: str = "auto"
+    predictor: str = ""
+    policy: str = "heuristic"
+    host: str = "127.0.0.1"
+    port: int = 0
+    log_steps: str = ""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    remote: RemotePolicyConfig = field(default_factory=RemotePolicyConfig)
+    # Seconds in-flight generations get to finish on shutdown.
+    shutdown_grace_s: float = 5.0
+    # Concurrent Generate calls admitted (they interleave step by step on one device).
+    max_concurrent_requests: int = 8
+    # Measure draft/verify costs at start so the first goodput decisions are informed.
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_concurrent_requests < 1:
+            raise ConfigError(
+                f"max_concurrent_requests must be ≥ 1, got {self.max_concurrent_requests}"
+            )

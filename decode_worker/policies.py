@@ -1,0 +1,165 @@
+"""Gamma policies behind one small interface, plus the local ones (fixed, heuristic).
+
+A `GammaPolicy` is shared by the worker; `start` gives each sequence its own
+`SequencePolicy`, so concurrent sequences never share state. The engine calls, per step:
+
+    decide(step, prefix_signals)   before drafting (after the prefix, in the prefix window)
+    drafted(step, gamma, signals)  as soon as drafting ends, before the target verifies
+    verified(step, gamma, accepted)
+
+The remote policy (remote_policy.py) uses `drafted` to send step t's signals early so the
+answer for step t+1 arrives while the target is busy.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+
+from speckv_client.types import DraftSignals
+
+HEURISTIC_INITIAL_GAMMA = 4
+
+
+class PolicyError(ValueError):
+    """An unknown or malformed policy spec; the message lists the valid forms."""
+
+
+class DecisionSource(str, Enum):
+    REMOTE = "remote"
+    FALLBACK = "fallback"
+    LOCAL = "local"
+
+
+@dataclass(frozen=True)
+class GammaDecision:
+    """A step's draft length and where it came from."""
+
+    gamma: int
+    source: DecisionSource
+    model_name: str = ""
+    model_version: int = 0
+    arm: str = ""
+    # Time the step loop spent waiting for this decision.
+    wait_seconds: float = 0.0
+
+    @property
+    def model_key(self) -> str:
+        return f"{self.model_name}:{self.model_version}" if self.model_name else ""
+
+
+@dataclass(frozen=True)
+class SequenceInfo:
+    """What a policy may know about the sequence it decides for."""
+
+    request_id: str
+    # "fp16", "int8" or "nf4": the target's compression, the seed's `comp_enc`.
+    compression: str
+
+
+class SequencePolicy(ABC):
+    """Per-sequence gamma state. Subclasses override the hooks they need."""
+
+    # Tokens to draft before `decide` is called (the prefix window); 0 for most policies.
+    prefix_tokens: int = 0
+
+    @abstractmethod
+    def decide(self, step: int, prefix_signals: DraftSignals | None) -> GammaDecision: ...
+
+    def drafted(self, step: int, gamma: int, signals: DraftSignals | None) -> None:  # noqa: B027
+        """Drafting of `step` ended; `signals` is None when nothing was drafted (gamma 0)."""
+
+    def verified(self, step: int, gamma: int, accepted: int) -> None:  # noqa: B027
+        """The target verified `step`: `accepted` of `gamma` drafted tokens were kept."""
+
+    def close(self) -> None:  # noqa: B027
+        """The sequence ended; drop anything in flight."""
+
+
+class GammaPolicy(ABC):
+    """Makes per-sequence policies; `spec` is the string a user gave ("fixed:4", ...)."""
+
+    spec: str
+
+    @abstractmethod
+    def start(self, seq: SequenceInfo) -> SequencePolicy: ...
+
+
+class _FixedSequence(SequencePolicy):
+    def __init__(self, gamma: int) -> None:
+        self._gamma = gamma
+
+    def decide(self, step: int, prefix_signals: DraftSignals | None) -> GammaDecision:
+        return GammaDecision(self._gamma, DecisionSource.LOCAL)
+
+
+class FixedPolicy(GammaPolicy):
+    """The same gamma every step; `fixed:0` is plain target decoding (a baseline)."""
+
+    def __init__(self, gamma: int) -> None:
+        if gamma < 0:
+            raise PolicyError(f"fixed gamma must be ≥ 0, got {gamma}")
+        self.gamma = gamma
+        self.spec = f"fixed:{gamma}"
+
+    def start(self, seq: SequenceInfo) -> SequencePolicy:
+        return _FixedSequence(self.gamma)
+
+
+class _HeuristicSequence(SequencePolicy):
+    def __init__(self, initial: int) -> None:
+        self._gamma = initial
+
+    def decide(self, step: int, prefix_signals: DraftSignals | None) -> GammaDecision:
+        return GammaDecision(self._gamma, DecisionSource.LOCAL)
+
+    def verified(self, step: int, gamma: int, accepted: int) -> None:
+        # Judged on the gamma actually drafted (the engine may cap it near max tokens).
+        if gamma > 0 and accepted == gamma:
+            self._gamma = self._gamma + 2
+        else:
+            self._gamma = max(1, self._gamma - 1)
+
+
+class HeuristicPolicy(GammaPolicy):
+    """Hugging Face's `num_assistant_tokens_schedule="heuristic"`: +2 after a fully
+    accepted step, −1 otherwise, never below 1; state per sequence."""
+
+    def __init__(self, initial_gamma: int = HEURISTIC_INITIAL_GAMMA) -> None:
+        if initial_gamma < 1:
+            raise PolicyError(f"heuristic initial gamma must be ≥ 1, got {initial_gamma}")
+        self.initial_gamma = initial_gamma
+        self.spec = (
+            "heuristic"
+            if initial_gamma == HEURISTIC_INITIAL_GAMMA
+            else f"heuristic:{initial_gamma}"
+        )
+
+    def start(self, seq: SequenceInfo) -> SequencePolicy:
+        return _HeuristicSequence(self.initial_gamma)
+
+
+POLICY_FORMS = "remote, fixed:N (N ≥ 0), heuristic or heuristic:N (N ≥ 1)"
+
+
+def parse_local_policy(spec: str) -> GammaPolicy | None:
+    """`fixed:N` / `heuristic[:N]` as a policy; None for `remote`; PolicyError otherwise."""
+    text = spec.strip()
+    if text == "remote":
+        return None
+    name, _, arg = text.partition(":")
+    if name == "fixed" and arg:
+        return FixedPolicy(_int_arg(spec, arg))
+    if name == "heuristic":
+        return HeuristicPolicy(_int_arg(spec, arg)) if arg else HeuristicPolicy()
+    raise PolicyError(f"unknown policy {spec!r}; use one of: {POLICY_FORMS}")
+
+
+def _int_arg(spec: str, arg: str) -> int:
+    try:
+        return int(arg)
+    except ValueError:
+        raise PolicyError(
+            f"policy {spec!r}: {arg!r} is not an integer; use one of: {POLICY_FORMS}"
+        ) from None

@@ -1,0 +1,126 @@
+"""Optional step-record log: the seed's CSV schema plus what live traffic adds.
+
+The first eleven columns are exactly `phase2_step_results.csv`'s, so the foundation's
+`speckv-predictor train` reads the file as it reads the seed's; the extra columns are the
+sequence id, the previous step's signals (for `previous_step` models; empty on a
+sequence's first drafted step) and the measured draft and verify seconds. Steps with
+gamma 0 drafted nothing and have no signals, so they are not written.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from speckv_client.types import DraftSignals
+
+SEED_COLUMNS = (
+    "compression",
+    "gamma",
+    "task",
+    "step",
+    "accepted",
+    "acceptance_rate",
+    "tokens_produced",
+    "mean_draft_entropy",
+    "mean_draft_confidence",
+    "max_draft_entropy",
+    "min_draft_confidence",
+)
+EXTRA_COLUMNS = (
+    "sequence_id",
+    "prev_mean_draft_entropy",
+    "prev_mean_draft_confidence",
+    "prev_max_draft_entropy",
+    "prev_min_draft_confidence",
+    "draft_seconds",
+    "verify_seconds",
+)
+COLUMNS = SEED_COLUMNS + EXTRA_COLUMNS
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    sequence_id: str
+    task: str
+    compression: str
+    step: int
+    gamma: int
+    accepted: int
+    tokens_produced: int
+    signals: DraftSignals
+    prev_signals: DraftSignals | None
+    draft_seconds: float
+    verify_seconds: float
+
+    def row(self) -> list[str]:
+        s, p = self.signals, self.prev_signals
+        prev = (
+            ["", "", "", ""]
+            if p is None
+            else [
+                _f(p.mean_draft_entropy),
+                _f(p.mean_draft_confidence),
+                _f(p.max_draft_entropy),
+                _f(p.min_draft_confidence),
+            ]
+        )
+        return [
+            self.compression,
+            str(self.gamma),
+            self.task,
+            str(self.step),
+            str(self.accepted),
+            _f(self.accepted / self.gamma),
+            str(self.tokens_produced),
+            _f(s.mean_draft_entropy),
+            _f(s.mean_draft_confidence),
+            _f(s.max_draft_entropy),
+            _f(s.min_draft_confidence),
+            self.sequence_id,
+            *prev,
+            f"{self.draft_seconds:.6g}",
+            f"{self.verify_seconds:.6g}",
+        ]
+
+
+def _f(x: float) -> str:
+    return f"{x:.6g}"
+
+
+class StepRecorder:
+    """Appends records to a CSV file (header written once); safe across threads."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        if not new:
+            with self.path.open(newline="") as fh:
+                header = next(csv.reader(fh), [])
+            if tuple(header) != COLUMNS:
+                raise ValueError(
+                    f"step log {self.path} exists with other columns ({header[:4]}...); "
+                    "give a new file or move the old one away"
+                )
+        self._fh: TextIO = self.path.open("a", newline="")
+        self._writer = csv.writer(self._fh)
+        self._lock = threading.Lock()
+        if new:
+            self._writer.writerow(COLUMNS)
+            self._fh.flush()
+
+    def write(self, record: StepRecord) -> None:
+        if record.gamma <= 0:
+            return
+        with self._lock:
+            self._writer.writerow(record.row())
+            self._fh.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()

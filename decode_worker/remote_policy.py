@@ -1,0 +1,178 @@
+"""The `remote` gamma policy: ask the predictor over the worker's one Decide stream.
+
+Windows (DESIGN.md, "When the decision is made"):
+- `previous_step`: step t's signals are submitted in `drafted` (before the target
+  verifies step t); `decide(t+1)` reads the answer, which has usually arrived while the
+  target was busy. Step 0 has no signals yet and uses the fallback gamma.
+- `prefix`: the engine drafts `prefix_tokens` first; `decide` submits their signals and
+  waits (one round trip per step).
+
+An answer that has not arrived `decision_timeout_s` after the loop needs it, a broken
+stream (the client library reconnects in the background) or a refused message all give
+the fallback gamma; decoding never waits longer and never fails for the predictor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
+from typing import Protocol
+
+from speckv_client.types import (
+    Compression,
+    DecideBatch,
+    Decision,
+    DraftSignals,
+    FeatureRow,
+    ModelSelector,
+    Objective,
+    Window,
+)
+
+from decode_worker.config import RemotePolicyConfig
+from decode_worker.policies import (
+    DecisionSource,
+    GammaDecision,
+    GammaPolicy,
+    SequenceInfo,
+    SequencePolicy,
+)
+from decode_worker.timing import TimingModel
+
+log = logging.getLogger(__name__)
+
+
+class DecisionSubmitter(Protocol):
+    """What the policy needs of `speckv_client`'s DecisionStream."""
+
+    def submit(self, batch: DecideBatch) -> Future[list[Decision]]: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+
+class RemotePolicy(GammaPolicy):
+    """Shared by all sequences of a worker; each sequence gets its own pending state."""
+
+    def __init__(
+        self,
+        stream: DecisionSubmitter,
+        config: RemotePolicyConfig,
+        timing: TimingModel,
+    ) -> None:
+        self.stream = stream
+        self.config = config
+        self.timing = timing
+        self.spec = "remote"
+
+    def with_overrides(
+        self, *, model: ModelSelector | None = None, objective: Objective | None = None
+    ) -> RemotePolicy:
+        """The same stream with a per-request model pin or objective."""
+        config = self.config
+        if model is not None:
+            config = replace(config, model=model)
+        if objective is not None:
+            config = replace(config, objective=objective)
+        return RemotePolicy(self.stream, config, self.timing)
+
+    def start(self, seq: SequenceInfo) -> SequencePolicy:
+        return RemoteSequencePolicy(self, seq)
+
+
+class RemoteSequencePolicy(SequencePolicy):
+    def __init__(self, owner: RemotePolicy, seq: SequenceInfo) -> None:
+        self._owner = owner
+        self._config = owner.config
+        self._seq = seq
+        self._compression = Compression(seq.compression)
+        self.prefix_tokens = (
+            self._config.prefix_tokens if self._config.window == Window.PREFIX else 0
+        )
+        # (step it decides, future) submitted by `drafted` in the previous_step window.
+        self._pending: tuple[int, Future[list[Decision]]] | None = None
+        self._last_signals: DraftSignals | None = None
+        self._last_gamma = self._config.fallback_gamma
+        self._failures_logged = 0
+
+    def decide(self, step: int, prefix_signals: DraftSignals | None) -> GammaDecision:
+        if self._config.window == Window.PREFIX:
+            if prefix_signals is None:
+                return self._fallback(0.0, "no prefix drafted")
+            future = self._submit(step, prefix_signals)
+        else:
+            pending, self._pending = self._pending, None
+            if pending is None or pending[0] != step:
+                return self._fallback(0.0, "")  # first step: no signals yet
+            future = pending[1]
+        return self._await(step, future)
+
+    def drafted(self, step: int, gamma: int, signals: DraftSignals | None) -> None:
+        if signals is not None:
+            self._last_signals = signals
+        if self._config.window != Window.PREVIOUS_STEP:
+            return
+        # After a gamma-0 step there is nothing new; the latest drafted step's signals stand.
+        if self._last_signals is not None:
+            self._pending = (step + 1, self._submit(step + 1, self._last_signals))
+
+    def close(self) -> None:
+        self._pending = None
+
+    def _submit(self, step: int, signals: DraftSignals) -> Future[list[Decision]]:
+        row = FeatureRow(
+            routing_key=self._seq.request_id,
+            step=step,
+            signals=signals,
+            compression=self._compression,
+        )
+        batch = DecideBatch(
+            rows=(row,),
+            gamma_candidates=self._config.gamma_candidates,
+            window=self._config.window,
+            objective=self._config.objective,
+            timing=self._owner.timing.snapshot(),
+            model=self._config.model,
+        )
+        return self._owner.stream.submit(batch)
+
+    def _await(self, step: int, future: Future[list[Decision]]) -> GammaDecision:
+        started = time.perf_counter()
+        try:
+            decisions = future.result(timeout=self._config.decision_timeout_s)
+        except FutureTimeout:
+            return self._fallback(time.perf_counter() - started, "predictor answer late")
+        except Exception as err:  # any failure means: decode on the fallback
+            return self._fallback(time.perf_counter() - started, f"predictor failed: {err}")
+        waited = time.perf_counter() - started
+        decision = _pick(decisions, self._seq.request_id, step)
+        if decision is None:
+            return self._fallback(waited, f"no decision for step {step} in the answer")
+        self._last_gamma = decision.gamma
+        return GammaDecision(
+            gamma=decision.gamma,
+            source=DecisionSource.REMOTE,
+            model_name=decision.model_name,
+            model_version=decision.model_version,
+            arm=decision.arm,
+            wait_seconds=waited,
+        )
+
+    def _fallback(self, waited: float, why: str) -> GammaDecision:
+        if why and self._failures_logged < 3:
+            self._failures_logged += 1
+            log.info("sequence %s: fallback gamma (%s)", self._seq.request_id, why)
+        gamma = self._config.fallback_gamma
+        if self._config.fallback_mode == "last":
+            gamma = self._last_gamma
+        return GammaDecision(gamma=gamma, source=DecisionSource.FALLBACK, wait_seconds=waited)
+
+
+def _pick(decisions: list[Decision], routing_key: str, step: int) -> Decision | None:
+    for d in decisions:
+        if d.routing_key == routing_key and d.step == step:
+            return d
+    return decisions[0] if len(decisions) == 1 else None
