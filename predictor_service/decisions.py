@@ -1,0 +1,140 @@
+"""Choosing γ: feature batches for every candidate and the objectives that score them.
+
+Pure numpy so the engine and the benchmark share one code path and nothing here knows gRPC.
+All rows and all candidates of one message become one `[rows * candidates, 6]` batch, so
+the model runs once per message whatever the number of sequences it carries.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class Objective(enum.Enum):
+    """What the chosen γ maximises (DESIGN.md, "Choosing γ")."""
+
+    TOKENS_PER_STEP = "tokens_per_step"
+    GOODPUT = "goodput"
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """The worker's measured costs; t_verify(γ) = verify_base + γ · verify_per_token."""
+
+    draft_seconds_per_token: float
+    verify_base_seconds: float
+    verify_seconds_per_token: float
+
+    def problem(self) -> tuple[str, str] | None:
+        """(field, why) for the first value the goodput formula cannot use, else None."""
+        for name, value, must_be_positive in (
+            ("draft_seconds_per_token", self.draft_seconds_per_token, False),
+            ("verify_base_seconds", self.verify_base_seconds, True),
+            ("verify_seconds_per_token", self.verify_seconds_per_token, False),
+        ):
+            if not math.isfinite(value):
+                return name, f"must be a finite number of seconds, got {value}"
+            if must_be_positive and value <= 0:
+                return name, f"must be > 0 (a plain target step takes time), got {value}"
+            if value < 0:
+                return name, f"must be >= 0, got {value}"
+        return None
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """Validated γ candidates with the arrays the scorer needs, built once per message."""
+
+    gammas: tuple[int, ...]
+    gamma_array: np.ndarray  # [G] float64
+    drafted: np.ndarray  # [G1] float32: the candidates > 0 (the model is not run for γ = 0)
+    drafted_columns: np.ndarray  # [G1] int: where each drafted candidate sits in `gammas`
+
+    @classmethod
+    def of(cls, gammas: Sequence[int]) -> CandidateSet:
+        g = tuple(int(x) for x in gammas)
+        cols = np.asarray([i for i, x in enumerate(g) if x > 0], dtype=np.intp)
+        arr = np.asarray(g, dtype=np.float64)
+        return cls(g, arr, arr[cols].astype(np.float32), cols)
+
+
+def build_features(signals: np.ndarray, comp_enc: np.ndarray, drafted: np.ndarray) -> np.ndarray:
+    """Rows × drafted candidates → the model input, row-major: `[R * G1, 6]` float32.
+
+    Column order is the seed's (4 signals, comp_enc, gamma); a `previous_step` model takes
+    the previous step's signals in the same four columns.
+    """
+    r = signals.shape[0]
+    g1 = drafted.shape[0]
+    x = np.empty((r * g1, 6), dtype=np.float32)
+    if g1 == 1:
+        x[:, :4] = signals
+        x[:, 4] = comp_enc
+    else:
+        x[:, :4] = np.repeat(signals, g1, axis=0)
+        x[:, 4] = np.repeat(comp_enc, g1)
+    x[:, 5] = np.tile(drafted, r)
+    return x
+
+
+def scores(
+    acceptance: np.ndarray,
+    gamma_array: np.ndarray,
+    objective: Objective,
+    timing: StepTiming | None,
+) -> np.ndarray:
+    """Objective value of every candidate: `[R, G]` from acceptance `[R, G]`."""
+    tokens = acceptance * gamma_array + 1.0
+    if objective is Objective.TOKENS_PER_STEP:
+        return tokens
+    if timing is None:
+        raise ValueError("the goodput objective needs the worker's StepTiming")
+    seconds = (
+        gamma_array * timing.draft_seconds_per_token
+        + timing.verify_base_seconds
+        + gamma_array * timing.verify_seconds_per_token
+    )
+    return tokens / seconds
+
+
+@dataclass(frozen=True)
+class Choice:
+    """γ per row with the numbers that justified it."""
+
+    gamma: np.ndarray  # [R] int64, the chosen candidate value
+    acceptance: np.ndarray  # [R, G] float64 in [0, 1]; 0 for γ = 0
+    score: np.ndarray  # [R, G] float64
+
+
+def decide(
+    predict: Callable[[np.ndarray], np.ndarray],
+    signals: np.ndarray,
+    comp_enc: np.ndarray,
+    candidates: CandidateSet,
+    objective: Objective,
+    timing: StepTiming | None,
+) -> Choice:
+    """One model run for every row and candidate, then the best candidate per row.
+
+    `predict` maps `[N, 6]` float32 to clipped acceptance `[N]`. Ties go to the candidate
+    listed first, so a client can order candidates by preference.
+    """
+    r = signals.shape[0]
+    g = len(candidates.gammas)
+    acceptance = np.zeros((r, g), dtype=np.float64)
+    if candidates.drafted.shape[0]:
+        x = build_features(signals, comp_enc, candidates.drafted)
+        pred = predict(x).reshape(r, candidates.drafted.shape[0])
+        if candidates.drafted.shape[0] == g:
+            acceptance[:] = pred
+        else:
+            acceptance[:, candidates.drafted_columns] = pred
+    s = scores(acceptance, candidates.gamma_array, objective, timing)
+    best = np.argmax(s, axis=1)
+    chosen = np.asarray(candidates.gammas, dtype=np.int64)[best]
+    return Choice(chosen, acceptance, s)

@@ -1,0 +1,697 @@
+"""The predictor's data plane: loaded versions, routing snapshots, decisions and admin acts.
+
+Works on numpy arrays and dataclasses only; `servicer.py` converts protobuf at the edge.
+Reads never take a lock: each message reads the current `RouteTable` of its model once,
+and every change (load, unload, routing) publishes a new table. Writes are serialised by one
+lock and never wait on a model run.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from predictor_service.decisions import CandidateSet, Choice, Objective, StepTiming, decide
+from predictor_service.manifest import DRAFT_SIGNALS, WINDOW_PREVIOUS_STEP, WINDOW_SAME_STEP
+from predictor_service.metrics import PredictorMetrics
+from predictor_service.repository import (
+    LoadedVersion,
+    LoaderLock,
+    LoadError,
+    VersionRef,
+    complete_versions,
+    load_version,
+)
+from predictor_service.router import (
+    RouteTable,
+    Routing,
+    RoutingError,
+    read_routing_file,
+    referenced_versions,
+    resolve,
+)
+
+log = logging.getLogger(__name__)
+
+# Request windows and the model window that serves them (common.proto, DecisionWindow).
+WINDOW_SERVED_BY = {
+    "same_step": WINDOW_SAME_STEP,
+    "prefix": WINDOW_SAME_STEP,
+    "previous_step": WINDOW_PREVIOUS_STEP,
+}
+CONFIDENCE_SLACK = 1e-6
+
+
+class ErrorKind(enum.Enum):
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    UNAVAILABLE = "unavailable"
+    FAILED_PRECONDITION = "failed_precondition"
+    INTERNAL = "internal"
+
+
+class RequestError(Exception):
+    """A refused request: which field, why, and what kind of failure (maps to a gRPC code)."""
+
+    def __init__(self, kind: ErrorKind, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.kind = kind
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    repo: Path
+    default_model: str | None = None
+    max_batch_rows: int = 1024
+    max_candidates: int = 16
+    max_gamma: int = 64
+
+
+class VersionState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    UNLOADED = "unloaded"
+
+
+@dataclass
+class VersionStatus:
+    version: int
+    state: VersionState
+    error: str = ""
+    loaded: LoadedVersion | None = None
+
+
+@dataclass(frozen=True)
+class ModelView:
+    name: str
+    versions: tuple[VersionStatus, ...]
+    routing: Routing | None
+    is_default: bool
+    aliases_by_version: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Selector:
+    name: str = ""
+    version: int = 0
+    alias: str = ""
+
+
+@dataclass(frozen=True)
+class DecideInput:
+    keys: Sequence[str]  # [R]
+    steps: Sequence[int]  # [R]
+    signals: np.ndarray  # [R, 4] float64, DRAFT_SIGNALS order
+    compression: np.ndarray  # [R] int64, the Compression enum value (1 fp16, 2 int8, 3 nf4)
+    window: str  # "same_step" | "prefix" | "previous_step"
+    gammas: Sequence[int]
+    objective: Objective | None  # None: the manifest's default
+    timing: StepTiming | None
+    model: Selector = Selector()
+
+
+@dataclass(frozen=True)
+class Group:
+    """Rows of one message served by one version through one arm."""
+
+    version: LoadedVersion
+    arm: str
+    rows: np.ndarray | None  # [k] row indices, None = every row
+
+
+@dataclass(frozen=True)
+class DecideResult:
+    choice: Choice  # rows in request order
+    candidates: tuple[int, ...]
+    groups: tuple[Group, ...]
+    row_group: np.ndarray | None  # [R] index into groups, None when there is one group
+    # What the shadow needs; scored after the answer is sent.
+    shadow: LoadedVersion | None
+    comp_enc: np.ndarray
+    signals: np.ndarray
+    objective: Objective
+    timing: StepTiming | None
+    table_model: str
+
+
+class PredictorEngine:
+    """Everything the servicer asks of the predictor, on plain values."""
+
+    def __init__(self, config: EngineConfig, metrics: PredictorMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or PredictorMetrics()
+        self._lock = threading.RLock()
+        self._loader_locks = LoaderLock()
+        self._status: dict[str, dict[int, VersionStatus]] = {}
+        self._routing: dict[str, Routing] = {}
+        self._tables: dict[str, RouteTable] = {}
+        self._routing_file_digest: str | None = None
+        self._routing_file_error: str | None = None
+
+    # ----- reads -------------------------------------------------------------------------
+
+    @property
+    def ready_count(self) -> int:
+        return sum(len(t.versions) for t in self._tables.values())
+
+    def table(self, name: str) -> RouteTable:
+        """The current snapshot of a model, or RequestError naming the choices."""
+        if not name:
+            name = self.default_model_name()
+        t = self._tables.get(name)
+        if t is not None:
+            return t
+        with self._lock:
+            known = self._status.get(name)
+            if known:
+                why = "; ".join(
+                    f"v{s.version} {s.state.value}" + (f": {s.error}" if s.error else "")
+                    for s in known.values()
+                )
+                raise RequestError(
+                    ErrorKind.UNAVAILABLE,
+                    "model.name",
+                    f"model {name!r} has no loaded version ({why})",
+                )
+        raise RequestError(
+            ErrorKind.NOT_FOUND,
+            "model.name",
+            f"unknown model {name!r}; this server has {sorted(self._status) or 'no models'}",
+        )
+
+    def default_model_name(self) -> str:
+        if self.config.default_model:
+            return self.config.default_model
+        names = sorted(self._status)
+        if len(names) == 1:
+            return names[0]
+        raise RequestError(
+            ErrorKind.NOT_FOUND,
+            "model.name",
+            f"no default model: this server has {names or 'no models'}; name one in "
+            "ModelSelector.name or start the server with --default-model",
+        )
+
+    def _pick(self, table: RouteTable, sel: Selector) -> tuple[LoadedVersion, str] | None:
+        """A pinned version and its arm name, or None to follow the routing."""
+        if sel.version and sel.alias:
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT, "model", "pin a version or an alias, not both"
+            )
+        if sel.version < 0:
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT, "model.version", f"must be >= 0, got {sel.version}"
+            )
+        if sel.version:
+            v = table.versions.get(sel.version)
+            if v is None:
+                raise RequestError(
+                    ErrorKind.NOT_FOUND,
+                    "model.version",
+                    f"{table.model} v{sel.version} is not loaded (loaded: "
+                    f"{sorted(table.versions)})",
+                )
+            return v, "pinned"
+        if sel.alias:
+            v = table.aliases.get(sel.alias)
+            if v is None:
+                raise RequestError(
+                    ErrorKind.NOT_FOUND,
+                    "model.alias",
+                    f"{table.model} has no alias {sel.alias!r} (aliases: {sorted(table.aliases)})",
+                )
+            return v, "pinned"
+        return None
+
+    # ----- decisions ---------------------------------------------------------------------
+
+    def check_candidates(self, gammas: Sequence[int]) -> CandidateSet:
+        if not gammas:
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT,
+                "gamma_candidates",
+                "is empty; send the gamma values to choose among (e.g. [0, 2, 4, 6, 8])",
+            )
+        if len(gammas) > self.config.max_candidates:
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT,
+                "gamma_candidates",
+                f"has {len(gammas)} values; at most {self.config.max_candidates} are allowed",
+            )
+        seen: set[int] = set()
+        for i, g in enumerate(gammas):
+            if g < 0 or g > self.config.max_gamma:
+                raise RequestError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"gamma_candidates[{i}]",
+                    f"is {g}; candidates must lie in [0, {self.config.max_gamma}] "
+                    "(0 = a plain target step)",
+                )
+            if g in seen:
+                raise RequestError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"gamma_candidates[{i}]",
+                    f"{g} is listed twice; candidates must be distinct",
+                )
+            seen.add(g)
+        return CandidateSet.of(gammas)
+
+    def check_rows(self, signals: np.ndarray, compression: np.ndarray) -> np.ndarray:
+        """Validate row values; returns comp_enc `[R]` float32 (Compression value - 1)."""
+        r = signals.shape[0]
+        if r == 0:
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT, "rows", "is empty; send one row per sequence"
+            )
+        if r > self.config.max_batch_rows:
+            raise RequestError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                "rows",
+                f"has {r} rows; at most {self.config.max_batch_rows} per message (split the batch)",
+            )
+        bad = ~np.isfinite(signals)
+        bad |= signals < 0
+        bad[:, 1] |= signals[:, 1] > 1 + CONFIDENCE_SLACK
+        bad[:, 3] |= signals[:, 3] > 1 + CONFIDENCE_SLACK
+        if bad.any():
+            i, j = (int(v) for v in np.argwhere(bad)[0])
+            name = DRAFT_SIGNALS[j]
+            want = "in [0, 1]" if "confidence" in name else ">= 0 (bits)"
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"rows[{i}].signals.{name}",
+                f"is {signals[i, j]}; must be a finite number {want}",
+            )
+        bad_comp = (compression < 1) | (compression > 3)
+        if bad_comp.any():
+            i = int(np.argmax(bad_comp))
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"rows[{i}].compression",
+                f"is {int(compression[i])}; must be COMPRESSION_FP16 (1), COMPRESSION_INT8 (2) "
+                "or COMPRESSION_NF4 (3)",
+            )
+        return (compression - 1).astype(np.float32)
+
+    def decide(self, inp: DecideInput) -> DecideResult:
+        """γ for every row; one onnxruntime run per version the rows route to (usually one)."""
+        served_by = WINDOW_SERVED_BY.get(inp.window)
+        if served_by is None:
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT,
+                "window",
+                f"is {inp.window!r}; set DECISION_WINDOW_SAME_STEP, _PREVIOUS_STEP or _PREFIX",
+            )
+        candidates = self.check_candidates(inp.gammas)
+        comp_enc = self.check_rows(inp.signals, inp.compression)
+        if inp.timing is not None:
+            problem = inp.timing.problem()
+            if problem:
+                raise RequestError(ErrorKind.INVALID_ARGUMENT, f"timing.{problem[0]}", problem[1])
+        table = self.table(inp.model.name)
+        pinned = self._pick(table, inp.model)
+        if pinned is not None:
+            groups: tuple[Group, ...] = (Group(pinned[0], pinned[1], None),)
+            row_group = None
+        elif len(table.arms) == 1:
+            groups = (Group(table.arms[0].version, table.arms[0].name, None),)
+            row_group = None
+        else:
+            idx = table.assign(inp.keys)
+            present = np.unique(idx)
+            if present.shape[0] == 1:
+                arm = table.arms[int(present[0])]
+                groups, row_group = (Group(arm.version, arm.name, None),), None
+            else:
+                groups = tuple(
+                    Group(
+                        table.arms[int(a)].version,
+                        table.arms[int(a)].name,
+                        np.flatnonzero(idx == a),
+                    )
+                    for a in present
+                )
+                row_group = np.searchsorted(present, idx)
+        objective = inp.objective
+        for g in groups:
+            v = g.version
+            if v.window != served_by:
+                raise RequestError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "window",
+                    f"{v.name} v{v.version} is a {v.window} model; a {inp.window} request needs "
+                    f"a {served_by} model (pin one with ModelSelector.name)",
+                )
+            obj = objective or Objective(v.manifest.default_objective)
+            if obj is Objective.GOODPUT and inp.timing is None:
+                raise RequestError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "timing",
+                    "is missing; the goodput objective needs the worker's measured draft and "
+                    "verify times (or ask for OBJECTIVE_TOKENS_PER_STEP)",
+                )
+        resolved = objective or Objective(groups[0].version.manifest.default_objective)
+        if len(groups) == 1:
+            t0 = time.perf_counter()
+            choice = decide(
+                groups[0].version.predict, inp.signals, comp_enc, candidates, resolved, inp.timing
+            )
+            self._record(table.model, groups[0], choice.gamma, time.perf_counter() - t0)
+        else:
+            r, n = inp.signals.shape[0], len(candidates.gammas)
+            gamma = np.empty(r, dtype=np.int64)
+            acc = np.empty((r, n))
+            score = np.empty((r, n))
+            for g in groups:
+                t0 = time.perf_counter()
+                obj = objective or Objective(g.version.manifest.default_objective)
+                rows = g.rows
+                assert rows is not None
+                c = decide(
+                    g.version.predict,
+                    inp.signals[rows],
+                    comp_enc[rows],
+                    candidates,
+                    obj,
+                    inp.timing,
+                )
+                gamma[rows], acc[rows], score[rows] = c.gamma, c.acceptance, c.score
+                self._record(table.model, g, c.gamma, time.perf_counter() - t0)
+            choice = Choice(gamma, acc, score)
+        shadow = table.shadow if pinned is None else None
+        if shadow is not None and shadow.window != served_by:
+            shadow = None
+        return DecideResult(
+            choice=choice,
+            candidates=candidates.gammas,
+            groups=groups,
+            row_group=row_group,
+            shadow=shadow,
+            comp_enc=comp_enc,
+            signals=inp.signals,
+            objective=resolved,
+            timing=inp.timing,
+            table_model=table.model,
+        )
+
+    def _record(self, model: str, g: Group, gammas: np.ndarray, seconds: float) -> None:
+        self.metrics.record_decisions(model, g.version.version, g.arm, gammas, seconds)
+
+    def score_shadow(self, result: DecideResult) -> None:
+        """Score the shadow version on the rows just answered; only metrics see the result."""
+        shadow = result.shadow
+        if shadow is None:
+            return
+        c = decide(
+            shadow.predict,
+            result.signals,
+            result.comp_enc,
+            CandidateSet.of(result.candidates),
+            result.objective,
+            result.timing,
+        )
+        disagree = int(np.count_nonzero(c.gamma != result.choice.gamma))
+        diff = float(np.mean(np.abs(c.acceptance - result.choice.acceptance)))
+        self.metrics.record_shadow(
+            result.table_model, shadow.version, int(c.gamma.shape[0]), disagree, diff
+        )
+
+    def predict(
+        self, sel: Selector, routing_key: str, rows: Sequence[Sequence[float]]
+    ) -> tuple[np.ndarray, LoadedVersion, str]:
+        """Raw predicted acceptance for feature vectors in the manifest's order."""
+        table = self.table(sel.name)
+        if not rows:
+            raise RequestError(ErrorKind.INVALID_ARGUMENT, "rows", "is empty")
+        if len(rows) > self.config.max_batch_rows:
+            raise RequestError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                "rows",
+                f"has {len(rows)} rows; at most {self.config.max_batch_rows} per call",
+            )
+        pinned = self._pick(table, sel)
+        if pinned is None:
+            arm = table.arms[int(table.assign([routing_key])[0])]
+            version, arm_name = arm.version, arm.name
+        else:
+            version, arm_name = pinned
+        n = version.n_features
+        for i, row in enumerate(rows):
+            if len(row) != n:
+                raise RequestError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"rows[{i}].values",
+                    f"has {len(row)} values; {version.name} v{version.version} takes {n}: "
+                    f"{', '.join(version.manifest.feature_names)}",
+                )
+        x = np.asarray(rows, dtype=np.float64)
+        finite = np.isfinite(x)
+        if not finite.all():
+            i, j = (int(v) for v in np.argwhere(~finite)[0])
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"rows[{i}].values[{j}]",
+                f"is {x[i, j]} ({version.manifest.feature_names[j]}); must be finite",
+            )
+        t0 = time.perf_counter()
+        out = version.predict(x.astype(np.float32))
+        labels = (table.model, str(version.version), arm_name)
+        self.metrics.predict_rows.labels(*labels).inc(len(rows))
+        self.metrics.latency.labels(*labels).observe(time.perf_counter() - t0)
+        return out, version, arm_name
+
+    # ----- repository and admin ----------------------------------------------------------
+
+    def load(self, name: str, version: int) -> VersionStatus:
+        """Load one version (0 = the highest on disk); blocking, call it off the event loop."""
+        if not name or "/" in name or name.startswith("."):
+            raise RequestError(ErrorKind.INVALID_ARGUMENT, "name", f"{name!r} is not a model name")
+        if version < 0:
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT, "version", f"must be >= 0, got {version}"
+            )
+        on_disk = complete_versions(self.config.repo).get(name, {})
+        if version == 0:
+            if not on_disk:
+                raise RequestError(
+                    ErrorKind.NOT_FOUND,
+                    "name",
+                    f"no complete version of {name!r} under {self.config.repo}",
+                )
+            version = max(on_disk)
+        folder = self.config.repo / name / str(version)
+        if version not in on_disk:
+            why = "has no manifest.json yet" if folder.is_dir() else "does not exist"
+            raise RequestError(ErrorKind.NOT_FOUND, "version", f"{folder} {why}")
+        ref = VersionRef(name, version)
+        with self._loader_locks.for_ref(ref):
+            with self._lock:
+                current = self._status.get(name, {}).get(version)
+                if current is not None and current.state is VersionState.READY:
+                    return current
+                self._status.setdefault(name, {})[version] = VersionStatus(
+                    version, VersionState.LOADING
+                )
+            t0 = time.perf_counter()
+            try:
+                loaded = load_version(folder)
+            except LoadError as e:
+                status = VersionStatus(version, VersionState.FAILED, error=str(e))
+                with self._lock:
+                    self._status[name][version] = status
+                self.metrics.loads.labels(name, str(version), "failed").inc()
+                log.error("load of %s failed, what was serving is unchanged: %s", ref, e)
+                raise RequestError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    "version",
+                    f"{ref} failed to load and serves nothing (other versions are unchanged): {e}",
+                ) from e
+            with self._lock:
+                status = VersionStatus(version, VersionState.READY, loaded=loaded)
+                self._status[name][version] = status
+                self._publish(name)
+            self.metrics.loads.labels(name, str(version), "ok").inc()
+            self.metrics.ready.labels(name, str(version)).set(1)
+            log.info(
+                "loaded %s (%s, %.0f ms, validated on %d known answers)",
+                ref,
+                loaded.window,
+                1e3 * (time.perf_counter() - t0),
+                len(loaded.manifest.known_answers),
+            )
+            return status
+
+    def unload(self, name: str, version: int) -> None:
+        with self._lock:
+            versions = self._status.get(name)
+            if not versions:
+                raise RequestError(ErrorKind.NOT_FOUND, "name", f"unknown model {name!r}")
+            st = versions.get(version)
+            if st is None or st.state is not VersionState.READY:
+                state = "unknown" if st is None else st.state.value
+                raise RequestError(
+                    ErrorKind.NOT_FOUND, "version", f"{name} v{version} is not loaded ({state})"
+                )
+            ready = [v for v, s in versions.items() if s.state is VersionState.READY]
+            if ready == [version]:
+                raise RequestError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    "version",
+                    f"{name} v{version} is the last serving version of {name!r}; load another "
+                    "version first",
+                )
+            routing = self._routing.get(name)
+            if routing is not None:
+                refs = referenced_versions(routing, {})
+                if version in refs:
+                    raise RequestError(
+                        ErrorKind.FAILED_PRECONDITION,
+                        "version",
+                        f"{name} v{version} is still routed ({refs[version]}); move traffic off "
+                        "it with SetRouting first",
+                    )
+            versions[version] = VersionStatus(version, VersionState.UNLOADED)
+            self._publish(name)
+        self.metrics.ready.labels(name, str(version)).set(0)
+        log.info("unloaded %s v%d (requests holding it finish on it)", name, version)
+
+    def set_routing(self, name: str, routing: Routing) -> Routing:
+        if not name:
+            name = self.default_model_name()
+        with self._lock:
+            loaded = self._loaded(name)
+            if name not in self._status:
+                raise RequestError(
+                    ErrorKind.NOT_FOUND,
+                    "model_name",
+                    f"unknown model {name!r}; this server has {sorted(self._status)}",
+                )
+            try:
+                table = resolve(name, routing, loaded)
+            except RoutingError as e:
+                raise RequestError(ErrorKind.INVALID_ARGUMENT, e.field, e.message) from e
+            self._routing[name] = routing
+            tables = dict(self._tables)
+            tables[name] = table
+            self._tables = tables
+        log.info("routing of %s is now %s", name, routing.to_json_dict())
+        return routing
+
+    def routing(self, name: str) -> Routing:
+        return self.table(name).routing
+
+    def _loaded(self, name: str) -> dict[int, LoadedVersion]:
+        return {
+            v: s.loaded
+            for v, s in sorted(self._status.get(name, {}).items())
+            if s.state is VersionState.READY and s.loaded is not None
+        }
+
+    def _publish(self, name: str) -> None:
+        """Rebuild a model's snapshot after its loaded set changed (lock held)."""
+        loaded = self._loaded(name)
+        tables = dict(self._tables)
+        if not loaded:
+            tables.pop(name, None)
+        else:
+            routing = self._routing.get(name, Routing())
+            try:
+                tables[name] = resolve(name, routing, loaded)
+            except RoutingError as e:
+                # Only reachable when a routing names a version that never loaded; keep the
+                # previous snapshot if there is one, else fall back to the default.
+                log.error("routing of %s cannot be applied: %s", name, e)
+                if name not in tables:
+                    tables[name] = resolve(name, Routing(), loaded)
+        self._tables = tables
+
+    def models(self) -> list[ModelView]:
+        with self._lock:
+            try:
+                default = self.default_model_name()
+            except RequestError:
+                default = ""
+            views = []
+            for name in sorted(self._status):
+                t = self._tables.get(name)
+                by_version: dict[int, list[str]] = {}
+                if t is not None:
+                    for alias, v in t.routing.aliases.items():
+                        by_version.setdefault(v, []).append(alias)
+                views.append(
+                    ModelView(
+                        name=name,
+                        versions=tuple(self._status[name][v] for v in sorted(self._status[name])),
+                        routing=t.routing if t is not None else self._routing.get(name),
+                        is_default=name == default,
+                        aliases_by_version={v: tuple(sorted(a)) for v, a in by_version.items()},
+                    )
+                )
+            return views
+
+    def model(self, name: str) -> ModelView:
+        if not name:
+            name = self.default_model_name()
+        for m in self.models():
+            if m.name == name:
+                return m
+        raise RequestError(
+            ErrorKind.NOT_FOUND,
+            "name",
+            f"unknown model {name!r}; this server has {sorted(self._status) or 'no models'}",
+        )
+
+    def scan(self) -> list[str]:
+        """Load every complete version never seen before; returns what it loaded or why not."""
+        report = []
+        for name, versions in complete_versions(self.config.repo).items():
+            for version in sorted(versions):
+                with self._lock:
+                    seen = version in self._status.get(name, {})
+                if seen:
+                    continue
+                try:
+                    self.load(name, version)
+                    report.append(f"loaded {name} v{version}")
+                except RequestError as e:
+                    report.append(f"failed {name} v{version}: {e.message}")
+        return report
+
+    def apply_routing_file(self, path: Path, force: bool = False) -> bool:
+        """Apply a routing file when its content changed (or a previous try failed)."""
+        try:
+            text = path.read_bytes()
+        except OSError as e:
+            self._routing_file_problem(f"{path}: cannot read the routing file: {e}")
+            return False
+        digest = str(hash(text))
+        if not force and digest == self._routing_file_digest and self._routing_file_error is None:
+            return False
+        try:
+            wanted = read_routing_file(path)
+            for name, routing in wanted.items():
+                self.set_routing(name, routing)
+        except (RoutingError, RequestError) as e:
+            self._routing_file_digest = digest
+            self._routing_file_problem(f"{path}: {e}; the routing in force is unchanged")
+            return False
+        self._routing_file_digest = digest
+        self._routing_file_error = None
+        log.info("applied routing file %s for %s", path, sorted(wanted))
+        return True
+
+    def _routing_file_problem(self, message: str) -> None:
+        if message != self._routing_file_error:
+            log.error("%s", message)
+        self._routing_file_error = message

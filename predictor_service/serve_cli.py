@@ -1,0 +1,132 @@
+"""`speckv-predictor serve`: serve a model repository over gRPC until SIGTERM.
+
+Only the standard library is imported at module level: `cli.py` builds every subcommand's
+parser, and a training-only install must still be able to show `--help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--repo", required=True, type=Path, help="model repository: <repo>/<model>/<version>/"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
+    p.add_argument(
+        "--port", type=int, default=50061, help="gRPC port; 0 picks a free one (printed)"
+    )
+    p.add_argument(
+        "--admin-token",
+        default=os.environ.get("SPECKV_ADMIN_TOKEN") or None,
+        help="bearer token the admin calls (LoadModel, UnloadModel, SetRouting) need; "
+        "default: $SPECKV_ADMIN_TOKEN; unset = admin calls are open",
+    )
+    p.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=None,
+        help="scan the repository (and the routing file) this often; new complete versions load",
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=None, help="Prometheus /metrics port (0 = free)"
+    )
+    p.add_argument("--default-model", default=None, help="model used when a request names none")
+    p.add_argument(
+        "--routing-file",
+        type=Path,
+        default=None,
+        help='JSON {model: {"weights": {target: w}, "salt", "shadow_version", "aliases"}}; '
+        "applied at start and whenever it changes (with --poll-seconds)",
+    )
+    p.add_argument(
+        "--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)"
+    )
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key (with --tls-cert)")
+    p.add_argument("--grace-seconds", type=float, default=10.0, help="drain time after SIGTERM")
+    p.add_argument(
+        "--max-connection-age-seconds",
+        type=float,
+        default=900.0,
+        help="close connections after this age so clients rebalance across replicas",
+    )
+    p.add_argument("--max-batch-rows", type=int, default=1024, help="rows allowed per message")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: what log collectors in a cluster parse without rules."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from predictor_service.router import RoutingError
+    from predictor_service.server import PredictorServer, ServerConfig
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    config = ServerConfig(
+        repo=args.repo,
+        host=args.host,
+        port=args.port,
+        admin_token=args.admin_token,
+        poll_seconds=args.poll_seconds,
+        metrics_port=args.metrics_port,
+        default_model=args.default_model,
+        routing_file=args.routing_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        grace_seconds=args.grace_seconds,
+        max_connection_age_seconds=args.max_connection_age_seconds,
+        max_batch_rows=args.max_batch_rows,
+    )
+    try:
+        config.check()
+    except (ValueError, RoutingError) as e:
+        print(f"speckv-predictor serve: {e}", file=sys.stderr)
+        return 2
+    server = PredictorServer(config)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+
+        def _on_signal(sig: signal.Signals) -> None:
+            logging.getLogger(__name__).info("%s: draining", sig.name)
+            print(f"{sig.name}: draining for up to {config.grace_seconds:g} s", flush=True)
+            tasks.add(loop.create_task(server.drain_async()))
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _on_signal, sig)
+        await server.start_async()
+        await server.wait_async()
+
+    try:
+        asyncio.run(main())
+    except OSError as e:
+        print(f"speckv-predictor serve: {e}", file=sys.stderr)
+        return 1
+    print("stopped", flush=True)
+    return 0

@@ -1,0 +1,287 @@
+"""The predictor's gRPC server lifecycle: bind, load, serve, poll, drain.
+
+`PredictorServer` runs on an asyncio loop: the CLI runs it in the main thread; tests and
+other in-process users call `start()` (a background thread with its own loop) and `stop()`,
+or `await start_async()` / `drain_async()` from their own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+from speckv.v1 import predictor_pb2_grpc as pb_grpc
+
+from predictor_service.auth import SERVICE, AdminTokenInterceptor
+from predictor_service.engine import EngineConfig, PredictorEngine
+from predictor_service.metrics import PredictorMetrics
+from predictor_service.router import read_routing_file
+from predictor_service.servicer import PredictorServicer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `speckv-predictor serve` can be told; built once by the CLI."""
+
+    repo: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    admin_token: str | None = None
+    poll_seconds: float | None = None
+    metrics_port: int | None = None
+    default_model: str | None = None
+    routing_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # SIGTERM: seconds streams get to finish after being told to reconnect.
+    grace_seconds: float = 10.0
+    # Connections are closed (GOAWAY) after this age so load rebalances across pods.
+    max_connection_age_seconds: float = 900.0
+    keepalive_seconds: float = 30.0
+    max_batch_rows: int = 1024
+    max_candidates: int = 16
+    max_gamma: int = 64
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            repo=self.repo,
+            default_model=self.default_model,
+            max_batch_rows=self.max_batch_rows,
+            max_candidates=self.max_candidates,
+            max_gamma=self.max_gamma,
+        )
+
+    def check(self) -> None:
+        """Refuse configurations that cannot work, with the flag to fix."""
+        if not self.repo.is_dir():
+            raise ValueError(f"--repo {self.repo}: not a directory; point it at a model repository")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together; give both or neither")
+        if self.poll_seconds is not None and self.poll_seconds <= 0:
+            raise ValueError(f"--poll-seconds must be > 0, got {self.poll_seconds}")
+        if self.grace_seconds < 0:
+            raise ValueError(f"--grace-seconds must be >= 0, got {self.grace_seconds}")
+        if self.max_batch_rows < 1:
+            raise ValueError(f"--max-batch-rows must be >= 1, got {self.max_batch_rows}")
+        if self.routing_file is not None:
+            read_routing_file(self.routing_file)  # RoutingError names the file and key
+
+    def grpc_options(self) -> list[tuple[str, Any]]:
+        """Settings for long-lived streams behind a Kubernetes headless Service."""
+        return [
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", int(self.keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Accept client keepalive pings down to every 10 s without a GOAWAY.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0),
+            ("grpc.max_connection_age_ms", int(self.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max(self.grace_seconds, 1.0) * 1000)),
+        ]
+
+
+class PredictorServer:
+    """One gRPC predictor: engine, servicer, health, reflection, metrics and polling."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = PredictorMetrics()
+        self.engine = PredictorEngine(config.engine_config(), self.metrics)
+        self.servicer = PredictorServicer(self.engine)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._poll_task: asyncio.Task[None] | None = None
+        self._metrics_http: Any = None
+        self._stopped: asyncio.Event | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    # ----- asyncio API ---------------------------------------------------------------
+
+    async def start_async(self) -> int:
+        """Bind, report NOT_SERVING, load the repository, then SERVING; returns the port."""
+        cfg = self.config
+        cfg.check()
+        self._stopped = asyncio.Event()
+        interceptors = [AdminTokenInterceptor(cfg.admin_token)] if cfg.admin_token else []
+        server = grpc.aio.server(interceptors=interceptors, options=cfg.grpc_options())
+        pb_grpc.add_PredictorServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        target = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            creds = grpc.ssl_server_credentials(
+                [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())]
+            )
+            self.port = server.add_secure_port(target, creds)
+        else:
+            self.port = server.add_insecure_port(target)
+        if self.port == 0:
+            raise OSError(f"cannot bind {target}; is the port in use?")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        scheme = "tls" if cfg.tls_cert else "insecure"
+        print(f"listening on {self.address} ({scheme})", flush=True)
+        log.info("listening on %s (%s)", self.address, scheme)
+        if cfg.metrics_port is not None:
+            httpd, _ = start_http_server(
+                cfg.metrics_port, addr=cfg.host, registry=self.metrics.registry
+            )
+            self._metrics_http = httpd
+            self.metrics_port = int(httpd.server_address[1])
+            print(f"metrics on http://{cfg.host}:{self.metrics_port}/metrics", flush=True)
+        loop = asyncio.get_running_loop()
+        report = await loop.run_in_executor(None, self.engine.scan)
+        for line in report:
+            log.info("%s", line)
+        if cfg.routing_file is not None:
+            await loop.run_in_executor(None, self.engine.apply_routing_file, cfg.routing_file, True)
+        await self._update_health()
+        n = self.engine.ready_count
+        if n:
+            print(f"serving {n} model version(s) from {cfg.repo}", flush=True)
+        else:
+            print(f"no model version could be loaded from {cfg.repo}; NOT_SERVING", flush=True)
+        if cfg.poll_seconds is not None:
+            self._poll_task = asyncio.create_task(self._poll(cfg.poll_seconds))
+        return self.port
+
+    async def _poll(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                for line in await loop.run_in_executor(None, self.engine.scan):
+                    log.info("poll: %s", line)
+                if self.config.routing_file is not None:
+                    await loop.run_in_executor(
+                        None, self.engine.apply_routing_file, self.config.routing_file, False
+                    )
+                await self._update_health()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("poll of %s failed; will retry", self.config.repo)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE):
+            await self.health.set(name, status)  # type: ignore[arg-type]
+
+    async def _update_health(self) -> None:
+        if self._stopping:
+            return
+        ok = self.engine.ready_count > 0
+        await self._set_health(
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+    async def drain_async(self, grace: float | None = None) -> None:
+        """NOT_SERVING, tell streams to reconnect, let them finish for `grace` s, then stop."""
+        if self._stopping:
+            if self._stopped is not None:
+                await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.config.grace_seconds if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await self.health.enter_graceful_shutdown()
+        told = await self.servicer.notify_reconnect()
+        log.info("draining: told %d open stream(s) to reconnect; grace %.1f s", told, grace)
+        while self.servicer.streams and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
+        if self._server is not None:
+            await self._server.stop(max(0.0, deadline - loop.time()))
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("stopped")
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def wait_async(self) -> None:
+        assert self._stopped is not None, "start the server first"
+        await self._stopped.wait()
+
+    # ----- thread API (tests, benchmarks, embedding) ----------------------------------
+
+    def start(self) -> int:
+        """Start on a background thread with its own loop; returns the bound port once loaded."""
+        started: Future[int] = Future()
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                started.set_result(loop.run_until_complete(self.start_async()))
+            except BaseException as e:
+                started.set_exception(e)
+                loop.close()
+                return
+            loop.run_until_complete(self.wait_async())
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+
+        self._thread = threading.Thread(target=main, name="predictor-server", daemon=True)
+        self._thread.start()
+        return started.result(timeout=120)
+
+    def run_coroutine(self, coro: Any, timeout: float = 60.0) -> Any:
+        """Run a coroutine on the server's loop (from another thread) and wait for it."""
+        assert self._loop is not None, "start() the server first"
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def drain(self, grace: float | None = None) -> None:
+        self.stop(grace)
+
+    def stop(self, grace: float | None = 0.0) -> None:
+        """Drain and stop a server started with `start()`; waits for its thread."""
+        if self._loop is None or self._thread is None:
+            return
+        if self._thread.is_alive():
+            timeout = 30.0 + (grace or self.config.grace_seconds)
+            with contextlib.suppress(RuntimeError):
+                self.run_coroutine(self.drain_async(grace), timeout=timeout)
+            self._thread.join(timeout=timeout)
+
+    def __enter__(self) -> PredictorServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(0.0)

@@ -1,0 +1,368 @@
+"""The protobuf edge of the predictor: speckv.v1 messages in, engine calls, messages out.
+
+Nothing below the servicer sees protobuf. Decide errors become a per-message `error` and
+the stream stays open; unary calls map `RequestError` to a gRPC status in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from speckv.v1 import common_pb2 as cpb
+from speckv.v1 import predictor_pb2 as pb
+from speckv.v1 import predictor_pb2_grpc as pb_grpc
+
+from predictor_service.decisions import Objective, StepTiming
+from predictor_service.engine import (
+    DecideInput,
+    DecideResult,
+    ErrorKind,
+    ModelView,
+    PredictorEngine,
+    RequestError,
+    Selector,
+    VersionState,
+    VersionStatus,
+)
+from predictor_service.router import Routing
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+WINDOWS = {
+    cpb.DECISION_WINDOW_SAME_STEP: "same_step",
+    cpb.DECISION_WINDOW_PREVIOUS_STEP: "previous_step",
+    cpb.DECISION_WINDOW_PREFIX: "prefix",
+}
+OBJECTIVES = {
+    cpb.OBJECTIVE_UNSPECIFIED: None,
+    cpb.OBJECTIVE_TOKENS_PER_STEP: Objective.TOKENS_PER_STEP,
+    cpb.OBJECTIVE_GOODPUT: Objective.GOODPUT,
+}
+ERROR_CODES = {
+    ErrorKind.INVALID_ARGUMENT: pb.ERROR_CODE_INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: pb.ERROR_CODE_NOT_FOUND,
+    ErrorKind.RESOURCE_EXHAUSTED: pb.ERROR_CODE_RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: pb.ERROR_CODE_UNAVAILABLE,
+    ErrorKind.FAILED_PRECONDITION: pb.ERROR_CODE_INVALID_ARGUMENT,
+    ErrorKind.INTERNAL: pb.ERROR_CODE_INTERNAL,
+}
+STATUS_CODES = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+MODEL_STATES = {
+    VersionState.LOADING: pb.MODEL_STATE_LOADING,
+    VersionState.READY: pb.MODEL_STATE_READY,
+    VersionState.FAILED: pb.MODEL_STATE_FAILED,
+    VersionState.UNLOADED: pb.MODEL_STATE_UNLOADED,
+}
+
+
+def decide_input(req: pb.DecideRequest) -> DecideInput:
+    """Protobuf → arrays; only shape problems protobuf can express are caught here."""
+    rows = req.rows
+    window = WINDOWS.get(req.window)
+    if window is None:
+        raise RequestError(
+            ErrorKind.INVALID_ARGUMENT,
+            "window",
+            f"is {req.window}; set DECISION_WINDOW_SAME_STEP (1), PREVIOUS_STEP (2) or PREFIX (3)",
+        )
+    if req.objective not in OBJECTIVES:
+        raise RequestError(
+            ErrorKind.INVALID_ARGUMENT,
+            "objective",
+            f"is {req.objective}; use OBJECTIVE_TOKENS_PER_STEP (1), OBJECTIVE_GOODPUT (2) or "
+            "leave it unspecified for the model's default",
+        )
+    for i, row in enumerate(rows):
+        if not row.HasField("signals"):
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"rows[{i}].signals",
+                "is missing; send the four draft signals",
+            )
+    signals = np.array(
+        [
+            (
+                s.mean_draft_entropy,
+                s.mean_draft_confidence,
+                s.max_draft_entropy,
+                s.min_draft_confidence,
+            )
+            for s in (row.signals for row in rows)
+        ],
+        dtype=np.float64,
+    ).reshape(len(rows), 4)
+    timing = None
+    if req.HasField("timing"):
+        t = req.timing
+        timing = StepTiming(
+            t.draft_seconds_per_token, t.verify_base_seconds, t.verify_seconds_per_token
+        )
+    m = req.model
+    return DecideInput(
+        keys=[row.routing_key for row in rows],
+        steps=[row.step for row in rows],
+        signals=signals,
+        compression=np.fromiter((row.compression for row in rows), dtype=np.int64, count=len(rows)),
+        window=window,
+        gammas=list(req.gamma_candidates),
+        objective=OBJECTIVES[req.objective],
+        timing=timing,
+        model=Selector(m.name, m.version, m.alias),
+    )
+
+
+def decide_response(
+    request_id: int, inp: DecideInput, res: DecideResult, reconnect: bool
+) -> pb.DecideResponse:
+    choice = res.choice
+    gammas = choice.gamma.tolist()
+    acc = choice.acceptance.tolist()
+    score = choice.score.tolist()
+    cands = res.candidates
+    Cand = pb.CandidateScore
+    Dec = pb.Decision
+    heads = [(g.version.name, g.version.version, g.arm) for g in res.groups]
+    row_group = res.row_group.tolist() if res.row_group is not None else None
+    decisions = []
+    for i, key in enumerate(inp.keys):
+        name, version, arm = heads[row_group[i]] if row_group is not None else heads[0]
+        a, s = acc[i], score[i]
+        decisions.append(
+            Dec(
+                routing_key=key,
+                step=inp.steps[i],
+                gamma=gammas[i],
+                candidates=[
+                    Cand(gamma=c, predicted_acceptance=a[j], score=s[j])
+                    for j, c in enumerate(cands)
+                ],
+                model_name=name,
+                model_version=version,
+                arm=arm,
+            )
+        )
+    return pb.DecideResponse(request_id=request_id, decisions=decisions, reconnect=reconnect)
+
+
+def routing_to_pb(r: Routing) -> pb.Routing:
+    return pb.Routing(
+        weights=[pb.RouteWeight(target=t, weight=w) for t, w in r.weights],
+        salt=r.salt,
+        shadow_version=r.shadow_version,
+        aliases=dict(r.aliases),
+    )
+
+
+def routing_from_pb(r: pb.Routing) -> Routing:
+    return Routing(
+        weights=tuple((w.target, w.weight) for w in r.weights),
+        salt=r.salt,
+        shadow_version=r.shadow_version,
+        aliases=dict(r.aliases),
+    )
+
+
+def version_to_pb(st: VersionStatus, aliases: tuple[str, ...] = ()) -> pb.ModelVersionInfo:
+    info = pb.ModelVersionInfo(version=st.version, state=MODEL_STATES[st.state], error=st.error)
+    if st.loaded is not None:
+        m = st.loaded.manifest
+        info.window = m.window
+        info.feature_names.extend(m.feature_names)
+        info.gamma_candidates.extend(m.gamma_candidates)
+        info.manifest_json = st.loaded.manifest_json
+        info.aliases.extend(aliases)
+    return info
+
+
+def model_to_pb(v: ModelView) -> pb.ModelInfo:
+    info = pb.ModelInfo(name=v.name, is_default=v.is_default)
+    info.versions.extend(
+        version_to_pb(s, v.aliases_by_version.get(s.version, ())) for s in v.versions
+    )
+    if v.routing is not None:
+        info.routing.CopyFrom(routing_to_pb(v.routing))
+    return info
+
+
+class DecideStream:
+    """One open Decide stream; the lock keeps a drain notice from interleaving with a write."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self.context = context
+        self.lock = asyncio.Lock()
+
+
+class PredictorServicer(pb_grpc.PredictorServiceServicer):
+    def __init__(self, engine: PredictorEngine) -> None:
+        self.engine = engine
+        self.streams: set[DecideStream] = set()
+        self.draining = False
+        self._load_lock = asyncio.Lock()
+
+    async def Decide(
+        self, request_iterator: AsyncIterator[pb.DecideRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        stream = DecideStream(context)
+        self.streams.add(stream)
+        metrics = self.engine.metrics
+        metrics.open_streams.inc()
+        try:
+            if self.draining:
+                async with stream.lock:
+                    await context.write(pb.DecideResponse(reconnect=True))
+            async for req in request_iterator:
+                resp, result = self._decide_one(req)
+                async with stream.lock:
+                    await context.write(resp)
+                if result is not None and result.shadow is not None:
+                    try:
+                        self.engine.score_shadow(result)
+                    except Exception:
+                        log.exception("shadow scoring failed (the answer was already sent)")
+        finally:
+            self.streams.discard(stream)
+            metrics.open_streams.dec()
+
+    def _decide_one(self, req: pb.DecideRequest) -> tuple[pb.DecideResponse, DecideResult | None]:
+        metrics = self.engine.metrics
+        metrics.messages.labels("Decide").inc()
+        metrics.batch_rows.labels("Decide").observe(len(req.rows))
+        try:
+            inp = decide_input(req)
+            result = self.engine.decide(inp)
+            return decide_response(req.request_id, inp, result, self.draining), result
+        except RequestError as e:
+            model = req.model.name or self.engine.config.default_model or ""
+            metrics.errors.labels("Decide", e.kind.value, model).inc()
+            err = pb.Error(code=ERROR_CODES[e.kind], field=e.field, message=e.message)
+            return pb.DecideResponse(
+                request_id=req.request_id, error=err, reconnect=self.draining
+            ), None
+        except Exception as e:  # the server never crashes on input
+            log.exception("Decide request %d failed", req.request_id)
+            metrics.errors.labels("Decide", ErrorKind.INTERNAL.value, req.model.name).inc()
+            err = pb.Error(code=pb.ERROR_CODE_INTERNAL, field="", message=f"internal error: {e}")
+            return pb.DecideResponse(
+                request_id=req.request_id, error=err, reconnect=self.draining
+            ), None
+
+    async def notify_reconnect(self) -> int:
+        """Tell every open stream to reconnect elsewhere; returns how many were told."""
+        self.draining = True
+        told = 0
+        for stream in list(self.streams):
+            try:
+                async with stream.lock:
+                    await stream.context.write(pb.DecideResponse(reconnect=True))
+                told += 1
+            except Exception as e:  # a stream that is already closing
+                log.debug("could not notify a stream: %s", e)
+        return told
+
+    async def _unary(
+        self, context: grpc.aio.ServicerContext, rpc: str, fn: Callable[[], Awaitable[T]]
+    ) -> T:
+        self.engine.metrics.messages.labels(rpc).inc()
+        try:
+            return await fn()
+        except RequestError as e:
+            self.engine.metrics.errors.labels(rpc, e.kind.value, "").inc()
+            await context.abort(
+                STATUS_CODES[e.kind], f"{e.field}: {e.message}" if e.field else e.message
+            )
+        raise AssertionError("unreachable")
+
+    async def Predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResponse:
+        async def run() -> pb.PredictResponse:
+            m = request.model
+            out, version, arm = self.engine.predict(
+                Selector(m.name, m.version, m.alias),
+                request.routing_key,
+                [list(r.values) for r in request.rows],
+            )
+            return pb.PredictResponse(
+                predicted_acceptance=out.tolist(),
+                model_name=version.name,
+                model_version=version.version,
+                arm=arm,
+            )
+
+        return await self._unary(context, "Predict", run)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        async def run() -> pb.ListModelsResponse:
+            return pb.ListModelsResponse(models=[model_to_pb(v) for v in self.engine.models()])
+
+        return await self._unary(context, "ListModels", run)
+
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelResponse:
+        async def run() -> pb.GetModelResponse:
+            return pb.GetModelResponse(model=model_to_pb(self.engine.model(request.name)))
+
+        return await self._unary(context, "GetModel", run)
+
+    async def GetRouting(
+        self, request: pb.GetRoutingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRoutingResponse:
+        async def run() -> pb.GetRoutingResponse:
+            return pb.GetRoutingResponse(
+                routing=routing_to_pb(self.engine.routing(request.model_name))
+            )
+
+        return await self._unary(context, "GetRouting", run)
+
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadModelResponse:
+        async def run() -> pb.LoadModelResponse:
+            loop = asyncio.get_running_loop()
+            # Loading validates and warms in a worker thread; decisions keep flowing meanwhile.
+            st = await loop.run_in_executor(None, self.engine.load, request.name, request.version)
+            view = self.engine.model(request.name)
+            return pb.LoadModelResponse(
+                version=version_to_pb(st, view.aliases_by_version.get(st.version, ()))
+            )
+
+        return await self._unary(context, "LoadModel", run)
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        async def run() -> pb.UnloadModelResponse:
+            self.engine.unload(request.name, request.version)
+            return pb.UnloadModelResponse()
+
+        return await self._unary(context, "UnloadModel", run)
+
+    async def SetRouting(
+        self, request: pb.SetRoutingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetRoutingResponse:
+        async def run() -> pb.SetRoutingResponse:
+            r = self.engine.set_routing(request.model_name, routing_from_pb(request.routing))
+            return pb.SetRoutingResponse(routing=routing_to_pb(r))
+
+        return await self._unary(context, "SetRouting", run)
+
+
+def _unused(_: Any) -> None:  # keeps Any imported for type comments
+    return None
