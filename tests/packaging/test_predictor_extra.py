@@ -53,3 +53,9 @@ def test_predictor_extra_imports_without_torch(tmp_path: Path) -> None:
     assert torch_line == "no-torch"
     assert sklearn_line == "no-sklearn"
     assert _run([py, "-m", "pip", "show", "torch"], timeout=120).returncode != 0
+
+    # The command line builds without the train extra (training imports sklearn lazily).
+    cli = str(Path(py).parent / "speckv-predictor")
+    for sub in ("train", "serve"):
+        helped = _run([cli, sub, "--help"], timeout=120)
+        assert helped.returncode == 0, helped.stderr
