@@ -21,6 +21,9 @@ ARG TORCH_SPEC=torch
 # test (about 2 min on 2 cores) or demo (about 10 min); empty = no tiny pair in the image.
 ARG TINY_PAIR_SIZE=
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# The base decides the distribution (Ubuntu for CUDA, Debian for the CPU variant), so apt
+# versions cannot be pinned here; the base image tag pins them.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
