@@ -299,7 +299,12 @@ def cmd_predict(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         model=_selector(args.model) if args.model else None,
     )
     with _predictor(args) as client:
-        decisions = client.decide(batch)
+        try:
+            decisions = client.decide(batch)
+        except PredictorRequestError as exc:
+            if exc.code == "NOT_FOUND":  # an unknown --model is the user's to fix
+                raise NotFound(f"{exc.field or 'model'}: {exc.details}") from None
+            raise
     if not decisions:
         raise SpeckvError(f"predictor at {args.predictor} answered with no decision")
     d = decisions[0]

@@ -75,8 +75,9 @@ class DecisionStream:
       is open (during backoff) or the stream breaks before its answer, and with
       `PredictorRequestError` when the server refused that one message (the stream
       stays open and later messages are answered).
-    - Reconnect: after a broken stream, wait min(0.1 s * 2**n, 2 s) +-20% jitter before
-      attempt n+1 (`ReconnectBackoff`); the count resets once a stream answers.
+    - Reconnect: a stream that had answered is replaced at once; after n streams in a row
+      that broke (or were told to reconnect) before answering anything, wait
+      min(0.1 s * 2**(n-1), 2 s) +-20% jitter (`ReconnectBackoff`).
     - A response with `reconnect=true` (the server is draining) makes new submissions go
       to a new stream at once; the old stream is half-closed when its last answer arrives.
     - There is no deadline on the stream itself (it is meant to live for hours); the
@@ -108,7 +109,12 @@ class DecisionStream:
         self._immediate = True
         self._channel_ready = False
         self.stats = DecisionStreamStats()
+        self._number = 0
         channel.subscribe(self._on_connectivity, try_to_connect=True)
+        # The first stream opens here (a call object returns at once), so a submit
+        # right after construction is sent, not refused.
+        self._immediate = False
+        self._open_stream()
         self._connector = threading.Thread(
             target=self._connect_loop, name="speckv-decide-connect", daemon=True
         )
@@ -188,7 +194,6 @@ class DecisionStream:
         self._channel_ready = state == grpc.ChannelConnectivity.READY
 
     def _connect_loop(self) -> None:
-        number = 0
         while True:
             with self._lock:
                 while not self._closed and self._current is not None:
@@ -201,26 +206,33 @@ class DecisionStream:
                 delay = self._backoff.delay(max(failures - 1, 0), self._rng.random())
                 if self._closed_event.wait(delay):
                     return
-            number += 1
-            try:
-                stream = _Stream(self._stub, number)
-            except ValueError:  # the channel was closed under us
+            if not self._open_stream():
                 return
-            reader = threading.Thread(
-                target=self._read, args=(stream,), name=f"speckv-decide-read-{number}", daemon=True
-            )
-            with self._lock:
-                if self._closed:
-                    stream.half_close()
-                    stream.call.cancel()
-                    return
-                self._current = stream
-                self._streams.add(stream)
-                self._readers = [r for r in self._readers if r.is_alive()]
-                self._readers.append(reader)
-                self.stats.streams_opened += 1
-            log.debug("decide stream %d to %s opened", number, self._target)
-            reader.start()
+
+    def _open_stream(self) -> bool:
+        """Start a Decide call and its reader; False when closed (stop connecting)."""
+        self._number += 1
+        number = self._number
+        try:
+            stream = _Stream(self._stub, number)
+        except ValueError:  # the channel was closed under us
+            return False
+        reader = threading.Thread(
+            target=self._read, args=(stream,), name=f"speckv-decide-read-{number}", daemon=True
+        )
+        with self._lock:
+            if self._closed:
+                stream.half_close()
+                stream.call.cancel()
+                return False
+            self._current = stream
+            self._streams.add(stream)
+            self._readers = [r for r in self._readers if r.is_alive()]
+            self._readers.append(reader)
+            self.stats.streams_opened += 1
+        log.debug("decide stream %d to %s opened", number, self._target)
+        reader.start()
+        return True
 
     def _read(self, stream: _Stream) -> None:
         error: BaseException | None = None
@@ -237,7 +249,7 @@ class DecisionStream:
         close_now = False
         with self._lock:
             future = stream.pending.pop(response.request_id, None)
-            if not stream.answered:
+            if future is not None and not stream.answered:
                 stream.answered = True
                 self._failures = 0
             if response.reconnect and not stream.draining:
@@ -245,7 +257,12 @@ class DecisionStream:
                 self.stats.reconnect_requests += 1
                 if self._current is stream:
                     self._current = None
-                    self._immediate = True
+                    # A draining server tells a brand-new stream to reconnect at once;
+                    # only a stream that did real work earns an immediate successor.
+                    if stream.answered:
+                        self._immediate = True
+                    else:
+                        self._failures += 1
                     self._wake.notify_all()
             close_now = stream.draining and not stream.pending
         if close_now:
@@ -272,7 +289,9 @@ class DecisionStream:
             self._streams.discard(stream)
             if self._current is stream:
                 self._current = None
-                if not stream.answered:
+                if stream.answered:
+                    self._immediate = True  # a healthy stream ended: try again at once
+                else:
                     self._failures += 1
                 self._wake.notify_all()
             closed = self._closed
