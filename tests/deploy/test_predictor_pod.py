@@ -71,7 +71,7 @@ def test_predictor_pod_args_probes_seed_routing_metrics_and_sigterm(tmp_path: Pa
     port, metrics_port = free_port(), free_port()
     args = []
     for arg in container["args"]:
-        name, _, value = arg.partition("=")
+        name = arg.partition("=")[0]
         replaced = {
             "--repo": str(repo),
             "--routing-file": str(tmp_path / "routing.json"),
@@ -122,8 +122,9 @@ def test_predictor_pod_args_probes_seed_routing_metrics_and_sigterm(tmp_path: Pa
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == value_of(container["args"], "--metrics-port")
         wait_for(
-            lambda: 'speckv_predictor_model_ready{model="speckv-mlp16",version="1"} 1.0'
-            in metrics(),
+            lambda: (
+                'speckv_predictor_model_ready{model="speckv-mlp16",version="1"} 1.0' in metrics()
+            ),
             10,
             "the model_ready metric",
         )
