@@ -1,0 +1,157 @@
+"""`speckv-worker serve`: load a pair once and serve DecoderService until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from speckv_client.types import ModelSelector, Objective, Window
+
+from decode_worker.config import (
+    DEFAULT_GAMMA_CANDIDATES,
+    FALLBACK_MODES,
+    ConfigError,
+    EngineConfig,
+    RemotePolicyConfig,
+    WorkerConfig,
+)
+from decode_worker.policies import POLICY_FORMS, PolicyError, parse_local_policy
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--draft", required=True, help="draft model: local directory or hub name")
+    parser.add_argument("--target", required=True, help="target model: local directory or hub name")
+    parser.add_argument("--compression", default="fp16", choices=("fp16", "int8", "nf4"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--predictor", default="", help="predictor HOST:PORT (remote policy)")
+    parser.add_argument(
+        "--policy",
+        default="",
+        help=f"default gamma policy: {POLICY_FORMS} (default: remote with --predictor, "
+        "else heuristic)",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--window", default="previous_step", choices=("previous_step", "prefix"))
+    parser.add_argument(
+        "--objective",
+        default="goodput",
+        choices=("goodput", "tokens_per_step", "model"),
+        help="'model' uses the model manifest's default objective",
+    )
+    parser.add_argument("--fallback-gamma", type=int, default=4)
+    parser.add_argument("--fallback-mode", default="fixed", choices=FALLBACK_MODES)
+    parser.add_argument(
+        "--decision-timeout-ms",
+        type=float,
+        default=10.0,
+        help="how long a step waits for a late predictor answer before the fallback",
+    )
+    parser.add_argument(
+        "--gamma-candidates",
+        default=",".join(str(g) for g in DEFAULT_GAMMA_CANDIDATES),
+        help="comma-separated gammas the predictor chooses among (0 = plain target step)",
+    )
+    parser.add_argument("--predictor-model", default="", help="pin a predictor model name")
+    parser.add_argument("--max-new-tokens-limit", type=int, default=1024)
+    parser.add_argument("--default-max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-gamma", type=int, default=16)
+    parser.add_argument("--max-concurrent-requests", type=int, default=8)
+    parser.add_argument("--log-steps", default="", help="append step records to this CSV")
+    parser.add_argument("--record-task", default="live", help="task label in step records")
+    parser.add_argument("--shutdown-grace-s", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the timing warm-up")
+
+
+def build_config(args: argparse.Namespace) -> WorkerConfig:
+    """Flags → WorkerConfig; raises ConfigError/PolicyError with the offending flag named."""
+    policy = args.policy or ("remote" if args.predictor else "heuristic")
+    if parse_local_policy(policy) is None and not args.predictor:
+        raise ConfigError("--policy remote needs --predictor HOST:PORT")
+    try:
+        candidates = tuple(int(g) for g in args.gamma_candidates.split(",") if g.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--gamma-candidates {args.gamma_candidates!r}: give integers like 2,4,6,8"
+        ) from None
+    remote = RemotePolicyConfig(
+        window=Window(args.window),
+        objective=None if args.objective == "model" else Objective(args.objective),
+        gamma_candidates=candidates,
+        fallback_gamma=args.fallback_gamma,
+        fallback_mode=args.fallback_mode,
+        decision_timeout_s=args.decision_timeout_ms / 1000.0,
+        model=ModelSelector(name=args.predictor_model) if args.predictor_model else None,
+    )
+    engine = EngineConfig(
+        default_max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens_limit),
+        max_new_tokens_limit=args.max_new_tokens_limit,
+        max_gamma=args.max_gamma,
+        record_task=args.record_task,
+    )
+    return WorkerConfig(
+        draft=args.draft,
+        target=args.target,
+        compression=args.compression,
+        device=args.device,
+        predictor=args.predictor,
+        policy=policy,
+        host=args.host,
+        port=args.port,
+        log_steps=args.log_steps,
+        engine=engine,
+        remote=remote,
+        shutdown_grace_s=args.shutdown_grace_s,
+        max_concurrent_requests=args.max_concurrent_requests,
+        warmup=not args.no_warmup,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        config = build_config(args)
+    except (ConfigError, PolicyError, ValueError) as err:
+        print(f"speckv-worker serve: {err}", file=sys.stderr)
+        return 2
+    import torch
+
+    from decode_worker.pair import PairConfig, PairLoadError, load_pair
+    from decode_worker.server import WorkerServer
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        pair = load_pair(
+            PairConfig(
+                draft=config.draft,
+                target=config.target,
+                compression=config.compression,
+                device=config.device,
+            )
+        )
+    except PairLoadError as err:
+        print(f"speckv-worker serve: {err}", file=sys.stderr)
+        return 2
+    try:
+        server = WorkerServer(config, pair, describe=pair.describe()).start()
+    except (OSError, ValueError) as err:
+        print(f"speckv-worker serve: {err}", file=sys.stderr)
+        return 1
+    print(f"listening on {server.address}", flush=True)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    stop.wait()
+    logging.getLogger(__name__).info("shutting down (grace %.1f s)", config.shutdown_grace_s)
+    server.stop()
+    return 0

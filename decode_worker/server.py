@@ -1,0 +1,132 @@
+"""Assemble and run a worker: pair → engine → policies → gRPC server with health.
+
+`WorkerServer` is used both by `speckv-worker serve` and in-process (tests, evaluation):
+it takes an already loaded pair, so a test loads the tiny pair once and starts as many
+servers over it as it needs. Shutdown: health flips to NOT_SERVING, in-flight
+generations get `shutdown_grace_s` to finish, then the predictor stream closes.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from speckv.v1 import decoder_pb2, decoder_pb2_grpc
+
+from decode_worker.config import WorkerConfig
+from decode_worker.engine import PairLike, SpeculativeEngine
+from decode_worker.records import StepRecorder
+from decode_worker.remote_policy import RemotePolicy
+from decode_worker.servicer import DecoderServicer, Policies, ServiceInfo
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
+
+
+@dataclass
+class _Predictor:
+    client: Any
+    stream: Any
+
+
+class WorkerServer:
+    """A running decode worker; `address` is `host:port` once `start` returned."""
+
+    def __init__(
+        self, config: WorkerConfig, pair: PairLike, *, describe: dict[str, str] | None = None
+    ) -> None:
+        self.config = config
+        self.pair = pair
+        self.recorder = StepRecorder(config.log_steps) if config.log_steps else None
+        self.engine = SpeculativeEngine(pair, config.engine, recorder=self.recorder)
+        self._predictor: _Predictor | None = None
+        remote = None
+        if config.predictor:
+            from speckv_client.predictor import PredictorClient
+
+            client = PredictorClient(config.predictor)
+            stream = client.decision_stream()
+            self._predictor = _Predictor(client, stream)
+            remote = RemotePolicy(stream, config.remote, self.engine.timing)
+        self.policies = Policies(config.policy, remote)
+        desc = describe or {}
+        info = ServiceInfo(
+            draft_model=desc.get("draft_model", config.draft),
+            target_model=desc.get("target_model", config.target),
+            target_dtype=desc.get("target_dtype", ""),
+            device=desc.get("device", str(self.engine.device)),
+            predictor_address=config.predictor,
+        )
+        self.servicer = DecoderServicer(self.engine, self.policies, info)
+        self.health = health.HealthServicer()
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=config.max_concurrent_requests + 4,
+                thread_name_prefix="speckv-worker",
+            ),
+            maximum_concurrent_rpcs=config.max_concurrent_requests + 4,
+        )
+        decoder_pb2_grpc.add_DecoderServiceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        _add_reflection(self._server)
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> WorkerServer:
+        """Bind, warm up (timing model), then report SERVING."""
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {self.config.host}:{self.config.port}; is it in use?")
+        self._server.start()
+        if self.config.warmup:
+            self.engine.warmup()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new work, let in-flight generations finish, then release everything."""
+        self.health.enter_graceful_shutdown()
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        self._server.stop(grace).wait()
+        if self._predictor is not None:
+            self._predictor.stream.close()
+            self._predictor.client.close()
+        if self.recorder is not None:
+            self.recorder.close()
+
+    def __enter__(self) -> WorkerServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(0.5)
+
+
+def _add_reflection(server: grpc.Server) -> None:
+    try:
+        from grpc_reflection.v1alpha import reflection
+    except ImportError:  # reflection is a convenience, not a requirement
+        return
+    from grpc_health.v1 import health_pb2 as hpb
+
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            hpb.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )

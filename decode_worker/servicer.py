@@ -1,0 +1,232 @@
+"""`speckv.v1.DecoderService`: the protobuf edge of the engine.
+
+Requests become engine calls here and engine results become messages here; nothing
+below this module sees protobuf. Refused requests raise `RequestError`/`PolicyError`,
+which `_refuse` turns into INVALID_ARGUMENT in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+from speckv.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
+from speckv_client.types import ModelSelector, Objective, Window
+
+import decode_worker
+from decode_worker.engine import FinishReason, GenerationResult, RequestError, SpeculativeEngine
+from decode_worker.engine import StepResult as EngineStep
+from decode_worker.policies import DecisionSource, GammaPolicy, PolicyError, parse_local_policy
+from decode_worker.remote_policy import RemotePolicy
+from decode_worker.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_SOURCE_TO_PB = {
+    DecisionSource.REMOTE: decoder_pb2.DECISION_SOURCE_REMOTE,
+    DecisionSource.FALLBACK: decoder_pb2.DECISION_SOURCE_FALLBACK,
+    DecisionSource.LOCAL: decoder_pb2.DECISION_SOURCE_LOCAL,
+}
+_FINISH_TO_PB = {
+    FinishReason.EOS: decoder_pb2.FINISH_REASON_EOS,
+    FinishReason.LENGTH: decoder_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP_STRING: decoder_pb2.FINISH_REASON_STOP_STRING,
+    FinishReason.CANCELLED: decoder_pb2.FINISH_REASON_CANCELLED,
+}
+_COMPRESSION_TO_PB = {
+    "fp16": common_pb2.COMPRESSION_FP16,
+    "int8": common_pb2.COMPRESSION_INT8,
+    "nf4": common_pb2.COMPRESSION_NF4,
+}
+_WINDOW_TO_PB = {
+    Window.PREVIOUS_STEP: common_pb2.DECISION_WINDOW_PREVIOUS_STEP,
+    Window.PREFIX: common_pb2.DECISION_WINDOW_PREFIX,
+    Window.SAME_STEP: common_pb2.DECISION_WINDOW_SAME_STEP,
+}
+_OBJECTIVE_TO_PB = {
+    None: common_pb2.OBJECTIVE_UNSPECIFIED,
+    Objective.TOKENS_PER_STEP: common_pb2.OBJECTIVE_TOKENS_PER_STEP,
+    Objective.GOODPUT: common_pb2.OBJECTIVE_GOODPUT,
+}
+_OBJECTIVE_FROM_PB = {
+    common_pb2.OBJECTIVE_TOKENS_PER_STEP: Objective.TOKENS_PER_STEP,
+    common_pb2.OBJECTIVE_GOODPUT: Objective.GOODPUT,
+}
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What GetInfo reports beyond the engine itself."""
+
+    draft_model: str
+    target_model: str
+    target_dtype: str
+    device: str
+    predictor_address: str
+
+
+class Policies:
+    """The worker's default policy and the per-request overrides it accepts."""
+
+    def __init__(self, default_spec: str, remote: RemotePolicy | None) -> None:
+        self.remote = remote
+        self.default_spec = default_spec
+        self.default = self.resolve(default_spec, None, None)
+
+    def resolve(
+        self, spec: str, model: ModelSelector | None, objective: Objective | None
+    ) -> GammaPolicy:
+        local = parse_local_policy(spec)
+        if local is not None:
+            if model is not None or objective is not None:
+                raise PolicyError(
+                    f"predictor_model and objective apply to the remote policy only, "
+                    f"but this request runs policy {spec!r}; drop them or use policy 'remote'"
+                )
+            return local
+        if self.remote is None:
+            raise PolicyError(
+                "policy 'remote' needs a predictor, and this worker was started without "
+                "--predictor; use fixed:N or heuristic, or restart the worker with --predictor"
+            )
+        if model is None and objective is None:
+            return self.remote
+        return self.remote.with_overrides(model=model, objective=objective)
+
+
+class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
+    def __init__(self, engine: SpeculativeEngine, policies: Policies, info: ServiceInfo) -> None:
+        self.engine = engine
+        self.policies = policies
+        self.info = info
+
+    def Generate(
+        self, request: decoder_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[decoder_pb2.GenerateResponse]:
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)
+        try:
+            run = self._start(request, cancelled)
+        except (RequestError, PolicyError, ValueError) as err:
+            _refuse(context, str(err))
+            return
+        for step in run:
+            if cancelled.is_set():
+                break
+            yield decoder_pb2.GenerateResponse(chunk=_chunk_to_pb(step))
+        if run.result is not None and not cancelled.is_set():
+            yield decoder_pb2.GenerateResponse(summary=_summary_to_pb(run.result))
+
+    def _start(self, request: decoder_pb2.GenerateRequest, cancelled: threading.Event):  # type: ignore[no-untyped-def]
+        if not request.prompt:
+            raise RequestError("prompt is empty; send the text to continue")
+        if request.temperature < 0:
+            raise RequestError(f"temperature must be ≥ 0 (0 is greedy), got {request.temperature}")
+        if not 0.0 <= request.top_p <= 1.0:
+            raise RequestError(f"top_p must be in [0, 1] (0 or 1: off), got {request.top_p}")
+        limit = self.engine.config.max_new_tokens_limit
+        if request.max_new_tokens > limit:
+            raise RequestError(
+                f"max_new_tokens {request.max_new_tokens} is above this worker's limit {limit}"
+            )
+        model = None
+        if request.HasField("predictor_model"):
+            sel = request.predictor_model
+            if sel.name or sel.version or sel.alias:
+                model = ModelSelector(name=sel.name, version=sel.version, alias=sel.alias)
+        if request.objective not in (common_pb2.OBJECTIVE_UNSPECIFIED, *_OBJECTIVE_FROM_PB):
+            raise RequestError(f"unknown objective enum value {request.objective}")
+        objective = _OBJECTIVE_FROM_PB.get(request.objective)
+        spec = request.policy or self.policies.default_spec
+        policy = self.policies.resolve(spec, model, objective)
+        top_p = request.top_p if request.top_p > 0 else 1.0
+        sampling = SamplingParams(
+            temperature=request.temperature, top_p=top_p, seed=int(request.seed)
+        )
+        prompt_ids = self.engine.encode(request.prompt)
+        return self.engine.start(
+            prompt_ids,
+            policy,
+            sampling=sampling,
+            max_new_tokens=int(request.max_new_tokens),
+            stop=tuple(request.stop),
+            request_id=request.request_id,
+            cancelled=cancelled.is_set,
+        )
+
+    def GetInfo(
+        self, request: decoder_pb2.GetInfoRequest, context: grpc.ServicerContext
+    ) -> decoder_pb2.GetInfoResponse:
+        remote = self.policies.remote
+        cfg = remote.config if remote is not None else None
+        return decoder_pb2.GetInfoResponse(
+            draft_model=self.info.draft_model,
+            target_model=self.info.target_model,
+            compression=_COMPRESSION_TO_PB[self.engine.pair.compression],
+            target_dtype=self.info.target_dtype,
+            device=self.info.device,
+            policy=self.policies.default.spec,
+            predictor_address=self.info.predictor_address,
+            window=_WINDOW_TO_PB[cfg.window] if cfg else common_pb2.DECISION_WINDOW_UNSPECIFIED,
+            objective=_OBJECTIVE_TO_PB[cfg.objective] if cfg else common_pb2.OBJECTIVE_UNSPECIFIED,
+            fallback_gamma=cfg.fallback_gamma if cfg else 0,
+            max_new_tokens_limit=self.engine.config.max_new_tokens_limit,
+            concurrency=self.engine.concurrency,
+            version=decode_worker.__version__,
+        )
+
+
+def _refuse(context: grpc.ServicerContext, reason: str) -> None:
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+
+
+def _chunk_to_pb(step: EngineStep) -> decoder_pb2.TokenChunk:
+    d = step.decision
+    stats = decoder_pb2.StepStats(
+        step=step.step,
+        gamma=step.gamma,
+        accepted=step.accepted,
+        tokens_produced=len(step.token_ids),
+        source=_SOURCE_TO_PB[d.source],
+        model_name=d.model_name,
+        model_version=d.model_version,
+        arm=d.arm,
+        draft_seconds=step.draft_seconds,
+        verify_seconds=step.verify_seconds,
+        decision_wait_seconds=d.wait_seconds,
+    )
+    if step.signals is not None:
+        s = step.signals
+        stats.signals.CopyFrom(
+            common_pb2.DraftSignals(
+                mean_draft_entropy=s.mean_draft_entropy,
+                mean_draft_confidence=s.mean_draft_confidence,
+                max_draft_entropy=s.max_draft_entropy,
+                min_draft_confidence=s.min_draft_confidence,
+            )
+        )
+    return decoder_pb2.TokenChunk(text=step.text, token_ids=list(step.token_ids), step=stats)
+
+
+def _summary_to_pb(result: GenerationResult) -> decoder_pb2.GenerationSummary:
+    s = result.stats
+    return decoder_pb2.GenerationSummary(
+        new_tokens=len(result.token_ids),
+        steps=s.num_steps,
+        tokens_per_step=s.tokens_per_step,
+        acceptance_rate=s.acceptance_rate,
+        mean_gamma=s.mean_gamma,
+        wall_seconds=result.wall_seconds,
+        tokens_per_second=result.tokens_per_second,
+        remote_decisions=s.remote_decisions,
+        fallback_decisions=s.fallback_decisions,
+        local_decisions=s.local_decisions,
+        decision_wait_seconds=s.decision_wait_seconds,
+        finish_reason=_FINISH_TO_PB[result.finish_reason],
+        text=result.text,
+        request_id=result.request_id,
+        model_versions=s.model_versions,
+    )
