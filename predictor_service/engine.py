@@ -9,6 +9,7 @@ lock and never wait on a model run.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import threading
 import time
@@ -553,7 +554,7 @@ class PredictorEngine:
                 )
             routing = self._routing.get(name)
             if routing is not None:
-                refs = referenced_versions(routing, {})
+                refs = referenced_versions(routing)
                 if version in refs:
                     raise RequestError(
                         ErrorKind.FAILED_PRECONDITION,
@@ -675,7 +676,7 @@ class PredictorEngine:
         except OSError as e:
             self._routing_file_problem(f"{path}: cannot read the routing file: {e}")
             return False
-        digest = str(hash(text))
+        digest = hashlib.sha256(text).hexdigest()
         if not force and digest == self._routing_file_digest and self._routing_file_error is None:
             return False
         try:

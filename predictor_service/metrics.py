@@ -6,8 +6,6 @@ test process and each reports only its own traffic.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -126,7 +124,3 @@ class PredictorMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def label_values(values: Sequence[object]) -> tuple[str, ...]:
-    return tuple(str(v) for v in values)

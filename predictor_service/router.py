@@ -178,7 +178,7 @@ def resolve(model: str, routing: Routing, loaded: Mapping[int, LoadedVersion]) -
     )
 
 
-def referenced_versions(routing: Routing, loaded: Mapping[int, LoadedVersion]) -> dict[int, str]:
+def referenced_versions(routing: Routing) -> dict[int, str]:
     """Versions an explicit routing depends on, with why (unloading them is refused)."""
     refs: dict[int, str] = {}
     for alias, version in routing.aliases.items():
@@ -195,7 +195,7 @@ def referenced_versions(routing: Routing, loaded: Mapping[int, LoadedVersion]) -
 
 
 def routing_from_json(model: str, raw: Any, source: str) -> Routing:
-    """One model's entry of a routing file: {weights: {target: w}, salt, shadow_version, aliases}."""
+    """One model's routing-file entry: {weights: {target: w}, salt, shadow_version, aliases}."""
     where = f"{source}: [{model!r}]"
     if not isinstance(raw, dict):
         raise RoutingError(where, "must be an object with weights, salt, shadow_version, aliases")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -211,7 +211,6 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
         self.engine = engine
         self.streams: set[DecideStream] = set()
         self.draining = False
-        self._load_lock = asyncio.Lock()
 
     async def Decide(
         self, request_iterator: AsyncIterator[pb.DecideRequest], context: grpc.aio.ServicerContext
@@ -362,7 +361,3 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
             return pb.SetRoutingResponse(routing=routing_to_pb(r))
 
         return await self._unary(context, "SetRouting", run)
-
-
-def _unused(_: Any) -> None:  # keeps Any imported for type comments
-    return None
