@@ -217,9 +217,11 @@ def test_worker_outlives_predictor_streams_and_has_probes_and_limits(
     assert predictor_pod["terminationGracePeriodSeconds"] > float(predictor_args["--grace-seconds"])
 
     deployment = find(objects, "Deployment", WORKER)
-    assert pod_spec(deployment)["terminationGracePeriodSeconds"] > stream_lifetime
+    termination_grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
+    assert termination_grace > stream_lifetime
     worker = container(deployment, "worker")
     port = int(flags(worker["args"])["--port"])
+    assert float(flags(worker["args"])["--shutdown-grace-s"]) < termination_grace
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert worker[probe]["grpc"]["port"] == port, probe
     assert worker["readinessProbe"]["grpc"]["service"] == "speckv.v1.DecoderService"
@@ -317,9 +319,14 @@ def _parser(module: str) -> argparse.ArgumentParser:
     try:
         if module == "predictor":
             from predictor_service.cli import build_parser
-        else:
-            from decode_worker.cli import build_parser
-        return build_parser()
+
+            return build_parser()
+        # Only `serve`: the worker's other subcommands need not exist for this check.
+        from decode_worker import serve_cli
+
+        parser = argparse.ArgumentParser(prog="speckv-worker")
+        serve_cli.add_arguments(parser.add_subparsers(required=True).add_parser("serve"))
+        return parser
     except ImportError as exc:  # the service's serve_cli not written yet
         pytest.skip(f"{module} CLI not importable yet: {exc}")
 
@@ -341,4 +348,8 @@ def test_manifest_args_are_accepted_by_the_real_clis(overlay: tuple[str, list[Ob
     exec_line = next(line for line in seed["args"][0].splitlines() if "exec " in line)
     _parse(_parser("predictor"), shlex.split(exec_line)[2:])
     worker = container(find(objects, "Deployment", WORKER), "worker")
-    _parse(_parser("worker"), worker["args"])
+    parsed = _parse(_parser("worker"), worker["args"])
+    from decode_worker import serve_cli
+
+    config = serve_cli.build_config(parsed)  # the worker's own validation, no model loaded
+    assert config.policy == "remote" and config.predictor.startswith("dns:///")
