@@ -97,11 +97,14 @@ class RemoteSequencePolicy(SequencePolicy):
         self._last_signals: DraftSignals | None = None
         self._last_gamma = self._config.fallback_gamma
         self._failures_logged = 0
+        self._deferred: int | None = None
 
     def decide(self, step: int, prefix_signals: DraftSignals | None) -> GammaDecision:
         if self._config.window == Window.PREFIX:
             if prefix_signals is None:
                 return self._fallback(0.0, "no prefix drafted")
+            if self._needs_timing() and self._owner.timing.snapshot() is None:
+                return self._fallback(0.0, "no draft/verify timing measured yet for goodput")
             future = self._submit(step, prefix_signals)
         else:
             pending, self._pending = self._pending, None
@@ -115,12 +118,26 @@ class RemoteSequencePolicy(SequencePolicy):
             self._last_signals = signals
         if self._config.window != Window.PREVIOUS_STEP:
             return
+        # Goodput needs measured costs; before the first verify there are none, so that one
+        # request goes out after verification instead (see `verified`).
+        if self._needs_timing() and self._owner.timing.snapshot() is None:
+            self._deferred = step
+            return
         # After a gamma-0 step there is nothing new; the latest drafted step's signals stand.
         if self._last_signals is not None:
             self._pending = (step + 1, self._submit(step + 1, self._last_signals))
 
+    def verified(self, step: int, gamma: int, accepted: int) -> None:
+        if self._deferred == step and self._last_signals is not None:
+            self._pending = (step + 1, self._submit(step + 1, self._last_signals))
+        self._deferred = None
+
     def close(self) -> None:
         self._pending = None
+
+    def _needs_timing(self) -> bool:
+        # None: the manifest's default objective, which may be goodput.
+        return self._config.objective != Objective.TOKENS_PER_STEP
 
     def _submit(self, step: int, signals: DraftSignals) -> Future[list[Decision]]:
         row = FeatureRow(
