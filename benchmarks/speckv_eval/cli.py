@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from speckv_eval import paper_cli
+    from speckv_eval import paper_cli, replay_cli
 
     parser = argparse.ArgumentParser(
         prog="speckv-eval",
@@ -20,6 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     paper_cli.add_arguments(paper)
     paper.set_defaults(run=paper_cli.run)
+    replay = sub.add_parser(
+        "replay", help="exact counterfactual replay of every γ policy on a draft/target pair"
+    )
+    replay_cli.add_arguments(replay)
+    replay.set_defaults(run=replay_cli.run)
     return parser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -162,4 +162,58 @@ def plot_paper(out: Path, rep: SeedReproduction, honest: HonestResult | None) ->
             )
         )
     paths.append(gamma_histograms(out / "paper_gamma_hist.png", shares, "Seed data: chosen γ"))
+    return paths
+
+
+def plot_replay(out: Path, results: Sequence[Any]) -> list[Path]:
+    """Replay plots: modelled tokens/s by policy × compression, γ histograms, calibration."""
+    from speckv_eval.replay_run import gamma_shares
+
+    paths = []
+    policies = list(results[0].table["policy"])
+    wide = pd.DataFrame({"policy": policies})
+    for r in results:
+        wide[r.compression] = r.table.set_index("policy").loc[policies, "modelled tok/s"].to_numpy()
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(policies) + 1.5))
+    y = np.arange(len(policies))
+    h = 0.8 / len(results)
+    for i, r in enumerate(results):
+        ax.barh(y + i * h, wide[r.compression], h, label=r.compression)
+    ax.set_yticks(y + h * (len(results) - 1) / 2)
+    ax.set_yticklabels(policies, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("modelled tokens/s (measured draft/verify costs)")
+    ax.set_title("Replay on the pair: tokens/s by policy and compression")
+    ax.grid(True, alpha=0.3, axis="x")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "replay_tokens_per_s.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+    first = results[0]
+    shares = {
+        r.name: gamma_shares(r)
+        for r in first.runs
+        if not r.name.startswith("fixed:") and r.name != "target only (γ=0)"
+    }
+    paths.append(
+        gamma_histograms(
+            out / "replay_gamma_hist.png", shares, f"Replay ({first.compression}): chosen γ"
+        )
+    )
+    for r in first.runs:
+        if r.calibration:
+            cal = np.asarray(r.calibration, dtype=float)
+            safe = r.name.replace(":", "_").replace(" ", "_").replace("/", "_")
+            paths.append(
+                predicted_vs_actual(
+                    out / f"replay_predicted_vs_actual_{safe}.png",
+                    cal[:, 1],
+                    cal[:, 2],
+                    f"Replay ({first.compression}): {r.name}",
+                )
+            )
     return paths

@@ -1,0 +1,118 @@
+"""`speckv-eval replay`: exact counterfactual replay of every γ policy on a real pair."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from speckv_eval.replay_run import ReplayConfig, gamma_shares, run_replay
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "prompts" / "prompts.jsonl"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pair",
+        type=Path,
+        default=None,
+        help="pair folder holding draft/ and target/ (e.g. .cache/tiny-pair/demo)",
+    )
+    parser.add_argument("--draft", default=None, help="draft model dir or hub name (not --pair)")
+    parser.add_argument("--target", default=None, help="target model dir or hub name")
+    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="JSONL prompt set")
+    parser.add_argument(
+        "--compression",
+        nargs="+",
+        default=["fp16"],
+        choices=["fp16", "int8", "nf4"],
+        help="target compressions to replay (one target run per prompt each)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=0, help="use the first N prompts (0: all)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        default=[],
+        help="a model version folder (<repo>/<name>/<version>) to replay as a predictor "
+        "policy with both objectives; repeat for several",
+    )
+    parser.add_argument("--max-gamma", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--csv-dir", type=Path, default=None, help="write tables as CSV here")
+    parser.add_argument("--img-dir", type=Path, default=None, help="write PNG plots here")
+
+
+def config_from_args(args: argparse.Namespace) -> ReplayConfig:
+    if args.pair is not None:
+        draft, target = str(args.pair / "draft"), str(args.pair / "target")
+        if not (args.pair / "draft").is_dir() or not (args.pair / "target").is_dir():
+            raise SystemExit(
+                f"--pair {args.pair}: expected draft/ and target/ inside; build the tiny pair "
+                "with `speckv-worker tiny-pair --out DIR --size demo`"
+            )
+    elif args.draft and args.target:
+        draft, target = args.draft, args.target
+    else:
+        raise SystemExit("give --pair DIR, or both --draft and --target")
+    if args.max_new_tokens < 2:
+        raise SystemExit(f"--max-new-tokens must be ≥ 2, got {args.max_new_tokens}")
+    for m in args.model:
+        if not (m / "manifest.json").is_file():
+            raise SystemExit(f"--model {m}: no manifest.json; pass <repo>/<name>/<version>")
+    return ReplayConfig(
+        draft=draft,
+        target=target,
+        prompts=args.prompts,
+        compressions=tuple(args.compression),
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        models=tuple(args.model),
+        max_gamma=args.max_gamma,
+        device=args.device,
+        threads=args.threads,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    results = run_replay(cfg)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        for r in results:
+            c = r.costs
+            n_tok = sum(len(t.output) for t in r.traces)
+            print(
+                f"\n## {r.compression}: {len(r.traces)} prompts, {n_tok} greedy tokens, "
+                f"replayed in {r.seconds:.0f} s ({r.draft_forwards} off-path draft forwards)"
+            )
+            print(
+                f"measured: draft {1e3 * c.draft_per_token:.2f} ms/token; target forward "
+                + ", ".join(f"γ={g}: {1e3 * c.verify[g]:.2f}" for g in (0, 1, 2, 4, 8, 16))
+                + " ms; cost ratio draft/target(γ=0) "
+                f"{c.draft_per_token / c.verify[0]:.2f}"
+            )
+            target_wall = sum(t.target_seconds for t in r.traces)
+            print(f"target-only engine runs (wall, incl. prefill): {n_tok / target_wall:.1f} tok/s")
+            print(r.table.to_string(index=False))
+            print("\nchosen γ (share of steps):")
+            for run_ in r.runs:
+                shares = gamma_shares(run_)
+                print(
+                    f"  {run_.name}: "
+                    + ", ".join(f"{g}: {100 * s:.0f}%" for g, s in sorted(shares.items()))
+                )
+    if args.csv_dir is not None:
+        args.csv_dir.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            path = args.csv_dir / f"replay_{r.compression}.csv"
+            r.table.to_csv(path, index=False)
+            print(f"wrote {path}")
+    if args.img_dir is not None:
+        from speckv_eval.plots import plot_replay
+
+        for path in plot_replay(args.img_dir, results):
+            print(f"wrote {path}")
+    return 0

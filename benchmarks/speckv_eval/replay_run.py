@@ -1,0 +1,256 @@
+"""Run the replay of every policy on a pair and a prompt set, and summarise it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from speckv_eval.replay import (
+    Costs,
+    PredictorSequence,
+    SequenceOutcome,
+    Trace,
+    build_trace,
+    measure_costs,
+    oracle_sequence,
+    replay_confidence_stop,
+    replay_sequence,
+    start_sequence,
+)
+
+DEFAULT_FIXED: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+TARGET_ONLY = "target only (γ=0)"
+ORACLE = "per-step oracle"
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """What `speckv-eval replay` runs."""
+
+    draft: str
+    target: str
+    prompts: Path
+    compressions: tuple[str, ...] = ("fp16",)
+    max_new_tokens: int = 64
+    limit: int = 0  # first N prompts; 0 = all
+    models: tuple[Path, ...] = ()  # model version folders (model repository layout)
+    fixed: tuple[int, ...] = DEFAULT_FIXED
+    fallback_gamma: int = 4
+    max_gamma: int = 16  # the worker's EngineConfig.max_gamma
+    device: str = "cpu"
+    threads: int = 2
+    progress: bool = True
+
+
+@dataclass
+class Prompt:
+    id: str
+    task: str
+    prompt: str
+
+
+def load_prompts(path: Path, limit: int = 0) -> list[Prompt]:
+    """Read a JSONL prompt set (fields id, task, prompt); errors name the line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found (see benchmarks/prompts/)")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            out.append(Prompt(str(obj["id"]), str(obj["task"]), str(obj["prompt"])))
+        except (ValueError, KeyError) as e:
+            raise ValueError(
+                f"{path}:{n}: each line must be a JSON object with id, task, prompt ({e})"
+            ) from e
+    if not out:
+        raise ValueError(f"{path} holds no prompts")
+    return out[:limit] if limit else out
+
+
+@dataclass
+class PolicyRun:
+    name: str
+    outcomes: list[SequenceOutcome]
+    decide_seconds: float = 0.0
+    decide_calls: int = 0
+    calibration: list[tuple[int, float, float]] = field(default_factory=list)
+
+
+@dataclass
+class CompressionResult:
+    compression: str
+    costs: Costs
+    runs: list[PolicyRun]
+    traces: list[Trace]
+    table: pd.DataFrame
+    draft_forwards: int
+    seconds: float
+
+
+def policy_table(runs: Sequence[PolicyRun], costs: Costs, traces: Sequence[Trace]) -> pd.DataFrame:
+    """Per policy: tokens/step, target forwards/token, rejected drafts/token, modelled tok/s."""
+    rows = []
+    for r in runs:
+        steps = [s for o in r.outcomes for s in o.steps]
+        tokens = sum(s.kept for s in steps)
+        drafted = sum(s.gamma for s in steps)
+        accepted = sum(s.accepted for s in steps)
+        per_decide = r.decide_seconds / r.decide_calls if r.decide_calls else 0.0
+        seconds = sum(costs.step(s.gamma) for s in steps) + r.decide_calls * per_decide
+        rows.append(
+            {
+                "policy": r.name,
+                "tokens/step": tokens / len(steps),
+                "target fwd/token": len(steps) / tokens,
+                "rejected drafts/token": (drafted - accepted) / tokens,
+                "mean γ": drafted / len(steps),
+                "modelled tok/s": tokens / seconds,
+                "decide µs/step": 1e6 * per_decide,
+            }
+        )
+    df = pd.DataFrame(rows)
+    base = float(df.loc[df["policy"] == TARGET_ONLY, "modelled tok/s"].iloc[0])
+    df["speedup vs target"] = df["modelled tok/s"] / base
+    fixed = df[df["policy"].str.startswith("fixed:")]
+    best_fixed = float(fixed["modelled tok/s"].max()) if len(fixed) else base
+    df["vs best fixed"] = df["modelled tok/s"] / best_fixed
+    oracle = float(df.loc[df["policy"] == ORACLE, "modelled tok/s"].iloc[0])
+    gain = oracle - base
+    df["share of oracle gain"] = (df["modelled tok/s"] - base) / gain if gain > 0 else np.nan
+    return df.round(3)
+
+
+def _policies(
+    cfg: ReplayConfig, compression: str, comp_enc: int, costs: Costs, models: Sequence[Any]
+) -> list[tuple[str, Callable[[Trace, PolicyRun], SequenceOutcome]]]:
+    from decode_worker.policies import FixedPolicy, HeuristicPolicy
+    from predictor_service.decisions import Objective, StepTiming
+
+    out: list[tuple[str, Callable[[Trace, PolicyRun], SequenceOutcome]]] = []
+
+    def local(policy: Any, signals: bool = False) -> Callable[[Trace, PolicyRun], SequenceOutcome]:
+        def go(t: Trace, _r: PolicyRun) -> SequenceOutcome:
+            seq = start_sequence(policy, compression, t.prompt_id)
+            return replay_sequence(t, seq, cfg.max_gamma, needs_signals=signals)
+
+        return go
+
+    out.append((TARGET_ONLY, local(FixedPolicy(0))))
+    for g in cfg.fixed:
+        out.append((f"fixed:{g}", local(FixedPolicy(g))))
+    out.append(("heuristic (HF schedule, start 4)", local(HeuristicPolicy())))
+    out.append(("HF confidence stop (0.4, ROC re-fit)", lambda t, _r: replay_confidence_stop(t)))
+    base, per_token = costs.linear_verify()
+    timing = StepTiming(costs.draft_per_token, base, per_token)
+    for version in models:
+        label = f"{version.name}:v{version.version}"
+        gammas = tuple(version.manifest.gamma_candidates)
+        for objective in (Objective.TOKENS_PER_STEP, Objective.GOODPUT):
+
+            def go(
+                t: Trace,
+                r: PolicyRun,
+                version: Any = version,
+                objective: Any = objective,
+                gammas: tuple[int, ...] = gammas,
+            ) -> SequenceOutcome:
+                seq = PredictorSequence(
+                    version.predict,
+                    comp_enc,
+                    gammas,
+                    objective,
+                    timing,
+                    cfg.fallback_gamma,
+                    r.calibration,
+                )
+                o = replay_sequence(t, seq, cfg.max_gamma)
+                r.decide_seconds += seq.decide_seconds
+                r.decide_calls += seq.decide_calls
+                return o
+
+            out.append((f"{label} {objective.value}", go))
+    out.append((ORACLE, lambda t, _r: oracle_sequence(t, costs, cfg.max_gamma)))
+    return out
+
+
+def run_replay(cfg: ReplayConfig) -> list[CompressionResult]:
+    """Traces per compression (one target run + one teacher-forced draft pass per prompt),
+    then every policy replayed on them."""
+    import torch
+    from tqdm import tqdm
+
+    from decode_worker.config import EngineConfig
+    from decode_worker.engine import SpeculativeEngine
+    from decode_worker.pair import PairConfig, load_pair
+    from predictor_service.repository import load_version
+
+    torch.set_num_threads(cfg.threads)
+    prompts = load_prompts(cfg.prompts, cfg.limit)
+    models = [load_version(p) for p in cfg.models]
+    for m in models:
+        if m.window != "previous_step":
+            raise ValueError(
+                f"model {m.name} v{m.version} has window {m.window!r}; replay serves "
+                "previous_step models (the worker's default window)"
+            )
+    results = []
+    for comp in cfg.compressions:
+        t_start = time.perf_counter()
+        pair = load_pair(
+            PairConfig(
+                draft=cfg.draft,
+                target=cfg.target,
+                compression=comp,
+                device=cfg.device,
+                local_files_only=True,
+            )
+        )
+        engine = SpeculativeEngine(
+            pair,
+            EngineConfig(
+                default_max_new_tokens=cfg.max_new_tokens,
+                max_new_tokens_limit=max(1024, cfg.max_new_tokens),
+                max_gamma=cfg.max_gamma,
+            ),
+        )
+        traces = []
+        for p in tqdm(prompts, desc=f"{comp}: target runs", disable=not cfg.progress):
+            ids = engine.encode(p.prompt)
+            traces.append(build_trace(engine, p.id, p.task, ids, cfg.max_new_tokens))
+        probe_ids = engine.encode(prompts[0].prompt) + traces[0].output
+        costs = measure_costs(engine, probe_ids, max(cfg.max_gamma, 20))
+        runs = []
+        policies = _policies(cfg, comp, pair.comp_enc, costs, models)
+        for name, fn in tqdm(policies, desc=f"{comp}: replay", disable=not cfg.progress):
+            r = PolicyRun(name, [])
+            for t in traces:
+                r.outcomes.append(fn(t, r))
+            runs.append(r)
+        table = policy_table(runs, costs, traces)
+        results.append(
+            CompressionResult(
+                comp,
+                costs,
+                runs,
+                traces,
+                table,
+                sum(t.probe.forwards for t in traces),
+                time.perf_counter() - t_start,
+            )
+        )
+    return results
+
+
+def gamma_shares(run: PolicyRun) -> dict[int, float]:
+    gs = [s.gamma for o in run.outcomes for s in o.steps]
+    vals, counts = np.unique(gs, return_counts=True)
+    return {int(v): float(c) / len(gs) for v, c in zip(vals, counts, strict=True)}

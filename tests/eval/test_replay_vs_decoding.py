@@ -1,0 +1,155 @@
+"""Replay must equal real decoding: for each fixed γ (and HF's heuristic), the steps the
+replay derives from one target run and one teacher-forced draft pass are the steps the
+worker's engine actually takes — same γ, same accepted count, same tokens, same signals."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from speckv_eval.replay import (
+    Costs,
+    Trace,
+    agreeing_runs,
+    build_trace,
+    oracle_sequence,
+    replay_sequence,
+)
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from decode_worker.config import EngineConfig
+from decode_worker.engine import SpeculativeEngine
+from decode_worker.policies import FixedPolicy, HeuristicPolicy, SequenceInfo
+
+VOCAB = 64
+MAX_NEW = 40
+
+
+class _Pair:
+    tokenizer = None
+    compression = "fp16"
+
+    def __init__(self, draft: LlamaForCausalLM, target: LlamaForCausalLM) -> None:
+        self.draft, self.target = draft, target
+
+
+@pytest.fixture(scope="module")
+def engine() -> SpeculativeEngine:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    target = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        target.lm_head.weight.mul_(20.0)  # sharp distributions: no near-ties in argmax
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn_like(p) * 0.3 * p.std())
+    for m in (target, draft):
+        m.requires_grad_(False)
+        m.generation_config.eos_token_id = None
+        m.generation_config.pad_token_id = None
+    return SpeculativeEngine(_Pair(draft, target), EngineConfig(max_gamma=16))
+
+
+@pytest.fixture(scope="module")
+def traces(engine: SpeculativeEngine) -> list[tuple[list[int], Trace]]:
+    return [
+        (ids, build_trace(engine, f"p{i}", "test", ids, MAX_NEW))
+        for i, ids in enumerate(_prompts(3))
+    ]
+
+
+def _prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (6,), generator=g).tolist() for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [*(FixedPolicy(g) for g in (1, 2, 3, 4, 6, 8)), HeuristicPolicy()],
+    ids=lambda p: p.spec,
+)
+def test_replayed_steps_equal_real_steps(engine: SpeculativeEngine, traces, policy) -> None:
+    rejected_somewhere = accepted_somewhere = False
+    for i, (ids, trace) in enumerate(traces):
+        real = engine.generate(ids, policy, max_new_tokens=MAX_NEW)
+        assert list(real.token_ids) == trace.output  # greedy output does not depend on γ
+        seq = policy.start(SequenceInfo(f"p{i}", "fp16"))
+        replayed = replay_sequence(trace, seq, engine.config.max_gamma)
+        assert [s.gamma for s in replayed.steps] == [s.gamma for s in real.steps]
+        assert [s.kept for s in replayed.steps] == [len(s.token_ids) for s in real.steps]
+        assert [s.accepted for s in replayed.steps] == [s.accepted for s in real.steps]
+        real_tps = len(real.token_ids) / len(real.steps)
+        assert replayed.tokens / len(replayed.steps) == pytest.approx(real_tps)
+        # The signals a predictor would see are the worker's, off-path tokens included.
+        p = 0
+        for rs, ps in zip(real.steps, replayed.steps, strict=True):
+            if rs.gamma:
+                got = [s for _, s in trace.probe.proposals(p, rs.gamma)]
+                np.testing.assert_allclose(
+                    [(s.entropy_bits, s.confidence) for s in got],
+                    [(s.entropy_bits, s.confidence) for s in rs.token_signals],
+                    rtol=1e-3,
+                    atol=1e-4,
+                )
+            p += ps.kept
+        rejected_somewhere |= any(s.accepted < s.gamma for s in real.steps)
+        accepted_somewhere |= any(s.accepted > 0 for s in real.steps)
+    assert rejected_somewhere and accepted_somewhere  # the pair exercises both branches
+
+
+def test_agreeing_runs() -> None:
+    agree = np.array([True, True, False, True, False, False, True])
+    assert agreeing_runs(agree).tolist() == [2, 1, 0, 1, 0, 0, 1]
+
+
+def test_oracle_never_loses_to_a_fixed_gamma(traces) -> None:
+    costs = Costs(0.001, tuple(0.005 + 0.0005 * g for g in range(17)))
+    for _, trace in traces:
+        best = sum(costs.step(s.gamma) for s in oracle_sequence(trace, costs, 16).steps)
+        for g in (0, 1, 2, 4, 8):
+            seq = FixedPolicy(g).start(SequenceInfo("x", "fp16"))
+            fixed = replay_sequence(trace, seq, 16, needs_signals=False)
+            assert best <= sum(costs.step(s.gamma) for s in fixed.steps) + 1e-12
+
+
+def test_replay_equals_decoding_on_the_tiny_test_pair() -> None:
+    """The same check through the production loader on the project's trained test-size pair
+    (built once into .cache/tiny-pair/test and reused)."""
+    from pathlib import Path
+
+    from decode_worker.pair import PairConfig, load_pair
+    from decode_worker.tiny_pair import TinyPairConfig, ensure_tiny_pair
+
+    root = Path(__file__).resolve().parents[2] / ".cache" / "tiny-pair" / "test"
+    if not (root / "manifest.json").is_file():
+        ensure_tiny_pair(TinyPairConfig(out=root, size="test", threads=1, progress=False))
+    pair = load_pair(PairConfig(str(root / "draft"), str(root / "target"), device="cpu"))
+    eng = SpeculativeEngine(pair, EngineConfig(max_gamma=16))
+    prompts = ["def read_lines(path):\n", "The with statement "]
+    for i, text in enumerate(prompts):
+        ids = eng.encode(text)
+        trace = build_trace(eng, f"t{i}", "code", ids, 24)
+        for g in (1, 2, 4, 8):
+            real = eng.generate(ids, FixedPolicy(g), max_new_tokens=24)
+            assert list(real.token_ids) == trace.output
+            seq = FixedPolicy(g).start(SequenceInfo(f"t{i}", "fp16"))
+            replayed = replay_sequence(trace, seq, 16, needs_signals=False)
+            assert [s.kept for s in replayed.steps] == [len(s.token_ids) for s in real.steps]
+            assert replayed.tokens / len(replayed.steps) == pytest.approx(
+                real.stats.tokens_per_step
+            )
