@@ -7,6 +7,7 @@ accepted and rejected drafts to both occur; greedy equality must hold for any pa
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,13 +75,40 @@ def target_greedy(target: Any, prompt: list[int], n: int) -> list[int]:
 class ForwardCounter:
     """Counts forward calls and positions fed to a model (a real forward pre-hook)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, delay_s: float = 0.0) -> None:
         self.calls: list[int] = []
+        self._delay_s = delay_s
         self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: Any, args: Any, kwargs: Any) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self.calls.append(int(ids.shape[1]))
+        if self._delay_s:
+            time.sleep(self._delay_s)  # a slower target, so a cancel lands mid-generation
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,;:!?'-()0123456789\n"
+
+
+def char_tokenizer() -> Any:
+    """A character-level fast tokenizer over `CHARS` (one id per character, EOS last)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(CHARS)}
+    vocab["</s>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token=" ")
+
+
+def text_pair(seed: int = 0, noise: float = 0.3) -> RandomPair:
+    """A random pair with a real tokenizer, for the service (prompts are text)."""
+    tokenizer = char_tokenizer()
+    pair = random_pair(seed=seed, noise=noise, vocab=len(tokenizer))
+    pair.tokenizer = tokenizer
+    return pair
