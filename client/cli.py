@@ -304,6 +304,13 @@ def cmd_predict(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         except PredictorRequestError as exc:
             if exc.code == "NOT_FOUND":  # an unknown --model is the user's to fix
                 raise NotFound(f"{exc.field or 'model'}: {exc.details}") from None
+            if exc.field == "timing":
+                raise PredictorRequestError(
+                    exc.code,
+                    exc.field,
+                    f"{exc.details} -- pass --timing DRAFT,BASE,PER_TOKEN "
+                    "or --objective tokens_per_step",
+                ) from None
             raise
     if not decisions:
         raise SpeckvError(f"predictor at {args.predictor} answered with no decision")

@@ -70,3 +70,57 @@ class PredictorProcess:
         if self.proc.poll() is None:
             self.proc.terminate()
         self.proc.wait(timeout=30)
+
+
+class WorkerProcess:
+    """`speckv-worker serve` on the tiny pair as a child process."""
+
+    def __init__(
+        self, pair_root: Path, predictor: str, log: Path, *extra: str, timeout_s: float = 180
+    ) -> None:
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                [
+                    str(VENV_BIN / "speckv-worker"),
+                    "serve",
+                    "--draft",
+                    str(pair_root / "draft"),
+                    "--target",
+                    str(pair_root / "target"),
+                    "--compression",
+                    "fp16",
+                    "--device",
+                    "cpu",
+                    "--predictor",
+                    predictor,
+                    "--policy",
+                    "remote",
+                    "--port",
+                    "0",
+                    "--threads",
+                    "1",
+                    *extra,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            m = re.search(r"listening on ([\d.]+:\d+)", self.log.read_text())
+            if m:
+                self.address = m.group(1)
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise AssertionError(f"worker did not start:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
