@@ -52,15 +52,24 @@ class CandidateSet:
 
     gammas: tuple[int, ...]
     gamma_array: np.ndarray  # [G] float64
+    gamma_ints: np.ndarray  # [G] int64
     drafted: np.ndarray  # [G1] float32: the candidates > 0 (the model is not run for γ = 0)
     drafted_columns: np.ndarray  # [G1] int: where each drafted candidate sits in `gammas`
+    template: np.ndarray  # [G1, 6] float32 with the gamma column filled in
 
     @classmethod
     def of(cls, gammas: Sequence[int]) -> CandidateSet:
         g = tuple(int(x) for x in gammas)
         cols = np.asarray([i for i, x in enumerate(g) if x > 0], dtype=np.intp)
         arr = np.asarray(g, dtype=np.float64)
-        return cls(g, arr, arr[cols].astype(np.float32), cols)
+        drafted = arr[cols].astype(np.float32)
+        template = np.zeros((drafted.shape[0], 6), dtype=np.float32)
+        template[:, 5] = drafted
+        return cls(g, arr, np.asarray(g, dtype=np.int64), drafted, cols, template)
+
+    @property
+    def all_drafted(self) -> bool:
+        return self.drafted.shape[0] == len(self.gammas)
 
 
 def build_features(signals: np.ndarray, comp_enc: np.ndarray, drafted: np.ndarray) -> np.ndarray:
@@ -69,17 +78,21 @@ def build_features(signals: np.ndarray, comp_enc: np.ndarray, drafted: np.ndarra
     Column order is the seed's (4 signals, comp_enc, gamma); a `previous_step` model takes
     the previous step's signals in the same four columns.
     """
-    r = signals.shape[0]
-    g1 = drafted.shape[0]
-    x = np.empty((r * g1, 6), dtype=np.float32)
-    if g1 == 1:
-        x[:, :4] = signals
-        x[:, 4] = comp_enc
-    else:
-        x[:, :4] = np.repeat(signals, g1, axis=0)
-        x[:, 4] = np.repeat(comp_enc, g1)
-    x[:, 5] = np.tile(drafted, r)
-    return x
+    r, g1 = signals.shape[0], drafted.shape[0]
+    x = np.empty((r, g1, 6), dtype=np.float32)
+    x[:, :, :4] = signals[:, None, :]
+    x[:, :, 4] = comp_enc[:, None]
+    x[:, :, 5] = drafted
+    return x.reshape(r * g1, 6)
+
+
+def _features(signals: np.ndarray, comp_enc: np.ndarray, c: CandidateSet) -> np.ndarray:
+    if signals.shape[0] == 1:  # the common single-sequence message: fewer array operations
+        x = c.template.copy()
+        x[:, :4] = signals[0]
+        x[:, 4] = comp_enc[0]
+        return x
+    return build_features(signals, comp_enc, c.drafted)
 
 
 def scores(
@@ -89,17 +102,15 @@ def scores(
     timing: StepTiming | None,
 ) -> np.ndarray:
     """Objective value of every candidate: `[R, G]` from acceptance `[R, G]`."""
-    tokens = acceptance * gamma_array + 1.0
+    tokens = acceptance * gamma_array
+    tokens += 1.0
     if objective is Objective.TOKENS_PER_STEP:
         return tokens
     if timing is None:
         raise ValueError("the goodput objective needs the worker's StepTiming")
-    seconds = (
-        gamma_array * timing.draft_seconds_per_token
-        + timing.verify_base_seconds
-        + gamma_array * timing.verify_seconds_per_token
-    )
-    return tokens / seconds
+    per_token = timing.draft_seconds_per_token + timing.verify_seconds_per_token
+    tokens /= gamma_array * per_token + timing.verify_base_seconds
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -107,7 +118,7 @@ class Choice:
     """γ per row with the numbers that justified it."""
 
     gamma: np.ndarray  # [R] int64, the chosen candidate value
-    acceptance: np.ndarray  # [R, G] float64 in [0, 1]; 0 for γ = 0
+    acceptance: np.ndarray  # [R, G] float32 or float64 in [0, 1]; 0 for γ = 0
     score: np.ndarray  # [R, G] float64
 
 
@@ -125,16 +136,13 @@ def decide(
     listed first, so a client can order candidates by preference.
     """
     r = signals.shape[0]
-    g = len(candidates.gammas)
-    acceptance = np.zeros((r, g), dtype=np.float64)
-    if candidates.drafted.shape[0]:
-        x = build_features(signals, comp_enc, candidates.drafted)
-        pred = predict(x).reshape(r, candidates.drafted.shape[0])
-        if candidates.drafted.shape[0] == g:
-            acceptance[:] = pred
-        else:
+    g1 = candidates.drafted.shape[0]
+    if candidates.all_drafted:
+        acceptance = predict(_features(signals, comp_enc, candidates)).reshape(r, g1)
+    else:
+        acceptance = np.zeros((r, len(candidates.gammas)), dtype=np.float64)
+        if g1:
+            pred = predict(_features(signals, comp_enc, candidates)).reshape(r, g1)
             acceptance[:, candidates.drafted_columns] = pred
     s = scores(acceptance, candidates.gamma_array, objective, timing)
-    best = np.argmax(s, axis=1)
-    chosen = np.asarray(candidates.gammas, dtype=np.int64)[best]
-    return Choice(chosen, acceptance, s)
+    return Choice(candidates.gamma_ints[s.argmax(axis=1)], acceptance, s)

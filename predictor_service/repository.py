@@ -65,9 +65,9 @@ class LoadedVersion:
         return np.asarray(out).reshape(-1)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Predicted acceptance `[N]` clipped to the manifest's output range."""
+        """Predicted acceptance `[N]` (float32) clipped to the manifest's output range."""
         out = self._session.run(self._outputs, {self._input: x})[0]
-        return np.clip(out.reshape(-1), self._low, self._high).astype(np.float64, copy=False)
+        return np.clip(out, self._low, self._high, out=out).reshape(-1)
 
 
 def session_options() -> ort.SessionOptions:
