@@ -681,8 +681,14 @@ class PredictorEngine:
             return False
         try:
             wanted = read_routing_file(path)
-            for name, routing in wanted.items():
-                self.set_routing(name, routing)
+            with self._lock:
+                # All models or none: check every entry before the first one takes effect.
+                for name, routing in wanted.items():
+                    if name not in self._status:
+                        raise RoutingError(name, f"unknown model; known: {sorted(self._status)}")
+                    resolve(name, routing, self._loaded(name))
+                for name, routing in wanted.items():
+                    self.set_routing(name, routing)
         except (RoutingError, RequestError) as e:
             self._routing_file_digest = digest
             self._routing_file_problem(f"{path}: {e}; the routing in force is unchanged")

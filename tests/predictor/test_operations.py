@@ -123,3 +123,42 @@ def test_drain_tells_streams_to_reconnect_and_answers_in_flight(
             assert time.monotonic() - t0 < 4.5  # stopped once the stream closed, not at grace
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI for a cert")
+def test_tls_serves_decisions(
+    model_repo: Path, start_server: Callable[..., PredictorServer], tmp_path: Path
+) -> None:
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    server = start_server(model_repo, default_model=MODEL, tls_cert=cert, tls_key=key)
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    with grpc.secure_channel(server.address, creds) as ch:
+        resp = decide_one(pb_grpc.PredictorServiceStub(ch), request())
+    assert not resp.HasField("error") and resp.decisions
+    with grpc.insecure_channel(server.address) as ch, pytest.raises(grpc.RpcError):
+        decide_one(pb_grpc.PredictorServiceStub(ch), request())
