@@ -139,14 +139,19 @@ def build_trace(
 
 @dataclass(frozen=True)
 class Costs:
-    """Measured seconds: one draft forward of one token, one target forward of γ+1 tokens."""
+    """Measured seconds: one draft forward of one token, one target forward of γ+1 tokens.
+
+    Modelled step time uses the least-squares line through the measured verify times (what
+    the worker's timing model reports), which smooths the noise of a shared CPU.
+    """
 
     draft_per_token: float
-    verify: tuple[float, ...]  # index γ: target forward over γ+1 positions
+    verify: tuple[float, ...]  # index γ: measured target forward over γ+1 positions
     decide: float = 0.0  # in-process predictor decision (onnxruntime + objective)
 
     def step(self, gamma: int) -> float:
-        return gamma * self.draft_per_token + self.verify[min(gamma, len(self.verify) - 1)]
+        base, per_token = self.linear_verify()
+        return gamma * (self.draft_per_token + per_token) + base
 
     def linear_verify(self) -> tuple[float, float]:
         """(base, per_token) least-squares fit of verify(γ), what the worker reports."""
@@ -155,35 +160,31 @@ class Costs:
         return float(max(base, 1e-9)), float(max(slope, 0.0))
 
 
-def measure_costs(
-    engine: Any, prompt_ids: Sequence[int], max_gamma: int, repeats: int = 15
-) -> Costs:
-    """Median forward times on this pair at a realistic context length."""
+def measure_costs(engine: Any, prompt_ids: Sequence[int], max_gamma: int, rounds: int = 7) -> Costs:
+    """Forward times on this pair at a realistic context length: all γ interleaved in each
+    round (so load on a shared machine hits every γ alike), the minimum over rounds kept."""
     pair = engine.pair
     ctx = list(prompt_ids)
+    draft = np.full(rounds, np.inf)
+    verify = np.full((rounds, max_gamma + 1), np.inf)
     with torch.inference_mode():
         d_cache = DynamicCache(config=pair.draft.config)
         engine.forward(pair.draft, d_cache, ctx[:-1], 1)
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            engine.forward(pair.draft, d_cache, [ctx[-1]], 1)
-            samples.append(time.perf_counter() - t0)
-            d_cache.crop(-1)
-        draft = float(np.median(samples))
         t_cache = DynamicCache(config=pair.target.config)
         engine.forward(pair.target, t_cache, ctx[:-1], 1)
-        verify = []
-        for g in range(max_gamma + 1):
-            feed = [ctx[-1]] + [ctx[i % len(ctx)] for i in range(g)]
-            samples = []
-            for _ in range(repeats):
+        for r in range(rounds):
+            for _ in range(3):
+                t0 = time.perf_counter()
+                engine.forward(pair.draft, d_cache, [ctx[-1]], 1)
+                draft[r] = min(draft[r], time.perf_counter() - t0)
+                d_cache.crop(-1)
+            for g in range(max_gamma + 1):
+                feed = [ctx[-1]] + [ctx[i % len(ctx)] for i in range(g)]
                 t0 = time.perf_counter()
                 engine.forward(pair.target, t_cache, feed, g + 1)
-                samples.append(time.perf_counter() - t0)
+                verify[r, g] = time.perf_counter() - t0
                 t_cache.crop(-(g + 1))
-            verify.append(float(np.median(samples)))
-    return Costs(draft, tuple(verify))
+    return Costs(float(draft.min()), tuple(float(v) for v in verify.min(axis=0)))
 
 
 # --------------------------------------------------------------------- replay

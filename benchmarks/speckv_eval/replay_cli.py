@@ -91,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"measured: draft {1e3 * c.draft_per_token:.2f} ms/token; target forward "
                 + ", ".join(f"γ={g}: {1e3 * c.verify[g]:.2f}" for g in (0, 1, 2, 4, 8, 16))
-                + " ms; cost ratio draft/target(γ=0) "
+                + " ms (min over interleaved rounds); linear fit base "
+                f"{1e3 * c.linear_verify()[0]:.2f} ms + {1e3 * c.linear_verify()[1]:.2f} ms/γ; "
+                "cost ratio draft/target(γ=0) "
                 f"{c.draft_per_token / c.verify[0]:.2f}"
             )
             target_wall = sum(t.target_seconds for t in r.traces)

@@ -1,0 +1,307 @@
+"""Wall-clock tokens/s of every γ policy through the real worker engine, beside
+transformers' own assisted generation, on the same prompts and the same pair.
+
+    .venv/bin/python benchmarks/e2e.py --pair .cache/tiny-pair/demo \
+        [--compression fp16 int8 nf4] [--limit 8] [--max-new-tokens 48] [--reps 3] \
+        [--model seed-prev] [--model own-prev] [--repo REPO] [--json out.json] [--img-dir docs/img]
+
+Policies: target only (`fixed:0`), `fixed:2/4/8`, `heuristic`, `remote` with the seed
+objective (tokens_per_step) and with `goodput` for every `--model` (previous_step models in
+`--repo`, served by a real `speckv-predictor serve` process over gRPC; with no `--repo` a
+seed-data previous_step model is trained into a temporary one), and
+`target.generate(assistant_model=draft)` with transformers' defaults and with
+`num_assistant_tokens_schedule="heuristic"` (5 tokens to start, no confidence stop: the
+pre-4.45 default). Repetitions are interleaved (every policy once per prompt per round, in
+a rotated order) so drift on a shared machine hits all policies alike; we report the median
+over rounds of tokens/s (all prompts of a round), the min–max spread, the speedup over target
+only and, for remote policies, the share of wall time the loop waited for decisions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = REPO_ROOT / "benchmarks" / "prompts" / "prompts.jsonl"
+
+
+@dataclass
+class Sample:
+    tokens: int
+    seconds: float
+    wait_seconds: float = 0.0
+    steps: int = 0
+
+
+@dataclass
+class PolicyResult:
+    name: str
+    rounds: list[list[Sample]] = field(default_factory=list)
+
+    def tps(self) -> np.ndarray:
+        return np.asarray(
+            [sum(s.tokens for s in r) / sum(s.seconds for s in r) for r in self.rounds]
+        )
+
+
+def start_predictor(repo: Path, default_model: str) -> tuple[subprocess.Popen[str], str]:
+    exe = Path(sys.executable).with_name("speckv-predictor")
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--repo", str(repo), "--port", "0", "--default-model", default_model],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        m = re.search(r"listening on (\S+)", line)
+        if m:
+            return proc, m.group(1)
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError("speckv-predictor serve did not start within 60 s")
+
+
+def train_seed_model(repo: Path, name: str) -> None:
+    from predictor_service.training import TrainConfig, train_and_register
+
+    train_and_register(
+        TrainConfig(
+            repo=repo, name=name, window="previous_step", heldout_runs=False, progress=False
+        )
+    )
+
+
+def engine_runner(engine: Any, policy: Any, ids: list[int], n: int) -> Callable[[], Sample]:
+    def go() -> Sample:
+        t0 = time.perf_counter()
+        res = engine.generate(ids, policy, max_new_tokens=n)
+        return Sample(
+            len(res.token_ids),
+            time.perf_counter() - t0,
+            res.stats.decision_wait_seconds,
+            res.stats.num_steps,
+        )
+
+    return go
+
+
+def hf_runner(pair: Any, ids: list[int], n: int, heuristic: bool) -> Callable[[], Sample]:
+    import torch
+
+    def go() -> Sample:
+        saved = copy.deepcopy(pair.draft.generation_config)
+        try:
+            gc = pair.draft.generation_config
+            if heuristic:
+                gc.num_assistant_tokens = 5
+                gc.num_assistant_tokens_schedule = "heuristic"
+                gc.assistant_confidence_threshold = 0.0
+            inp = torch.tensor([ids], dtype=torch.long, device=pair.device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = pair.target.generate(
+                    inp,
+                    attention_mask=torch.ones_like(inp),
+                    assistant_model=pair.draft,
+                    max_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=pair.tokenizer.pad_token_id,
+                )
+            return Sample(int(out.shape[1] - inp.shape[1]), time.perf_counter() - t0)
+        finally:
+            pair.draft.generation_config = saved
+
+    return go
+
+
+def run_compression(args: argparse.Namespace, comp: str, stream: Any | None) -> dict[str, Any]:
+    import torch
+    from speckv_client.types import ModelSelector, Objective
+    from tqdm import tqdm
+
+    from decode_worker.config import EngineConfig, RemotePolicyConfig
+    from decode_worker.engine import SpeculativeEngine
+    from decode_worker.pair import PairConfig, load_pair
+    from decode_worker.policies import FixedPolicy, HeuristicPolicy
+    from decode_worker.remote_policy import RemotePolicy
+
+    pair = load_pair(
+        PairConfig(
+            draft=str(args.pair / "draft"),
+            target=str(args.pair / "target"),
+            compression=comp,
+            device=args.device,
+            local_files_only=True,
+        )
+    )
+    engine = SpeculativeEngine(pair, EngineConfig(default_max_new_tokens=args.max_new_tokens))
+    engine.warmup()
+    prompts = [json.loads(x)["prompt"] for x in args.prompts.read_text().splitlines() if x.strip()]
+    prompts = prompts[: args.limit] if args.limit else prompts
+    ids_list = [engine.encode(p) for p in prompts]
+    n = args.max_new_tokens
+    policies: dict[str, Callable[[list[int]], Callable[[], Sample]]] = {}
+    for g in (0, 2, 4, 8):
+        policies[f"fixed:{g}"] = lambda ids, g=g: engine_runner(engine, FixedPolicy(g), ids, n)
+    policies["heuristic"] = lambda ids: engine_runner(engine, HeuristicPolicy(), ids, n)
+    if stream is not None:
+        for model in args.model:
+            for obj in (Objective.TOKENS_PER_STEP, Objective.GOODPUT):
+                pol = RemotePolicy(
+                    stream,
+                    RemotePolicyConfig(objective=obj, model=ModelSelector(name=model)),
+                    engine.timing,
+                )
+                policies[f"remote {model} {obj.value}"] = lambda ids, pol=pol: engine_runner(
+                    engine, pol, ids, n
+                )
+    policies["HF assisted (defaults)"] = lambda ids: hf_runner(pair, ids, n, heuristic=False)
+    policies["HF assisted (heuristic)"] = lambda ids: hf_runner(pair, ids, n, heuristic=True)
+    results = {name: PolicyResult(name) for name in policies}
+    names = list(policies)
+    torch.manual_seed(0)
+    total = args.reps * len(ids_list) * len(names)
+    with tqdm(total=total, desc=f"{comp}: timed runs") as bar:
+        for rep in range(args.reps):
+            for r in results.values():
+                r.rounds.append([])
+            for i, ids in enumerate(ids_list):
+                k = (rep + i) % len(names)
+                for name in names[k:] + names[:k]:
+                    results[name].rounds[-1].append(policies[name](ids)())
+                    bar.update(1)
+    base = float(np.median(results["fixed:0"].tps()))
+    rows = []
+    for r in results.values():
+        tps = r.tps()
+        samples = [s for rnd in r.rounds for s in rnd]
+        wall = sum(s.seconds for s in samples)
+        rows.append(
+            {
+                "policy": r.name,
+                "tok/s median": round(float(np.median(tps)), 1),
+                "tok/s min": round(float(tps.min()), 1),
+                "tok/s max": round(float(tps.max()), 1),
+                "speedup vs target": round(float(np.median(tps)) / base, 3),
+                "tokens/step": round(
+                    sum(s.tokens for s in samples) / max(sum(s.steps for s in samples), 1), 2
+                )
+                if any(s.steps for s in samples)
+                else None,
+                "decision wait % of wall": round(
+                    100 * sum(s.wait_seconds for s in samples) / wall, 3
+                ),
+            }
+        )
+    return {"compression": comp, "prompts": len(ids_list), "max_new_tokens": n, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pair", type=Path, required=True, help="folder with draft/ and target/")
+    parser.add_argument("--prompts", type=Path, default=PROMPTS)
+    parser.add_argument("--compression", nargs="+", default=["fp16", "int8", "nf4"])
+    parser.add_argument("--limit", type=int, default=8, help="first N prompts (0: all)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--repo", type=Path, default=None, help="model repository to serve")
+    parser.add_argument(
+        "--model", action="append", default=[], help="previous_step model name(s) in --repo"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--img-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    for sub in ("draft", "target"):
+        if not (args.pair / sub).is_dir():
+            parser.error(
+                f"--pair {args.pair}: no {sub}/ inside; build it with speckv-worker tiny-pair"
+            )
+    if args.reps < 1:
+        parser.error("--reps must be ≥ 1")
+
+    import torch
+    from speckv_client.predictor import PredictorClient
+
+    torch.set_num_threads(args.threads)
+    tmp = tempfile.TemporaryDirectory()
+    if args.repo is None:
+        args.repo = Path(tmp.name) / "repo"
+        train_seed_model(args.repo, "seed-prev")
+        args.model = args.model or ["seed-prev"]
+    args.model = args.model or []
+    proc = client = stream = None
+    reports = []
+    try:
+        if args.model:
+            proc, address = start_predictor(args.repo, args.model[0])
+            client = PredictorClient(address)
+            stream = client.decision_stream()
+            deadline = time.monotonic() + 15
+            while not stream.connected and time.monotonic() < deadline:
+                time.sleep(0.05)
+        for comp in args.compression:
+            rep = run_compression(args, comp, stream)
+            reports.append(rep)
+            print(
+                f"\n## {comp}: {rep['prompts']} prompts × {args.reps} rounds, "
+                f"{args.max_new_tokens} new tokens"
+            )
+            cols = list(rep["rows"][0])
+            print(" | ".join(cols))
+            for row in rep["rows"]:
+                print(" | ".join(str(row[c]) for c in cols))
+    finally:
+        if stream is not None:
+            stream.close()
+        if client is not None:
+            client.close()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+        tmp.cleanup()
+    if args.json is not None:
+        args.json.write_text(json.dumps(reports, indent=2) + "\n")
+    if args.img_dir is not None:
+        import pandas as pd
+
+        sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+        from speckv_eval.plots import grouped_bars
+
+        policies = [r["policy"] for r in reports[0]["rows"]]
+        wide = pd.DataFrame({"policy": policies})
+        for rep in reports:
+            wide[rep["compression"]] = [r["tok/s median"] for r in rep["rows"]]
+        long = wide.set_index("policy").T.reset_index().rename(columns={"index": "compression"})
+        path = grouped_bars(
+            args.img_dir / "e2e_tokens_per_s.png",
+            long,
+            "compression",
+            policies,
+            "wall-clock tokens/s (median of rounds)",
+            "Worker engine and HF assisted generation: tokens/s",
+        )
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
