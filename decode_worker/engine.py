@@ -206,8 +206,10 @@ class SpeculativeEngine:
         stop: Sequence[str] = (),
         request_id: str = "",
         cancelled: Callable[[], bool] | None = None,
+        record: bool = True,
     ) -> GenerationRun:
-        """Validate a request and return its (not yet started) run."""
+        """Validate a request and return its (not yet started) run; `record=False` keeps
+        it out of the step log (warm-up)."""
         if not prompt_ids:
             raise RequestError("the prompt is empty (no tokens); send some text")
         n = max_new_tokens or self.config.default_max_new_tokens
@@ -234,6 +236,7 @@ class SpeculativeEngine:
             tuple(stop),
             request_id or uuid.uuid4().hex,
             cancelled or (lambda: False),
+            self.recorder if record else None,
         )
 
     def generate(
@@ -255,7 +258,9 @@ class SpeculativeEngine:
         prompt = [i % vocab for i in range(1, 17)]
         for g in gammas:
             for _ in range(repeats):
-                self.generate(prompt, FixedPolicy(g), max_new_tokens=g + 1, request_id="warmup")
+                self.generate(
+                    prompt, FixedPolicy(g), max_new_tokens=g + 1, request_id="warmup", record=False
+                )
 
     # Model calls. Both return logits of the last `keep` positions, [keep, vocab].
     def forward(
@@ -280,8 +285,10 @@ class GenerationRun:
         stop: tuple[str, ...],
         request_id: str,
         cancelled: Callable[[], bool],
+        recorder: StepRecorder | None,
     ) -> None:
         self.engine = engine
+        self.recorder = recorder
         self.prompt_ids = prompt_ids
         self.policy = policy
         self.sampling = sampling
@@ -421,8 +428,8 @@ class GenerationRun:
                     target_cache_len=t_cache.get_seq_length(),
                 )
                 self.stats.observe(result)
-                if eng.recorder is not None and signals is not None:
-                    eng.recorder.write(
+                if self.recorder is not None and signals is not None:
+                    self.recorder.write(
                         StepRecord(
                             sequence_id=self.request_id,
                             task=eng.config.record_task,

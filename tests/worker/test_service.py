@@ -192,3 +192,16 @@ def test_health_and_graceful_stop(pair) -> None:  # type: ignore[no-untyped-def]
     stopper.join(15)
     assert rest[-1].HasField("summary") and rest[-1].summary.new_tokens == 40
     channel.close()
+
+
+def test_warmup_measures_timing_but_writes_no_records(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "w.csv"
+    server = WorkerServer(_config(log_steps=str(log), warmup=True), pair).start()
+    try:
+        snap = server.engine.timing.snapshot()
+        assert snap is not None and snap.verify_base_seconds > 0
+        assert snap.draft_seconds_per_token > 0
+        with open(log, newline="") as fh:
+            assert len(list(csv.reader(fh))) == 1  # header only
+    finally:
+        server.stop(0.5)
