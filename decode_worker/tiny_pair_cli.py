@@ -1,0 +1,74 @@
+"""`speckv-worker tiny-pair`: build (or reuse) the tiny draft/target pair and print its numbers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from decode_worker.tiny_pair import SIZES, TinyPairConfig, ensure_tiny_pair
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for the pair (default .cache/tiny-pair/<size>-seed<seed>)",
+    )
+    parser.add_argument("--size", choices=sorted(SIZES), default="test")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads for training (default 2)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="rebuild even when the cached pair matches"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads < 1:
+        print(f"--threads must be at least 1, got {args.threads}", file=sys.stderr)
+        return 2
+    out = args.out or Path(".cache") / "tiny-pair" / f"{args.size}-seed{args.seed}"
+    config = TinyPairConfig(
+        out=out,
+        size=args.size,
+        seed=args.seed,
+        threads=args.threads,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    try:
+        pair = ensure_tiny_pair(config)
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    m = pair.manifest
+    if args.json:
+        print(json.dumps(m, indent=2, sort_keys=True))
+        return 0
+    metrics, build, params = m["metrics"], m["build"], m["parameters"]
+    state = "reused cached pair" if pair.reused else "built"
+    print(f"{state}: {pair.root} (size {m['size']}, seed {m['seed']})")
+    print(f"  target {pair.target_dir}  ({params['target']:,} parameters)")
+    print(f"  draft  {pair.draft_dir}  ({params['draft']:,} parameters)")
+    print(
+        "  greedy agreement: held-out teacher-forced "
+        f"{metrics['agreement_teacher_forced_heldout']:.3f}, "
+        f"target-generated {metrics['agreement_target_generated']:.3f}"
+    )
+    print(
+        f"  per-token cost: draft {metrics['draft_ms_per_token']:.2f} ms, "
+        f"target {metrics['target_ms_per_token']:.2f} ms, "
+        f"ratio {metrics['cost_ratio_draft_over_target']:.3f}"
+    )
+    print(
+        f"  build {build['seconds_total']:.0f} s on {build['threads']} threads "
+        f"(load average {build['load_average_at_start']} -> {build['load_average_at_end']})"
+    )
+    print(f"  serve: speckv-worker serve --draft {pair.draft_dir} --target {pair.target_dir}")
+    return 0
