@@ -245,6 +245,8 @@ def load_pair(config: PairConfig) -> LoadedPair:
                 f"{role} model has {rows} embedding rows but the tokenizer has {vocab_size} "
                 "tokens; the model and tokenizer do not belong together"
             )
+    if config.compression == "nf4" and device.type == "cpu":
+        _check_nf4_cpu_shapes(target)
     if target_tok.pad_token_id is None:
         target_tok.pad_token = target_tok.eos_token
     draft_dtype = "float16" if device.type == "cuda" else "float32"
@@ -258,6 +260,24 @@ def load_pair(config: PairConfig) -> LoadedPair:
         draft_dtype=draft_dtype,
         vocab_size=vocab_size,
     )
+
+
+def _check_nf4_cpu_shapes(model: torch.nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks nf4 weights at the first forward and
+    asserts out_features % 32 == 0 and in_features even; fail at load time with the layer."""
+    import bitsandbytes as bnb
+
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            return
+        if module.out_features % 32 or module.in_features % 2:
+            raise PairLoadError(
+                f"target layer {name} ({module.in_features}->{module.out_features}) cannot run "
+                "as nf4 on this CPU: bitsandbytes' AVX512-BF16 kernel needs output sizes that "
+                "are multiples of 32 and even input sizes; use --compression int8 or fp16"
+            )
 
 
 def _count_parameters(model: torch.nn.Module) -> int:
