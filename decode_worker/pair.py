@@ -264,7 +264,8 @@ def load_pair(config: PairConfig) -> LoadedPair:
 
 def _check_nf4_cpu_shapes(model: torch.nn.Module) -> None:
     """On CPUs with AVX512-BF16, bitsandbytes repacks nf4 weights at the first forward and
-    asserts out_features % 32 == 0 and in_features even; fail at load time with the layer."""
+    needs out_features % 32 == 0 and in_features % blocksize (64) == 0; fail at load time,
+    naming the layer, instead of inside the first generation."""
     import bitsandbytes as bnb
 
     for name, module in model.named_modules():
@@ -272,11 +273,14 @@ def _check_nf4_cpu_shapes(model: torch.nn.Module) -> None:
             continue
         if not getattr(module, "support_avx512bf16_for_cpu", False):
             return
-        if module.out_features % 32 or module.in_features % 2:
+        state = getattr(module.weight, "quant_state", None)
+        block = int(getattr(state, "blocksize", 64) or 64)
+        if module.out_features % 32 or module.in_features % block:
             raise PairLoadError(
                 f"target layer {name} ({module.in_features}->{module.out_features}) cannot run "
                 "as nf4 on this CPU: bitsandbytes' AVX512-BF16 kernel needs output sizes that "
-                "are multiples of 32 and even input sizes; use --compression int8 or fp16"
+                f"are multiples of 32 and input sizes that are multiples of {block}; "
+                "use --compression int8 or fp16"
             )
 
 

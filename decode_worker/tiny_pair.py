@@ -36,7 +36,7 @@ SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Target widths are multiples of 32: bitsandbytes' nf4 CPU kernel (AVX512-BF16) needs it."""
+    """Target widths are multiples of 64: bitsandbytes' nf4 CPU kernel (AVX512-BF16) needs it."""
 
     hidden: int
     layers: int
@@ -74,7 +74,7 @@ SIZES: dict[str, TinyPairSpec] = {
         vocab_size=1024,
         seq_len=64,
         batch_size=16,
-        target=ModelShape(hidden=128, layers=4, heads=4, intermediate=352),
+        target=ModelShape(hidden=128, layers=4, heads=4, intermediate=384),
         draft=ModelShape(hidden=64, layers=1, heads=2, intermediate=172),
         target_steps=250,
         target_lr=3e-3,
@@ -86,15 +86,15 @@ SIZES: dict[str, TinyPairSpec] = {
     ),
     # Minutes on 2 cores: a deep target and a one-layer draft so drafting is cheap.
     "demo": TinyPairSpec(
-        code_chars=2_500_000,
+        code_chars=2_000_000,
         vocab_size=4096,
         seq_len=128,
         batch_size=16,
         target=ModelShape(hidden=256, layers=8, heads=8, intermediate=704),
         draft=ModelShape(hidden=128, layers=1, heads=4, intermediate=344),
-        target_steps=500,
+        target_steps=350,
         target_lr=2e-3,
-        draft_steps=400,
+        draft_steps=300,
         draft_lr=3e-3,
         eval_windows=64,
         eval_prompts=16,
