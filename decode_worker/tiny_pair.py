@@ -166,6 +166,17 @@ def _is_complete(root: Path) -> bool:
     )
 
 
+def _remove_abandoned_staging(root: Path) -> None:
+    """A killed build leaves `.NAME.building-PID`; remove those whose process is gone."""
+    for stale in root.parent.glob(f".{root.name}.building-*"):
+        try:
+            os.kill(int(stale.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, owned by someone else
+
+
 def ensure_tiny_pair(config: TinyPairConfig) -> TinyPair:
     """Reuse the pair in `config.out` when its manifest matches; otherwise build it there."""
     spec = config.spec
@@ -186,11 +197,22 @@ def ensure_tiny_pair(config: TinyPairConfig) -> TinyPair:
             "refusing to overwrite it: pass an empty or new --out directory"
         )
     root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(root)
     staging = root.with_name(f".{root.name}.building-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         manifest = _build(config, spec, corpus, key, staging)
+        # Another process (a parallel test session) may have finished the same pair first:
+        # keep its files rather than deleting a directory someone may be loading.
+        finished = read_manifest(root)
+        if (
+            not config.force
+            and finished is not None
+            and finished.get("key") == key
+            and _is_complete(root)
+        ):
+            return TinyPair(root=root, manifest=finished, reused=True)
         if root.exists():
             shutil.rmtree(root)
         staging.rename(root)

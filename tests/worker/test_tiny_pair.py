@@ -137,3 +137,12 @@ def test_the_test_size_pair_is_aligned(tiny_pair_dir: Path) -> None:
     assert m is not None and m["size"] == "test"
     assert m["metrics"]["agreement_teacher_forced_heldout"] >= 0.4
     assert m["metrics"]["agreement_target_generated"] >= 0.5
+
+
+def test_a_killed_build_leaves_no_staging_behind(tmp_path: Path) -> None:
+    dead = tmp_path / ".pair.building-4194399"  # above Linux's pid_max: no such process
+    dead.mkdir()
+    (dead / "partial").write_text("x")
+    ensure_tiny_pair(_mini(tmp_path / "pair"))
+    assert not dead.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pair"]
