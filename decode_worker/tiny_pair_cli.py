@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    parser.add_argument(
+        "--measure-compressions",
+        action="store_true",
+        help="also time the draft and the target as fp16, int8 and nf4 on this machine now",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,4 +76,31 @@ def run(args: argparse.Namespace) -> int:
         f"(load average {build['load_average_at_start']} -> {build['load_average_at_end']})"
     )
     print(f"  serve: speckv-worker serve --draft {pair.draft_dir} --target {pair.target_dir}")
+    if args.measure_compressions:
+        _measure_compressions(pair.draft_dir, pair.target_dir, args.threads)
     return 0
+
+
+MEASURE_PROMPT = "def parse_args(argv):\n    parser = argparse.ArgumentParser(description="
+
+
+def _measure_compressions(draft: Path, target: Path, threads: int) -> None:
+    """Per-token cost changes with the target's compression; the manifest has fp16 only."""
+    import os
+
+    import torch
+
+    from decode_worker.pair import COMPRESSIONS, PairConfig, load_pair
+    from decode_worker.pair_metrics import measure_cost
+
+    torch.set_num_threads(threads)
+    for compression in COMPRESSIONS:
+        pair = load_pair(PairConfig(str(draft), str(target), compression=compression, device="cpu"))
+        ids = pair.tokenizer(MEASURE_PROMPT, return_tensors="pt").input_ids[:, :32]
+        cost = measure_cost(pair.draft, pair.target, ids, steps=100)
+        print(
+            f"  {compression}: draft {cost.draft_ms_per_token:.2f} ms/token, target "
+            f"{cost.target_ms_per_token:.2f} ms/token, target over {cost.verify_tokens} tokens "
+            f"{cost.target_ms_verify:.2f} ms, ratio {cost.ratio:.3f} "
+            f"(load average {os.getloadavg()[0]:.2f})"
+        )
