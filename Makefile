@@ -35,7 +35,7 @@ pytest: venv
 test: lint typecheck pytest
 
 demo: venv
-	$(PY) -m speckv_client.demo
+	$(PY) benchmarks/demo.py
 
 # Regenerate the committed stubs; tests/test_protos.py fails when they drift.
 protos: venv
