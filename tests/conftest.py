@@ -9,6 +9,10 @@
   The held-out-runs evaluation is skipped for these (manifest `heldout_runs: null`) to keep
   the session start short; everything else is exactly what `speckv-predictor train` writes.
 - `model_repo` -> Path: a fresh copy of that template in `tmp_path`, free to modify.
+- `tiny_pair_dir` (session) -> Path: the `test`-size tiny pair (DIR/draft, DIR/target), built
+  by the real builder into `<repo>/.cache/tiny-pair/test-seed0` on first use, then reused.
+- `loaded_pair` (session) -> `load(compression="fp16") -> LoadedPair`, loaded on CPU once per
+  compression.
 
 The model names are `MODEL_NAME` ("speckv-mlp16") and `SAME_STEP_MODEL_NAME`
 ("speckv-mlp16-same-step"); `from tests.conftest import MODEL_NAME` works, or repeat the strings.
@@ -18,19 +22,20 @@ Measured: building the template takes about 4.5 s (2-core machine), once per ses
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    from decode_worker.pair import LoadedPair
+
 MODEL_NAME = "speckv-mlp16"
 SAME_STEP_MODEL_NAME = "speckv-mlp16-same-step"
-SEED_CSV = (
-    Path(__file__).resolve().parents[1]
-    / "predictor_service"
-    / "data"
-    / "speckv-paper"
-    / "phase2_step_results.csv"
-)
+REPO = Path(__file__).resolve().parents[1]
+TINY_PAIR_CACHE = REPO / ".cache" / "tiny-pair" / "test-seed0"
+SEED_CSV = REPO / "predictor_service" / "data" / "speckv-paper" / "phase2_step_results.csv"
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +74,37 @@ def model_repo(model_repo_template: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "model-repo"
     shutil.copytree(model_repo_template, dest)
     return dest
+
+
+# The worker fixtures import torch lazily, so predictor-only tests never pay for it.
+@pytest.fixture(scope="session")
+def tiny_pair_dir() -> Path:
+    """The `test`-size pair (DIR/draft, DIR/target); built on first use, then reused."""
+    from decode_worker.tiny_pair import TinyPairConfig, ensure_tiny_pair
+
+    pair = ensure_tiny_pair(
+        TinyPairConfig(out=TINY_PAIR_CACHE, size="test", seed=0, progress=False)
+    )
+    return pair.root
+
+
+@pytest.fixture(scope="session")
+def loaded_pair(tiny_pair_dir: Path) -> Callable[[str], LoadedPair]:
+    """`loaded_pair("fp16"|"int8"|"nf4")` loads the tiny pair on CPU once per compression."""
+    from decode_worker.pair import PairConfig, load_pair
+
+    cache: dict[str, LoadedPair] = {}
+
+    def load(compression: str = "fp16") -> LoadedPair:
+        if compression not in cache:
+            cache[compression] = load_pair(
+                PairConfig(
+                    draft=str(tiny_pair_dir / "draft"),
+                    target=str(tiny_pair_dir / "target"),
+                    compression=compression,
+                    device="cpu",
+                )
+            )
+        return cache[compression]
+
+    return load

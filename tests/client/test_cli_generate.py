@@ -25,16 +25,9 @@ SUMMARY = re.compile(
 
 
 @pytest.fixture
-def pair_root(request: pytest.FixtureRequest) -> Path:
-    """The tiny test pair, from the worker tests' fixture (built once, cached)."""
-    try:
-        root = request.getfixturevalue("tiny_pair_dir")
-    except pytest.FixtureLookupError:
-        pytest.skip(
-            "needs the `tiny_pair_dir` fixture where tests/client can see it "
-            "(tests/conftest.py); it is defined for tests/worker only"
-        )
-    return Path(root)
+def pair_root(tiny_pair_dir: Path) -> Path:
+    """The tiny test pair (tests/conftest.py: built once, cached)."""
+    return tiny_pair_dir
 
 
 @pytest.fixture

@@ -127,18 +127,9 @@ def test_oracle_never_loses_to_a_fixed_gamma(traces) -> None:
             assert best <= sum(costs.step(s.gamma) for s in fixed.steps) + 1e-12
 
 
-def test_replay_equals_decoding_on_the_tiny_test_pair() -> None:
-    """The same check through the production loader on the project's trained test-size pair
-    (built once into .cache/tiny-pair/test and reused)."""
-    from pathlib import Path
-
-    from decode_worker.pair import PairConfig, load_pair
-    from decode_worker.tiny_pair import TinyPairConfig, ensure_tiny_pair
-
-    root = Path(__file__).resolve().parents[2] / ".cache" / "tiny-pair" / "test"
-    if not (root / "manifest.json").is_file():
-        ensure_tiny_pair(TinyPairConfig(out=root, size="test", threads=1, progress=False))
-    pair = load_pair(PairConfig(str(root / "draft"), str(root / "target"), device="cpu"))
+def test_replay_equals_decoding_on_the_tiny_test_pair(loaded_pair) -> None:
+    """The same check through the production loader on the project's trained test-size pair."""
+    pair = loaded_pair("fp16")
     eng = SpeculativeEngine(pair, EngineConfig(max_gamma=16))
     prompts = ["def read_lines(path):\n", "The with statement "]
     for i, text in enumerate(prompts):
