@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -259,11 +260,16 @@ def main(argv: list[str] | None = None) -> int:
             while not stream.connected and time.monotonic() < deadline:
                 time.sleep(0.05)
         for comp in args.compression:
+            load_start, t0 = os.getloadavg()[0], time.perf_counter()
             rep = run_compression(args, comp, stream)
+            rep["seconds"] = round(time.perf_counter() - t0, 1)
+            rep["load_average_1min"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+            rep["command"] = "benchmarks/e2e.py " + " ".join(argv if argv else sys.argv[1:])
             reports.append(rep)
             print(
                 f"\n## {comp}: {rep['prompts']} prompts × {args.reps} rounds, "
-                f"{args.max_new_tokens} new tokens"
+                f"{args.max_new_tokens} new tokens, {rep['seconds']} s, "
+                f"load average {rep['load_average_1min'][0]} → {rep['load_average_1min'][1]}"
             )
             cols = list(rep["rows"][0])
             print(" | ".join(cols))

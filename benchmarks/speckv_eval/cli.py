@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from speckv_eval import paper_cli, replay_cli
+    from speckv_eval import log_steps, paper_cli, replay_cli
 
     parser = argparse.ArgumentParser(
         prog="speckv-eval",
@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay_cli.add_arguments(replay)
     replay.set_defaults(run=replay_cli.run)
+    logs = sub.add_parser(
+        "log-steps",
+        help="log step records of a pair at fixed γ on training prompts (to retrain on)",
+    )
+    log_steps.add_arguments(logs)
+    logs.set_defaults(run=log_steps.run)
     return parser
 
 

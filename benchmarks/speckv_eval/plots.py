@@ -193,27 +193,36 @@ def plot_replay(out: Path, results: Sequence[Any]) -> list[Path]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     paths.append(path)
-    first = results[0]
-    shares = {
-        r.name: gamma_shares(r)
-        for r in first.runs
-        if not r.name.startswith("fixed:") and r.name != "target only (γ=0)"
-    }
-    paths.append(
-        gamma_histograms(
-            out / "replay_gamma_hist.png", shares, f"Replay ({first.compression}): chosen γ"
-        )
-    )
-    for r in first.runs:
-        if r.calibration:
-            cal = np.asarray(r.calibration, dtype=float)
-            safe = r.name.replace(":", "_").replace(" ", "_").replace("/", "_")
-            paths.append(
-                predicted_vs_actual(
-                    out / f"replay_predicted_vs_actual_{safe}.png",
-                    cal[:, 1],
-                    cal[:, 2],
-                    f"Replay ({first.compression}): {r.name}",
-                )
+    for r in results:
+        shares = {
+            run.name: gamma_shares(run)
+            for run in r.runs
+            if not run.name.startswith("fixed:") and run.name != "target only (γ=0)"
+        }
+        paths.append(
+            gamma_histograms(
+                out / f"replay_gamma_hist_{r.compression}.png",
+                shares,
+                f"Replay ({r.compression}): chosen γ",
             )
+        )
+    # Calibration per predictor policy, pooled over compressions: (γ, predicted, actual)
+    # of every step the policy decided.
+    pooled: dict[str, list[tuple[int, float, float]]] = {}
+    for r in results:
+        for run in r.runs:
+            if run.calibration:
+                pooled.setdefault(run.name, []).extend(run.calibration)
+    comps = "+".join(r.compression for r in results)
+    for name, rows in pooled.items():
+        cal = np.asarray(rows, dtype=float)
+        safe = name.replace(":", "_").replace(" ", "_").replace("/", "_")
+        paths.append(
+            predicted_vs_actual(
+                out / f"replay_predicted_vs_actual_{safe}.png",
+                cal[:, 1],
+                cal[:, 2],
+                f"Replay ({comps}): {name}",
+            )
+        )
     return paths

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -112,6 +115,34 @@ def run(args: argparse.Namespace) -> int:
             path = args.csv_dir / f"replay_{r.compression}.csv"
             r.table.to_csv(path, index=False)
             print(f"wrote {path}")
+            gpath = args.csv_dir / f"replay_gamma_{r.compression}.csv"
+            pd.DataFrame(
+                [
+                    {"policy": run_.name, "gamma": g, "share of steps": round(s, 4)}
+                    for run_ in r.runs
+                    for g, s in sorted(gamma_shares(run_).items())
+                ]
+            ).to_csv(gpath, index=False)
+            print(f"wrote {gpath}")
+        meta = {
+            "command": "speckv-eval " + " ".join(sys.argv[1:]),
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "compressions": [
+                {
+                    "compression": r.compression,
+                    "prompts": len(r.traces),
+                    "greedy_tokens": sum(len(t.output) for t in r.traces),
+                    "seconds": round(r.seconds, 1),
+                    "draft_ms_per_token": round(1e3 * r.costs.draft_per_token, 3),
+                    "verify_ms_by_gamma": [round(1e3 * v, 3) for v in r.costs.verify],
+                    "verify_fit_ms": [round(1e3 * x, 3) for x in r.costs.linear_verify()],
+                }
+                for r in results
+            ],
+        }
+        mpath = args.csv_dir / "replay_meta.json"
+        mpath.write_text(json.dumps(meta, indent=2) + "\n")
+        print(f"wrote {mpath}")
     if args.img_dir is not None:
         from speckv_eval.plots import plot_replay
 
