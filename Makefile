@@ -30,7 +30,7 @@ typecheck: venv
 	$(VENV)/bin/mypy predictor_service decode_worker client benchmarks/speckv_eval
 
 pytest: venv
-	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -ra --durations=15 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 

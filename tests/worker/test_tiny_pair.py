@@ -121,7 +121,7 @@ def test_cli_reuses_the_cached_pair(mini_a: Path, capsys: pytest.CaptureFixture[
 
     # The CLI only knows the named sizes; a cached `test` pair is what the fixture built.
     del mini_a
-    from tests.worker.conftest import TINY_PAIR_CACHE
+    from tests.conftest import TINY_PAIR_CACHE
 
     if read_manifest(TINY_PAIR_CACHE) is None:
         pytest.skip("the session's test pair is not built yet")
