@@ -214,6 +214,26 @@ def run_compression(args: argparse.Namespace, comp: str, stream: Any | None) -> 
     return {"compression": comp, "prompts": len(ids_list), "max_new_tokens": n, "rows": rows}
 
 
+def plot_e2e(reports: list[dict[str, Any]], img_dir: Path) -> Path:
+    """Median wall-clock tokens/s, one row per policy, one bar per compression."""
+    import pandas as pd
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from speckv_eval.plots import policy_bars
+
+    policies = [r["policy"] for r in reports[0]["rows"]]
+    wide = pd.DataFrame({"policy": policies})
+    for rep in reports:
+        by_policy = {r["policy"]: r["tok/s median"] for r in rep["rows"]}
+        wide[rep["compression"]] = [by_policy.get(p, float("nan")) for p in policies]
+    return policy_bars(
+        img_dir / "e2e_tokens_per_s.png",
+        wide,
+        "wall-clock tokens/s (median of rounds)",
+        "Worker engine and HF assisted generation: wall-clock tokens/s",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pair", type=Path, required=True, help="folder with draft/ and target/")
@@ -230,7 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--img-dir", type=Path, default=None)
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        help="only redraw the PNG from a previous --json file into --img-dir",
+    )
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        if args.img_dir is None:
+            parser.error("--replot needs --img-dir")
+        print(f"wrote {plot_e2e(json.loads(args.replot.read_text()), args.img_dir)}")
+        return 0
     for sub in ("draft", "target"):
         if not (args.pair / sub).is_dir():
             parser.error(
@@ -287,25 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(reports, indent=2) + "\n")
     if args.img_dir is not None:
-        import pandas as pd
-
-        sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-        from speckv_eval.plots import grouped_bars
-
-        policies = [r["policy"] for r in reports[0]["rows"]]
-        wide = pd.DataFrame({"policy": policies})
-        for rep in reports:
-            wide[rep["compression"]] = [r["tok/s median"] for r in rep["rows"]]
-        long = wide.set_index("policy").T.reset_index().rename(columns={"index": "compression"})
-        path = grouped_bars(
-            args.img_dir / "e2e_tokens_per_s.png",
-            long,
-            "compression",
-            policies,
-            "wall-clock tokens/s (median of rounds)",
-            "Worker engine and HF assisted generation: tokens/s",
-        )
-        print(f"wrote {path}")
+        print(f"wrote {plot_e2e(reports, args.img_dir)}")
     return 0
 
 

@@ -51,6 +51,31 @@ def grouped_bars(
     return path
 
 
+def policy_bars(path: Path, wide: pd.DataFrame, xlabel: str, title: str) -> Path:
+    """Horizontal bars: one row per policy (`wide["policy"]`), one bar per other column
+    (a compression), so long policy names stay readable."""
+    plt = _plt()
+    policies = list(wide["policy"])
+    cols = [c for c in wide.columns if c != "policy"]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(policies) + 1.5))
+    y = np.arange(len(policies))
+    h = 0.8 / max(len(cols), 1)
+    for i, c in enumerate(cols):
+        ax.barh(y + i * h, wide[c].to_numpy(dtype=float), h, label=c)
+    ax.set_yticks(y + h * (len(cols) - 1) / 2)
+    ax.set_yticklabels(policies, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3, axis="x")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def gamma_histograms(path: Path, shares: Mapping[str, Mapping[int, float]], title: str) -> Path:
     """One panel per policy: share of steps at each chosen γ."""
     plt = _plt()
@@ -174,24 +199,12 @@ def plot_replay(out: Path, results: Sequence[Any]) -> list[Path]:
     wide = pd.DataFrame({"policy": policies})
     for r in results:
         wide[r.compression] = r.table.set_index("policy").loc[policies, "modelled tok/s"].to_numpy()
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(policies) + 1.5))
-    y = np.arange(len(policies))
-    h = 0.8 / len(results)
-    for i, r in enumerate(results):
-        ax.barh(y + i * h, wide[r.compression], h, label=r.compression)
-    ax.set_yticks(y + h * (len(results) - 1) / 2)
-    ax.set_yticklabels(policies, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("modelled tokens/s (measured draft/verify costs)")
-    ax.set_title("Replay on the pair: tokens/s by policy and compression")
-    ax.grid(True, alpha=0.3, axis="x")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "replay_tokens_per_s.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = policy_bars(
+        out / "replay_tokens_per_s.png",
+        wide,
+        "modelled tokens/s (measured draft/verify costs)",
+        "Replay on the pair: tokens/s by policy and compression",
+    )
     paths.append(path)
     for r in results:
         shares = {

@@ -7,7 +7,9 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from speckv_eval.replay_run import ReplayConfig, gamma_shares, run_replay
@@ -80,6 +82,31 @@ def config_from_args(args: argparse.Namespace) -> ReplayConfig:
     )
 
 
+def calibration_summary(results: list[Any]) -> list[dict[str, Any]]:
+    """Per predictor policy and compression: predicted vs actual acceptance of the steps
+    it decided (n, means, correlation, mean absolute error)."""
+    out = []
+    for r in results:
+        for run_ in r.runs:
+            if not run_.calibration:
+                continue
+            cal = np.asarray(run_.calibration, dtype=float)
+            pred, act = cal[:, 1], cal[:, 2]
+            corr = float(np.corrcoef(pred, act)[0, 1]) if len(act) > 2 else float("nan")
+            out.append(
+                {
+                    "policy": run_.name,
+                    "compression": r.compression,
+                    "steps": len(act),
+                    "mean_predicted": round(float(pred.mean()), 3),
+                    "mean_actual": round(float(act.mean()), 3),
+                    "corr": round(corr, 3),
+                    "mae": round(float(np.abs(pred - act).mean()), 3),
+                }
+            )
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     results = run_replay(cfg)
@@ -140,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
                 for r in results
             ],
         }
+        meta["calibration"] = calibration_summary(results)
         mpath = args.csv_dir / "replay_meta.json"
         mpath.write_text(json.dumps(meta, indent=2) + "\n")
         print(f"wrote {mpath}")
