@@ -76,18 +76,30 @@ def policy_bars(path: Path, wide: pd.DataFrame, xlabel: str, title: str) -> Path
     return path
 
 
-def gamma_histograms(path: Path, shares: Mapping[str, Mapping[int, float]], title: str) -> Path:
-    """One panel per policy: share of steps at each chosen γ."""
+def gamma_histograms(
+    path: Path, shares: Mapping[str, Mapping[int, float]], title: str, per_row: int = 4
+) -> Path:
+    """One panel per policy (wrapped in rows of `per_row`): share of steps at each γ."""
     plt = _plt()
     names = list(shares)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), sharey=True)
-    axes_list = np.atleast_1d(axes)
-    for ax, name in zip(axes_list, names, strict=True):
+    rows = (len(names) + per_row - 1) // per_row
+    cols = min(len(names), per_row)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.4 * cols, 2.9 * rows), sharey=True, squeeze=False
+    )
+    top = max((max(v) for v in shares.values() if v), default=1)
+    for k, ax in enumerate(axes.flat):
+        if k >= len(names):
+            ax.set_visible(False)
+            continue
+        name = names[k]
         gs = sorted(shares[name])
-        ax.bar([str(g) for g in gs], [100 * shares[name][g] for g in gs], color="steelblue")
+        ax.bar(gs, [100 * shares[name][g] for g in gs], color="steelblue", width=0.8)
+        ax.set_xlim(-0.7, top + 0.7)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("chosen γ")
-    axes_list[0].set_ylabel("% of steps")
+        if k % cols == 0:
+            ax.set_ylabel("% of steps")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
