@@ -45,6 +45,7 @@ class Sample:
     seconds: float
     wait_seconds: float = 0.0
     steps: int = 0
+    cpu_seconds: float = 0.0  # this process, all threads (torch, gRPC client)
 
 
 @dataclass
@@ -91,13 +92,14 @@ def train_seed_model(repo: Path, name: str) -> None:
 
 def engine_runner(engine: Any, policy: Any, ids: list[int], n: int) -> Callable[[], Sample]:
     def go() -> Sample:
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         res = engine.generate(ids, policy, max_new_tokens=n)
         return Sample(
             len(res.token_ids),
             time.perf_counter() - t0,
             res.stats.decision_wait_seconds,
             res.stats.num_steps,
+            time.process_time() - c0,
         )
 
     return go
@@ -132,7 +134,20 @@ def hf_runner(pair: Any, ids: list[int], n: int, heuristic: bool) -> Callable[[]
     return go
 
 
-def run_compression(args: argparse.Namespace, comp: str, stream: Any | None) -> dict[str, Any]:
+def process_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of another process (Linux /proc), 0.0 where unreadable."""
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def run_compression(
+    args: argparse.Namespace, comp: str, stream: Any | None, predictor_pid: int | None = None
+) -> dict[str, Any]:
     import torch
     from speckv_client.types import ModelSelector, Objective
     from tqdm import tqdm
@@ -159,9 +174,13 @@ def run_compression(args: argparse.Namespace, comp: str, stream: Any | None) -> 
     ids_list = [engine.encode(p) for p in prompts]
     n = args.max_new_tokens
     policies: dict[str, Callable[[list[int]], Callable[[], Sample]]] = {}
+
+    def with_policy(policy: Any) -> Callable[[list[int]], Callable[[], Sample]]:
+        return lambda ids: engine_runner(engine, policy, ids, n)
+
     for g in (0, 2, 4, 8):
-        policies[f"fixed:{g}"] = lambda ids, g=g: engine_runner(engine, FixedPolicy(g), ids, n)
-    policies["heuristic"] = lambda ids: engine_runner(engine, HeuristicPolicy(), ids, n)
+        policies[f"fixed:{g}"] = with_policy(FixedPolicy(g))
+    policies["heuristic"] = with_policy(HeuristicPolicy())
     if stream is not None:
         for model in args.model:
             for obj in (Objective.TOKENS_PER_STEP, Objective.GOODPUT):
@@ -170,13 +189,18 @@ def run_compression(args: argparse.Namespace, comp: str, stream: Any | None) -> 
                     RemotePolicyConfig(objective=obj, model=ModelSelector(name=model)),
                     engine.timing,
                 )
-                policies[f"remote {model} {obj.value}"] = lambda ids, pol=pol: engine_runner(
-                    engine, pol, ids, n
-                )
+                policies[f"remote {model} {obj.value}"] = with_policy(pol)
     policies["HF assisted (defaults)"] = lambda ids: hf_runner(pair, ids, n, heuristic=False)
     policies["HF assisted (heuristic)"] = lambda ids: hf_runner(pair, ids, n, heuristic=True)
+    if args.policies:
+        unknown = sorted(set(args.policies) - set(policies))
+        if unknown:
+            raise SystemExit(f"--policies: unknown {unknown}; known: {sorted(policies)}")
+        keep = {"fixed:0", *args.policies}  # target only stays: it is the baseline
+        policies = {k: v for k, v in policies.items() if k in keep}
     results = {name: PolicyResult(name) for name in policies}
     names = list(policies)
+    predictor_cpu0 = process_cpu_seconds(predictor_pid) if predictor_pid else 0.0
     torch.manual_seed(0)
     total = args.reps * len(ids_list) * len(names)
     with tqdm(total=total, desc=f"{comp}: timed runs") as bar:
@@ -188,6 +212,14 @@ def run_compression(args: argparse.Namespace, comp: str, stream: Any | None) -> 
                 for name in names[k:] + names[:k]:
                     results[name].rounds[-1].append(policies[name](ids)())
                     bar.update(1)
+    predictor_cpu = (process_cpu_seconds(predictor_pid) - predictor_cpu0) if predictor_pid else 0.0
+    remote_steps = sum(
+        s.steps
+        for name, r in results.items()
+        if name.startswith("remote")
+        for rnd in r.rounds
+        for s in rnd
+    )
     base = float(np.median(results["fixed:0"].tps()))
     rows = []
     for r in results.values():
@@ -209,9 +241,26 @@ def run_compression(args: argparse.Namespace, comp: str, stream: Any | None) -> 
                 "decision wait % of wall": round(
                     100 * sum(s.wait_seconds for s in samples) / wall, 3
                 ),
+                "wall ms/step": round(1e3 * wall / sum(s.steps for s in samples), 2)
+                if any(s.steps for s in samples)
+                else None,
+                "worker CPU ms/step": round(
+                    1e3 * sum(s.cpu_seconds for s in samples) / sum(s.steps for s in samples), 2
+                )
+                if any(s.steps for s in samples)
+                else None,
             }
         )
-    return {"compression": comp, "prompts": len(ids_list), "max_new_tokens": n, "rows": rows}
+    return {
+        "compression": comp,
+        "prompts": len(ids_list),
+        "max_new_tokens": n,
+        "rows": rows,
+        # The predictor process's CPU over this compression's runs, per remote step.
+        "predictor_cpu_ms_per_remote_step": round(1e3 * predictor_cpu / remote_steps, 3)
+        if remote_steps
+        else None,
+    }
 
 
 def plot_e2e(reports: list[dict[str, Any]], img_dir: Path) -> Path:
@@ -245,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", type=Path, default=None, help="model repository to serve")
     parser.add_argument(
         "--model", action="append", default=[], help="previous_step model name(s) in --repo"
+    )
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=None,
+        help="run only these policy names (as printed, e.g. fixed:2 heuristic "
+        "'remote NAME goodput'); fixed:0 always runs as the baseline",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -292,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.05)
         for comp in args.compression:
             load_start, t0 = os.getloadavg()[0], time.perf_counter()
-            rep = run_compression(args, comp, stream)
+            rep = run_compression(args, comp, stream, proc.pid if proc is not None else None)
             rep["seconds"] = round(time.perf_counter() - t0, 1)
             rep["load_average_1min"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
             rep["command"] = "benchmarks/e2e.py " + " ".join(argv if argv else sys.argv[1:])
@@ -306,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             print(" | ".join(cols))
             for row in rep["rows"]:
                 print(" | ".join(str(row[c]) for c in cols))
+            if rep["predictor_cpu_ms_per_remote_step"] is not None:
+                print(
+                    "predictor process CPU per remote step: "
+                    f"{rep['predictor_cpu_ms_per_remote_step']} ms"
+                )
     finally:
         if stream is not None:
             stream.close()
