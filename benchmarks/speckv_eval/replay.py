@@ -141,8 +141,11 @@ def build_trace(
 class Costs:
     """Measured seconds: one draft forward of one token, one target forward of γ+1 tokens.
 
-    Modelled step time uses the least-squares line through the measured verify times (what
-    the worker's timing model reports), which smooths the noise of a shared CPU.
+    Modelled step time: a γ = 0 step is the measured one-position target forward; a
+    speculative step is γ draft forwards plus the least-squares line through the measured
+    verify times at γ ≥ 1 (smoothing the noise of a shared CPU). The line is fitted without
+    γ = 0 because the step from 1 to 2 positions costs more than each further position, and
+    charging target-only decoding the line's intercept would inflate every speed-up.
     """
 
     draft_per_token: float
@@ -150,8 +153,18 @@ class Costs:
     decide: float = 0.0  # in-process predictor decision (onnxruntime + objective)
 
     def step(self, gamma: int) -> float:
-        base, per_token = self.linear_verify()
+        if gamma == 0:
+            return self.verify[0]
+        base, per_token = self.speculative_verify()
         return gamma * (self.draft_per_token + per_token) + base
+
+    def speculative_verify(self) -> tuple[float, float]:
+        """(base, per_token) least-squares fit of verify(γ) over γ ≥ 1."""
+        g = np.arange(1, len(self.verify), dtype=float)
+        if g.size < 2:
+            return float(self.verify[-1]), 0.0
+        slope, base = np.polyfit(g, np.asarray(self.verify[1:]), 1)
+        return float(max(base, 1e-9)), float(max(slope, 0.0))
 
     def linear_verify(self) -> tuple[float, float]:
         """(base, per_token) least-squares fit of verify(γ), what the worker reports."""

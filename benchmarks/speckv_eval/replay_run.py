@@ -149,7 +149,7 @@ def _policies(
         out.append((f"fixed:{g}", local(FixedPolicy(g))))
     out.append(("heuristic (HF schedule, start 4)", local(HeuristicPolicy())))
     out.append(("HF confidence stop (0.4, ROC re-fit)", lambda t, _r: replay_confidence_stop(t)))
-    base, per_token = costs.linear_verify()
+    base, per_token = costs.speculative_verify()
     timing = StepTiming(costs.draft_per_token, base, per_token)
     for version in models:
         label = f"{version.name}:v{version.version}"
