@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from speckv_eval.services import start_predictor
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_CSV = REPO / "predictor_service" / "data" / "speckv-paper" / "phase2_step_results.csv"
@@ -58,27 +57,6 @@ def _train_repo(root: Path) -> None:
                 progress=False,
             )
         )
-
-
-def _start_predictor(repo: Path) -> tuple[subprocess.Popen[str], str]:
-    exe = Path(sys.executable).with_name("speckv-predictor")
-    proc = subprocess.Popen(
-        [str(exe), "serve", "--repo", str(repo), "--port", "0", "--default-model", "speckv-mlp16"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        m = re.search(r"listening on (\S+)", line)
-        if m:
-            return proc, m.group(1)
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("speckv-predictor serve did not start within 60 s")
 
 
 def _run_window(
@@ -147,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         _train_repo(repo)
-        proc, address = _start_predictor(repo)
-        client = PredictorClient(address)
+        proc = start_predictor(repo, default_model="speckv-mlp16")
+        client = PredictorClient(proc.address)
         stream = client.decision_stream()
         try:
             deadline = time.monotonic() + 15
@@ -161,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stream.close()
             client.close()
-            proc.terminate()
-            proc.wait(30)
+            proc.stop()
     prev = reports[0]
     checks = {
         f"previous_step median wait < {MEDIAN_WAIT_BOUND_S * 1e3} ms": prev["wait_ms_median"]

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -31,7 +29,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODEL = "speckv-mlp16"
-LISTENING = re.compile(r"listening on (\S+:\d+)")
 
 PROMPTS: tuple[tuple[str, str], ...] = (
     ("code", "    def __init__(self, name, value):\n"),
@@ -55,58 +52,9 @@ def log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def run(cmd: Sequence[str]) -> None:
+def run(cmd: Sequence[str | Path | int]) -> None:
     log("$ " + " ".join(str(c) for c in cmd))
     subprocess.run([str(c) for c in cmd], check=True)
-
-
-class Service:
-    """A server subprocess whose bound address is read from its `listening on` line."""
-
-    def __init__(self, name: str, cmd: Sequence[str], log_path: Path) -> None:
-        self.name = name
-        log(f"starting {name}: " + " ".join(str(c) for c in cmd))
-        self._log = log_path.open("w")
-        self.proc = subprocess.Popen(
-            [str(c) for c in cmd],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
-        self.address = self._wait_address(timeout_s=180.0, log_path=log_path)
-        # Keep draining stdout so the child never blocks on a full pipe.
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _wait_address(self, timeout_s: float, log_path: Path) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            match = LISTENING.search(line)
-            if match:
-                return match.group(1)
-        self.stop()
-        raise SystemExit(f"{self.name} did not start; its log is {log_path}")
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for _ in self.proc.stdout:
-            pass
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 def prepare(config: DemoConfig) -> tuple[Path, Path, Path]:
@@ -175,7 +123,7 @@ def publish(version_dir: Path, repo: Path) -> Path:
     return dest
 
 
-def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+def table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
@@ -206,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from speckv_client.decoder import DecoderClient
     from speckv_client.predictor import PredictorClient
     from speckv_client.types import GenerationSummary, Objective, RouteWeight, Routing
+    from speckv_eval.services import ServiceProcess, start_predictor
 
     # (label, policy, objective): the predictor under both objectives against fixed γ=4.
     arms = (
@@ -217,29 +166,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs = config.cache / "demo" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     t_services = time.monotonic()
-    predictor = Service(
-        "predictor",
-        [
-            BIN / "speckv-predictor",
-            "serve",
-            "--repo",
-            repo,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--default-model",
-            MODEL,
-            "--grace-seconds",
-            "2",
-        ],
-        logs / "predictor.log",
+    log("starting speckv-predictor serve and speckv-worker serve on free loopback ports")
+    predictor = start_predictor(
+        repo,
+        default_model=MODEL,
+        extra_args=["--grace-seconds", "2"],
+        log_path=logs / "predictor.log",
     )
-    worker: Service | None = None
+    worker: ServiceProcess | None = None
     failures: list[str] = []
     try:
-        worker = Service(
-            "worker",
+        worker = ServiceProcess(
+            "speckv-worker",
             [
                 BIN / "speckv-worker",
                 "serve",
@@ -260,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--shutdown-grace-s",
                 "2",
             ],
-            logs / "worker.log",
+            log_path=logs / "worker.log",
         )
         log(
             f"predictor on {predictor.address}, worker on {worker.address} "

@@ -23,8 +23,6 @@ import argparse
 import copy
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from speckv_eval.services import start_predictor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = REPO_ROOT / "benchmarks" / "prompts" / "prompts.jsonl"
@@ -57,27 +56,6 @@ class PolicyResult:
         return np.asarray(
             [sum(s.tokens for s in r) / sum(s.seconds for s in r) for r in self.rounds]
         )
-
-
-def start_predictor(repo: Path, default_model: str) -> tuple[subprocess.Popen[str], str]:
-    exe = Path(sys.executable).with_name("speckv-predictor")
-    proc = subprocess.Popen(
-        [str(exe), "serve", "--repo", str(repo), "--port", "0", "--default-model", default_model],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        m = re.search(r"listening on (\S+)", line)
-        if m:
-            return proc, m.group(1)
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("speckv-predictor serve did not start within 60 s")
 
 
 def train_seed_model(repo: Path, name: str) -> None:
@@ -340,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     reports = []
     try:
         if args.model:
-            proc, address = start_predictor(args.repo, args.model[0])
-            client = PredictorClient(address)
+            proc = start_predictor(args.repo, default_model=args.model[0])
+            client = PredictorClient(proc.address)
             stream = client.decision_stream()
             deadline = time.monotonic() + 15
             while not stream.connected and time.monotonic() < deadline:
@@ -373,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         if client is not None:
             client.close()
         if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+            proc.stop()
         tmp.cleanup()
     if args.json is not None:
         args.json.write_text(json.dumps(reports, indent=2) + "\n")

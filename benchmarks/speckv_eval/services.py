@@ -1,0 +1,107 @@
+"""Start the project's servers as subprocesses, as a user runs them, for benchmarks and the demo.
+
+Both `speckv-predictor serve` and `speckv-worker serve` print `listening on HOST:PORT` once
+they serve; `ServiceProcess` waits for that line, keeps draining stdout so the child never
+blocks on a full pipe, and stops the child with SIGTERM (SIGKILL after a grace).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+LISTENING = re.compile(r"listening on (\S+:\d+)")
+BIN = Path(sys.executable).parent
+
+
+class ServiceProcess:
+    """A server subprocess whose bound address is read from its `listening on` line."""
+
+    def __init__(
+        self,
+        name: str,
+        cmd: Sequence[str | Path],
+        *,
+        log_path: Path | None = None,
+        timeout_s: float = 180.0,
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log: IO[str] | None = log_path.open("w") if log_path is not None else None
+        self.proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            stdout=subprocess.PIPE,
+            stderr=self._log if self._log is not None else subprocess.DEVNULL,
+            text=True,
+        )
+        self.address = self._wait_address(timeout_s)
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _wait_address(self, timeout_s: float) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            match = LISTENING.search(line)
+            if match:
+                return match.group(1)
+        self.stop()
+        where = f"; its log is {self.log_path}" if self.log_path is not None else ""
+        raise RuntimeError(f"{self.name} did not start within {timeout_s:g} s{where}")
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for _ in self.proc.stdout:
+            pass
+
+    def stop(self, grace_s: float = 30.0) -> int | None:
+        """SIGTERM (the services drain), then SIGKILL after `grace_s`; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ServiceProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_predictor(
+    repo: Path,
+    *,
+    default_model: str | None = None,
+    extra_args: Sequence[str] = (),
+    log_path: Path | None = None,
+    timeout_s: float = 60.0,
+) -> ServiceProcess:
+    """`speckv-predictor serve --repo REPO --port 0` on loopback."""
+    cmd: list[str | Path] = [BIN / "speckv-predictor", "serve", "--repo", repo]
+    cmd += ["--host", "127.0.0.1", "--port", "0"]
+    if default_model:
+        cmd += ["--default-model", default_model]
+    return ServiceProcess(
+        "speckv-predictor", [*cmd, *extra_args], log_path=log_path, timeout_s=timeout_s
+    )
