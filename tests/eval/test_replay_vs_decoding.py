@@ -4,8 +4,6 @@ worker's engine actually takes — same γ, same accepted count, same tokens, sa
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -17,52 +15,21 @@ from speckv_eval.replay import (
     oracle_sequence,
     replay_sequence,
 )
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from decode_worker.config import EngineConfig
 from decode_worker.engine import SpeculativeEngine
 from decode_worker.policies import FixedPolicy, HeuristicPolicy, SequenceInfo
+from tests.worker.engine_helpers import random_pair
 
 VOCAB = 64
 MAX_NEW = 40
 
 
-class _Pair:
-    tokenizer = None
-    compression = "fp16"
-
-    def __init__(self, draft: LlamaForCausalLM, target: LlamaForCausalLM) -> None:
-        self.draft, self.target = draft, target
-
-
 @pytest.fixture(scope="module")
 def engine() -> SpeculativeEngine:
-    torch.manual_seed(0)
     torch.set_num_threads(1)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    target = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        target.lm_head.weight.mul_(20.0)  # sharp distributions: no near-ties in argmax
-    draft = copy.deepcopy(target)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn_like(p) * 0.3 * p.std())
-    for m in (target, draft):
-        m.requires_grad_(False)
-        m.generation_config.eos_token_id = None
-        m.generation_config.pad_token_id = None
-    return SpeculativeEngine(_Pair(draft, target), EngineConfig(max_gamma=16))
+    # The worker tests' random pair: a sharp target and a noisy copy as the draft.
+    return SpeculativeEngine(random_pair(seed=0, vocab=VOCAB), EngineConfig(max_gamma=16))
 
 
 @pytest.fixture(scope="module")
