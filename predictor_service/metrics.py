@@ -9,6 +9,30 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+ArmKey = tuple[str, int, str]
+
+
+class ArmMetrics:
+    """The label children of one (model, version, arm), looked up once instead of per message.
+
+    `.labels()` hashes and validates the label values on every call (about 1 µs each, several
+    per message); children are never removed from these metrics, so caching them is safe.
+    """
+
+    def __init__(self, metrics: PredictorMetrics, model: str, version: int, arm: str) -> None:
+        self.labels = (model, str(version), arm)
+        self.decisions = metrics.decisions.labels(*self.labels)
+        self.latency = metrics.latency.labels(*self.labels)
+        self._gamma_metric = metrics.gamma
+        self._gamma: dict[int, Counter] = {}
+
+    def gamma(self, value: int) -> Counter:
+        child = self._gamma.get(value)
+        if child is None:
+            child = self._gamma[value] = self._gamma_metric.labels(*self.labels, str(value))
+        return child
+
+
 PREFIX = "speckv_predictor"
 # Per-message compute time: tens of microseconds when healthy, milliseconds when not.
 LATENCY_BUCKETS = (
@@ -98,16 +122,31 @@ class PredictorMetrics:
             registry=r,
         )
         self.open_streams = Gauge(f"{PREFIX}_open_streams", "Open Decide streams", registry=r)
+        # Hot-path children, resolved once (see ArmMetrics).
+        self.decide_messages = self.messages.labels("Decide")
+        self.decide_batch_rows = self.batch_rows.labels("Decide")
+        self._arms: dict[ArmKey, ArmMetrics] = {}
+
+    def arm(self, model: str, version: int, arm: str) -> ArmMetrics:
+        key = (model, version, arm)
+        m = self._arms.get(key)
+        if m is None:
+            m = self._arms[key] = ArmMetrics(self, model, version, arm)
+        return m
 
     def record_decisions(
         self, model: str, version: int, arm: str, gammas: np.ndarray, seconds: float
     ) -> None:
-        labels = (model, str(version), arm)
-        self.decisions.labels(*labels).inc(int(gammas.shape[0]))
-        self.latency.labels(*labels).observe(seconds)
+        m = self.arm(model, version, arm)
+        n = int(gammas.shape[0])
+        m.decisions.inc(n)
+        m.latency.observe(seconds)
+        if n == 1:  # the common single-sequence message: no np.unique
+            m.gamma(int(gammas[0])).inc(1)
+            return
         values, counts = np.unique(gammas, return_counts=True)
         for g, c in zip(values.tolist(), counts.tolist(), strict=True):
-            self.gamma.labels(*labels, str(g)).inc(c)
+            m.gamma(g).inc(c)
 
     def record_shadow(
         self, model: str, version: int, rows: int, disagreements: int, mean_abs_diff: float

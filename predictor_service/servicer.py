@@ -86,25 +86,54 @@ def decide_input(req: pb.DecideRequest) -> DecideInput:
             f"is {req.objective}; use OBJECTIVE_TOKENS_PER_STEP (1), OBJECTIVE_GOODPUT (2) or "
             "leave it unspecified for the model's default",
         )
-    for i, row in enumerate(rows):
+    n = len(rows)
+    if n == 1:  # the common single-sequence message: no per-row generators
+        row = rows[0]
         if not row.HasField("signals"):
             raise RequestError(
                 ErrorKind.INVALID_ARGUMENT,
-                f"rows[{i}].signals",
+                "rows[0].signals",
                 "is missing; send the four draft signals",
             )
-    signals = np.array(
-        [
-            (
-                s.mean_draft_entropy,
-                s.mean_draft_confidence,
-                s.max_draft_entropy,
-                s.min_draft_confidence,
+        s = row.signals
+        signals = np.array(
+            [
+                [
+                    s.mean_draft_entropy,
+                    s.mean_draft_confidence,
+                    s.max_draft_entropy,
+                    s.min_draft_confidence,
+                ]
+            ],
+            dtype=np.float64,
+        )
+        keys: list[str] = [row.routing_key]
+        steps: list[int] = [row.step]
+        compression = np.array([row.compression], dtype=np.int64)
+    else:
+        values: list[tuple[float, float, float, float]] = []
+        keys, steps, comps = [], [], []
+        for i, row in enumerate(rows):
+            if not row.HasField("signals"):
+                raise RequestError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"rows[{i}].signals",
+                    "is missing; send the four draft signals",
+                )
+            s = row.signals
+            values.append(
+                (
+                    s.mean_draft_entropy,
+                    s.mean_draft_confidence,
+                    s.max_draft_entropy,
+                    s.min_draft_confidence,
+                )
             )
-            for s in (row.signals for row in rows)
-        ],
-        dtype=np.float64,
-    ).reshape(len(rows), 4)
+            keys.append(row.routing_key)
+            steps.append(row.step)
+            comps.append(row.compression)
+        signals = np.array(values, dtype=np.float64).reshape(n, 4)
+        compression = np.array(comps, dtype=np.int64).reshape(n)
     timing = None
     if req.HasField("timing"):
         t = req.timing
@@ -113,10 +142,10 @@ def decide_input(req: pb.DecideRequest) -> DecideInput:
         )
     m = req.model
     return DecideInput(
-        keys=[row.routing_key for row in rows],
-        steps=[row.step for row in rows],
+        keys=keys,
+        steps=steps,
         signals=signals,
-        compression=np.fromiter((row.compression for row in rows), dtype=np.int64, count=len(rows)),
+        compression=compression,
         window=window,
         gammas=list(req.gamma_candidates),
         objective=OBJECTIVES[req.objective],
@@ -238,8 +267,8 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
 
     def _decide_one(self, req: pb.DecideRequest) -> tuple[pb.DecideResponse, DecideResult | None]:
         metrics = self.engine.metrics
-        metrics.messages.labels("Decide").inc()
-        metrics.batch_rows.labels("Decide").observe(len(req.rows))
+        metrics.decide_messages.inc()
+        metrics.decide_batch_rows.observe(len(req.rows))
         try:
             inp = decide_input(req)
             result = self.engine.decide(inp)
