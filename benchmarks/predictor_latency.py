@@ -6,7 +6,10 @@
 (b) in-process onnxruntime: one 4-candidate decision, all candidates in one run
     (b0: the bare `session.run`; b1: the server's full decision code without protobuf);
 (c) over a gRPC Decide stream on loopback, one row per message, 1 and 8 concurrent streams;
-(d) several rows per message, 32 concurrent streams.
+(d) several rows per message, 32 concurrent streams;
+(c0) the floor under (c): the same client against a bare grpc.aio Decide that answers every
+    message with a prebuilt one-row response (no decision work), so (c) - (c0) is what the
+    predictor itself adds per message.
 The server is the real `speckv-predictor serve` in a subprocess, so client and server do not
 share a GIL; on a 2-core machine they still share the cores, which the report says.
 """
@@ -128,6 +131,52 @@ def start_server(repo: Path, model: str) -> tuple[subprocess.Popen[str], str]:
     raise RuntimeError("the server exited before serving")
 
 
+def start_echo_server() -> tuple[subprocess.Popen[str], str]:
+    """The (c0) floor: this script in `--echo-server` mode, in its own process like the server."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--echo-server"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if m := re.search(r"listening on (\S+)", line):
+            return proc, m.group(1)
+    raise RuntimeError("the echo server exited before listening")
+
+
+async def echo_server() -> None:
+    """A Decide that does no work: one prebuilt decision of the size the server sends."""
+    import grpc
+    from speckv.v1 import predictor_pb2 as pb
+    from speckv.v1 import predictor_pb2_grpc as pb_grpc
+
+    answer = pb.DecideResponse(
+        decisions=[
+            pb.Decision(
+                routing_key="bench-0-0",
+                gamma=8,
+                candidates=[
+                    pb.CandidateScore(gamma=g, predicted_acceptance=0.5, score=1.0) for g in GAMMAS
+                ],
+                model_name="speckv-mlp16-same-step",
+                model_version=1,
+                arm="v1",
+            )
+        ]
+    )
+
+    class Echo(pb_grpc.PredictorServiceServicer):
+        async def Decide(self, request_iterator: Any, context: Any) -> None:
+            async for req in request_iterator:
+                answer.request_id = req.request_id
+                await context.write(answer)
+
+    server = grpc.aio.server()
+    pb_grpc.add_PredictorServiceServicer_to_server(Echo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
 async def bench_grpc(address: str, streams: int, rows: int, seconds: float) -> dict[str, Any]:
     import grpc
     from speckv.v1 import common_pb2 as cpb
@@ -199,7 +248,11 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="measuring time per scenario")
     p.add_argument("--rows", type=int, default=64, help="rows per message in (d)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.echo_server:  # the (c0) floor's server process
+        asyncio.run(echo_server())
+        return 0
 
     from predictor_service.training import SEED_CSV, TrainConfig, train_and_register
 
@@ -224,6 +277,14 @@ def main() -> int:
         results.append(bench_sklearn(x_row, SEED_CSV, args.seconds))
         print("(b) in-process onnxruntime ...", flush=True)
         results.extend(bench_onnx(repo, name, x_row, args.seconds))
+        print("(c0) gRPC floor: echo server, same client ...", flush=True)
+        echo, echo_address = start_echo_server()
+        try:
+            r = asyncio.run(bench_grpc(echo_address, 1, 1, args.seconds))
+            results.append({"name": "(c0) gRPC floor: bare echo, 1 row/message, 1 stream", **r})
+        finally:
+            echo.terminate()
+            echo.wait(timeout=30)
         proc, address = start_server(repo, name)
         try:
             for label, streams, rows in (
