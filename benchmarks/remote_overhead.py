@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -58,29 +57,6 @@ def _train(repo: Path) -> None:
         check=True,
         stdout=subprocess.DEVNULL,
     )
-
-
-def _start_predictor(repo: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [
-            *(_cli("speckv-predictor"), "serve", "--repo", str(repo), "--port", "0"),
-            *("--default-model", MODEL),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        m = re.search(r"listening on (\S+)", line)
-        if m:
-            return proc, m.group(1)
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("speckv-predictor serve did not print 'listening on' within 60 s")
 
 
 class _AioPrototype:
@@ -203,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from speckv_client.predictor import PredictorClient
     from speckv_client.types import Objective
+    from speckv_eval.services import start_predictor
 
     from decode_worker.config import EngineConfig, RemotePolicyConfig
     from decode_worker.engine import SpeculativeEngine
@@ -231,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         repo = Path(args.repo) if args.repo else Path(tmp) / "repo"
         if not args.repo:
             _train(repo)
-        proc, address = _start_predictor(repo)
+        proc = start_predictor(repo, default_model=MODEL)
+        address = proc.address
         client = PredictorClient(address)
         stream = client.decision_stream()
         aio = _AioPrototype(address) if args.aio_prototype else None
@@ -271,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 aio.close()
             stream.close()
             client.close()
-            proc.terminate()
-            proc.wait(30)
+            proc.stop()
 
     keys = [k for k in runs["fixed:2"][0] if k.endswith("per_step")]
     summary = {
