@@ -51,8 +51,10 @@ CONFIDENCE_SLACK = 1e-6
 CANDIDATE_CACHE_SIZE = 256
 # Valid signal ranges per column (DRAFT_SIGNALS order: entropy, confidence, entropy,
 # confidence); comparisons are False for NaN and ±inf falls outside, so one range test per
-# value finds every refused row (the slow path then names the first one).
-_FLOAT_MAX = float(np.finfo(np.float64).max)
+# value finds every refused row (the slow path then names the first one). The bounds are in
+# the units the model runs in: float32, so a value finite in float64 but not in float32
+# (entropy 1e39) is refused instead of reaching the model as inf and coming back as NaN.
+_FLOAT_MAX = float(np.finfo(np.float32).max)
 _SIGNAL_LOW = np.zeros(4)
 _SIGNAL_HIGH = np.array([_FLOAT_MAX, 1 + CONFIDENCE_SLACK, _FLOAT_MAX, 1 + CONFIDENCE_SLACK])
 _SIGNAL_BOUNDS = tuple(zip(_SIGNAL_LOW.tolist(), _SIGNAL_HIGH.tolist(), strict=True))
@@ -161,6 +163,34 @@ class DecideResult:
     objective: Objective
     timing: StepTiming | None
     table_model: str
+
+
+def check_choice(choice: Choice, timing: StepTiming | None) -> None:
+    """Never answer a non-finite score or an acceptance outside [0, 1]: refuse the message.
+
+    Inputs are validated in float32 before the model runs, but a model can still overflow
+    inside (huge finite signals) and tiny timings can overflow the goodput score.
+    """
+    acc, score = choice.acceptance, choice.score
+    if np.isfinite(score).all() and acc.min() >= 0.0 and acc.max() <= 1.0:
+        return
+    bad_acc = ~((acc >= 0.0) & (acc <= 1.0))  # NaN compares False
+    if bad_acc.any():
+        i = int(np.argwhere(bad_acc)[0][0])
+        raise RequestError(
+            ErrorKind.INVALID_ARGUMENT,
+            f"rows[{i}].signals",
+            "the model's predicted acceptance for these signals is not a number in [0, 1] "
+            "(the signals are far outside what it was trained on); nothing was answered",
+        )
+    i = int(np.argwhere(~np.isfinite(score))[0][0])
+    what = f"timing {timing}" if timing is not None else "these inputs"
+    raise RequestError(
+        ErrorKind.INVALID_ARGUMENT,
+        "timing",
+        f"the objective is not a finite number for rows[{i}] with {what}; send the "
+        "worker's measured times in seconds (e.g. verify_base_seconds 0.005)",
+    )
 
 
 class PredictorEngine:
@@ -328,17 +358,19 @@ class PredictorEngine:
             return (compression - 1).astype(np.float32)
         # Something is refused: find the first bad value and name it.
         bad = ~np.isfinite(signals)
+        bad |= np.abs(signals) > _FLOAT_MAX
         bad |= signals < 0
         bad[:, 1] |= signals[:, 1] > 1 + CONFIDENCE_SLACK
         bad[:, 3] |= signals[:, 3] > 1 + CONFIDENCE_SLACK
         if bad.any():
             i, j = (int(v) for v in np.argwhere(bad)[0])
             name = DRAFT_SIGNALS[j]
-            want = "in [0, 1]" if "confidence" in name else ">= 0 (bits)"
+            want = "in [0, 1]" if "confidence" in name else f">= 0 (bits) and <= {_FLOAT_MAX:.8g}"
             raise RequestError(
                 ErrorKind.INVALID_ARGUMENT,
                 f"rows[{i}].signals.{name}",
-                f"is {signals[i, j]}; must be a finite number {want}",
+                f"is {signals[i, j]}; must be a finite float32 number {want} (the model runs in "
+                "float32)",
             )
         bad_comp = (compression < 1) | (compression > 3)
         if bad_comp.any():
@@ -436,6 +468,7 @@ class PredictorEngine:
                 gamma[rows], acc[rows], score[rows] = c.gamma, c.acceptance, c.score
                 self._record(table.model, g, c.gamma, time.perf_counter() - t0)
             choice = Choice(gamma, acc, score)
+        check_choice(choice, inp.timing)
         shadow = table.shadow if pinned is None else None
         if shadow is not None and shadow.window != served_by:
             shadow = None
@@ -503,20 +536,46 @@ class PredictorEngine:
                     f"{', '.join(version.manifest.feature_names)}",
                 )
         x = np.asarray(rows, dtype=np.float64)
-        finite = np.isfinite(x)
-        if not finite.all():
-            i, j = (int(v) for v in np.argwhere(~finite)[0])
-            raise RequestError(
-                ErrorKind.INVALID_ARGUMENT,
-                f"rows[{i}].values[{j}]",
-                f"is {x[i, j]} ({version.manifest.feature_names[j]}); must be finite",
-            )
+        self._check_raw_rows(x, version.manifest.feature_names)
         t0 = time.perf_counter()
         out = version.predict(x.astype(np.float32))
+        bad = ~((out >= 0.0) & (out <= 1.0))  # NaN compares False
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"rows[{i}].values",
+                "the model's predicted acceptance for this row is not a number in [0, 1] "
+                "(the values are far outside what it was trained on); nothing was answered",
+            )
         labels = (table.model, str(version.version), arm_name)
         self.metrics.predict_rows.labels(*labels).inc(len(rows))
         self.metrics.latency.labels(*labels).observe(time.perf_counter() - t0)
         return out, version, arm_name
+
+    def _check_raw_rows(self, x: np.ndarray, names: Sequence[str]) -> None:
+        """A raw Predict row, checked per feature in float32 (the units the model runs in)."""
+        for j, name in enumerate(names):
+            col = x[:, j]
+            if "confidence" in name:
+                ok, want = (col >= 0) & (col <= 1 + CONFIDENCE_SLACK), "in [0, 1]"
+            elif "entropy" in name:
+                ok, want = (col >= 0) & (col <= _FLOAT_MAX), f"in [0, {_FLOAT_MAX:.8g}] (bits)"
+            elif name == "comp_enc":
+                ok = (col == 0) | (col == 1) | (col == 2)
+                want = "0 (fp16), 1 (int8) or 2 (nf4)"
+            elif name == "gamma":
+                ok = (col >= 0) & (col <= self.config.max_gamma)
+                want = f"in [0, {self.config.max_gamma}]"
+            else:
+                ok, want = np.abs(col) <= _FLOAT_MAX, "a finite float32 number"
+            if not ok.all():
+                i = int(np.argmin(ok))
+                raise RequestError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"rows[{i}].values[{j}]",
+                    f"is {x[i, j]} ({name}); must be {want}",
+                )
 
     # ----- repository and admin ----------------------------------------------------------
 
@@ -552,7 +611,7 @@ class PredictorEngine:
                 )
             t0 = time.perf_counter()
             try:
-                loaded = load_version(folder)
+                loaded = load_version(folder, root=self.config.repo)
             except LoadError as e:
                 status = VersionStatus(version, VersionState.FAILED, error=str(e))
                 with self._lock:

@@ -53,7 +53,10 @@ class LoadedVersion:
         self._session = session
         self._input = manifest.onnx.input_name
         self._outputs = [manifest.onnx.output_name]
-        self._low, self._high = manifest.output_range
+        # An acceptance is a probability: never answer outside [0, 1], whatever the manifest.
+        low, high = manifest.output_range
+        self._low = min(max(low, 0.0), 1.0)
+        self._high = max(min(high, 1.0), self._low)
 
     @property
     def ref(self) -> VersionRef:
@@ -81,13 +84,37 @@ def session_options() -> ort.SessionOptions:
     return opts
 
 
-def load_version(folder: Path) -> LoadedVersion:
-    """Load, validate (shapes, known answers) and warm one version folder, or raise LoadError."""
+def check_inside(path: Path, root: Path) -> None:
+    """Raise LoadError when `path` resolves (through symlinks) to a place outside `root`.
+
+    A model folder, version folder or file that is a symlink out of the repository would
+    let whoever can write a link serve a model nobody uploaded; it is refused, not followed.
+    """
+    real_root = root.resolve()
+    real = path.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise LoadError(
+            f"{path} resolves to {real}, outside the model repository {real_root}; refused "
+            "(symlinks out of --repo are not followed: copy the version into the repository)"
+        )
+
+
+def load_version(folder: Path, root: Path | None = None) -> LoadedVersion:
+    """Load, validate (shapes, known answers) and warm one version folder, or raise LoadError.
+
+    With `root` (the repository), the folder, its manifest and its model file must resolve
+    inside it.
+    """
+    if root is not None:
+        check_inside(folder, root)
+        check_inside(folder / MANIFEST_FILE, root)
     try:
         manifest = load_manifest(folder)
     except ManifestError as e:
         raise LoadError(str(e)) from e
     onnx_path = folder / manifest.onnx.file
+    if root is not None:
+        check_inside(onnx_path, root)
     if not onnx_path.is_file():
         raise LoadError(f"{onnx_path}: missing (the manifest names it in 'onnx.file')")
     try:

@@ -159,12 +159,7 @@ def resolve(model: str, routing: Routing, loaded: Mapping[int, LoadedVersion]) -
     if not arms:
         latest = max(loaded)
         arms, weights = [Arm(f"v{latest}", loaded[latest])], [1.0]
-    total = sum(weights)
-    if total <= 0:
-        raise RoutingError("routing.weights", "weights sum to 0; give at least one arm weight > 0")
-    # Zero-weight arms stay listed (GetRouting shows them) but can never be drawn.
-    cumulative = np.cumsum(np.asarray(weights, dtype=np.float64) / total)
-    cumulative[-1] = 1.0
+    cumulative = normalised_cumulative(weights)
     return RouteTable(
         model=model,
         routing=routing,
@@ -176,6 +171,24 @@ def resolve(model: str, routing: Routing, loaded: Mapping[int, LoadedVersion]) -
         salt_bytes=routing.salt.encode()[:64],
         explicit=explicit,
     )
+
+
+def normalised_cumulative(weights: Sequence[float]) -> np.ndarray:
+    """Cumulative shares of finite weights >= 0; raises RoutingError when all are 0.
+
+    Weights are relative, so they are scaled by the largest first: 1e308 + 1e308 would
+    overflow to inf (and every share to 0, sending all keys to the last arm), 5e-324 alone
+    would be subnormal; after scaling the largest is 1 and the sum is at most len(weights).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    top = float(w.max()) if w.size else 0.0
+    if not top > 0:
+        raise RoutingError("routing.weights", "weights sum to 0; give at least one arm weight > 0")
+    w = w / top
+    cumulative = np.cumsum(w / w.sum())
+    # Zero-weight arms stay listed (GetRouting shows them) but can never be drawn.
+    cumulative[-1] = 1.0
+    return cumulative
 
 
 def referenced_versions(routing: Routing) -> dict[int, str]:
