@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 _CLOSE = object()
 """Put on a stream's queue to half-close it (ends gRPC's request iterator)."""
 
+MAX_MESSAGE_BYTES = 1 << 20
+"""The largest Decide message sent: the predictor's default `--max-message-bytes`.
+
+A larger batch fails its own future with `InvalidArgument` before anything is sent, so it
+can never cost the other sequences on the shared stream their decisions.
+"""
+_REQUEST_ID_BYTES = 11  # field 1 tag + a uint64 varint, set after the size check
+
 
 @dataclass
 class DecisionStreamStats:
@@ -71,7 +79,9 @@ class _Stream:
 class DecisionStream:
     """Submit `DecideBatch`es, get `Future[list[Decision]]`s; reconnects on its own.
 
-    - `submit` never blocks. A future fails with `PredictorUnavailable` when no stream
+    - `submit` never blocks. A batch over `max_message_bytes` fails its own future with
+      `InvalidArgument` and is not sent (the stream and every other future are untouched).
+      A future fails with `PredictorUnavailable` when no stream
       is open (during backoff) or the stream breaks before its answer, and with
       `PredictorRequestError` when the server refused that one message (the stream
       stays open and later messages are answered).
@@ -91,7 +101,9 @@ class DecisionStream:
         target: str,
         backoff: ReconnectBackoff | None = None,
         seed: int | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
+        self._max_message_bytes = max_message_bytes
         self._stub = predictor_pb2_grpc.PredictorServiceStub(channel)
         self._channel = channel
         self._target = target
@@ -136,6 +148,17 @@ class DecisionStream:
             request = convert.decide_request_to_pb(batch, 0)
         except (KeyError, ValueError, TypeError) as exc:
             future.set_exception(InvalidArgument(f"cannot encode DecideBatch: {exc!r}"))
+            return future
+        size = request.ByteSize() + _REQUEST_ID_BYTES
+        if size > self._max_message_bytes:
+            self.stats.request_errors += 1
+            future.set_exception(
+                InvalidArgument(
+                    f"DecideBatch of {len(batch.rows)} rows encodes to about {size} bytes; at "
+                    f"most {self._max_message_bytes} are sent per message (the predictor's "
+                    "--max-message-bytes); split the batch or shorten the routing keys"
+                )
+            )
             return future
         with self._lock:
             stream = self._current

@@ -16,7 +16,7 @@ import grpc
 from speckv.v1 import predictor_pb2, predictor_pb2_grpc
 from speckv_client import convert
 from speckv_client.channel import ChannelConfig, TlsConfig, open_channel
-from speckv_client.decision_stream import DecisionStream
+from speckv_client.decision_stream import MAX_MESSAGE_BYTES, DecisionStream
 from speckv_client.errors import (
     InvalidArgument,
     PredictorRequestError,
@@ -86,13 +86,19 @@ class PredictorClient:
 
     # --- decisions ---
 
-    def decision_stream(self, *, seed: int | None = None) -> DecisionStream:
+    def decision_stream(
+        self, *, seed: int | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES
+    ) -> DecisionStream:
         """A long-lived, self-reconnecting Decide stream on this client's channel.
 
         Close the stream before the client (closing the channel breaks the stream).
         """
         return DecisionStream(
-            self._channel, target=self.target, backoff=self._config.reconnect, seed=seed
+            self._channel,
+            target=self.target,
+            backoff=self._config.reconnect,
+            seed=seed,
+            max_message_bytes=max_message_bytes,
         )
 
     def decide(self, batch: DecideBatch, *, timeout_s: float | None = None) -> list[Decision]:

@@ -59,6 +59,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-batch-rows", type=int, default=1024, help="rows allowed per message")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest Decide/Predict message answered; larger ones get a per-message "
+        "RESOURCE_EXHAUSTED (gRPC itself ends a stream only above 4x this, min 4 MiB)",
+    )
+    p.add_argument(
+        "--max-routing-key-bytes",
+        type=int,
+        default=256,
+        help="longest routing_key (UTF-8 bytes) per row; longer ones are refused per message",
+    )
+    p.add_argument(
+        "--max-decide-streams",
+        type=int,
+        default=1024,
+        help="open Decide streams allowed; more are refused (RESOURCE_EXHAUSTED), health never",
+    )
 
 
 class JsonFormatter(logging.Formatter):
@@ -101,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
         grace_seconds=args.grace_seconds,
         max_connection_age_seconds=args.max_connection_age_seconds,
         max_batch_rows=args.max_batch_rows,
+        max_message_bytes=args.max_message_bytes,
+        max_routing_key_bytes=args.max_routing_key_bytes,
+        max_decide_streams=args.max_decide_streams,
     )
     try:
         config.check()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -27,6 +28,14 @@ from predictor_service.engine import EngineConfig, PredictorEngine
 from predictor_service.metrics import PredictorMetrics
 from predictor_service.router import read_routing_file
 from predictor_service.servicer import PredictorServicer
+from predictor_service.wire import (
+    MAX_MESSAGE_BYTES,
+    MAX_NAME_BYTES,
+    MAX_ROUTING_KEY_BYTES,
+    StreamLimits,
+    lenient_deserializer,
+    transport_limit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,11 @@ class ServerConfig:
     max_batch_rows: int = 1024
     max_candidates: int = 16
     max_gamma: int = 64
+    # Per-message limits answered with a per-message error (docs/predictor.md, "Limits").
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_routing_key_bytes: int = MAX_ROUTING_KEY_BYTES
+    max_decide_streams: int = 1024
+    switch_interval_s: float | None = 0.0005
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -63,8 +77,23 @@ class ServerConfig:
             max_gamma=self.max_gamma,
         )
 
+    def limits(self) -> StreamLimits:
+        return StreamLimits(
+            max_message_bytes=self.max_message_bytes,
+            max_routing_key_bytes=self.max_routing_key_bytes,
+            max_name_bytes=MAX_NAME_BYTES,
+            max_decide_streams=self.max_decide_streams,
+        )
+
     def check(self) -> None:
         """Refuse configurations that cannot work, with the flag to fix."""
+        for flag, value, low, high in (
+            ("--max-message-bytes", self.max_message_bytes, 1024, 1 << 30),
+            ("--max-routing-key-bytes", self.max_routing_key_bytes, 1, 1 << 20),
+            ("--max-decide-streams", self.max_decide_streams, 1, 1 << 20),
+        ):
+            if not low <= value <= high:
+                raise ValueError(f"{flag} must be in [{low}, {high}], got {value}")
         if not self.repo.is_dir():
             raise ValueError(f"--repo {self.repo}: not a directory; point it at a model repository")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -90,7 +119,51 @@ class ServerConfig:
             ("grpc.http2.max_ping_strikes", 0),
             ("grpc.max_connection_age_ms", int(self.max_connection_age_seconds * 1000)),
             ("grpc.max_connection_age_grace_ms", int(max(self.grace_seconds, 1.0) * 1000)),
+            # Above --max-message-bytes a message is still read and refused on its own
+            # (the stream stays open); only above this transport limit does gRPC end it.
+            ("grpc.max_receive_message_length", transport_limit(self.max_message_bytes)),
         ]
+
+
+class _Handlers:
+    """Catches the generated code's handlers so two of them can be changed before use."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def _serialize_decide(resp: Any) -> bytes:
+    """Big answers arrive already serialised (off the event loop); the rest are messages."""
+    return resp if isinstance(resp, bytes) else resp.SerializeToString()
+
+
+def add_servicer(servicer: PredictorServicer, server: grpc.aio.Server, max_bytes: int) -> None:
+    """The generated registration, with Decide and Predict decoded by `lenient_deserializer`.
+
+    gRPC ends a stream when its deserializer raises; these never raise, so a message that is
+    too large or not valid protobuf (non-UTF-8 string) is answered on its own.
+    """
+    from speckv.v1 import predictor_pb2 as pb
+
+    caught = _Handlers()
+    pb_grpc.add_PredictorServiceServicer_to_server(servicer, caught)
+    h = caught.handlers
+    h["Decide"] = h["Decide"]._replace(
+        request_deserializer=lenient_deserializer(pb.DecideRequest, max_bytes, "Decide"),
+        response_serializer=_serialize_decide,
+    )
+    h["Predict"] = h["Predict"]._replace(
+        request_deserializer=lenient_deserializer(pb.PredictRequest, max_bytes, "Predict")
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(caught.service, h),))
+    server.add_registered_method_handlers(caught.service, h)
 
 
 class PredictorServer:
@@ -100,7 +173,7 @@ class PredictorServer:
         self.config = config
         self.metrics = PredictorMetrics()
         self.engine = PredictorEngine(config.engine_config(), self.metrics)
-        self.servicer = PredictorServicer(self.engine)
+        self.servicer = PredictorServicer(self.engine, config.limits())
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -122,10 +195,14 @@ class PredictorServer:
         """Bind, report NOT_SERVING, load the repository, then SERVING; returns the port."""
         cfg = self.config
         cfg.check()
+        if cfg.switch_interval_s is not None:
+            # The big-message lane and the event loop share the GIL; a short switch interval
+            # bounds how long a small message waits for it (default 5 ms).
+            sys.setswitchinterval(cfg.switch_interval_s)
         self._stopped = asyncio.Event()
         interceptors = [AdminTokenInterceptor(cfg.admin_token)] if cfg.admin_token else []
         server = grpc.aio.server(interceptors=interceptors, options=cfg.grpc_options())
-        pb_grpc.add_PredictorServiceServicer_to_server(self.servicer, server)
+        add_servicer(self.servicer, server, cfg.max_message_bytes)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -226,6 +303,7 @@ class PredictorServer:
                 await self._poll_task
         if self._server is not None:
             await self._server.stop(max(0.0, deadline - loop.time()))
+        self.servicer.big_lane.shutdown(wait=False)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

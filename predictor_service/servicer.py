@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
@@ -30,6 +31,7 @@ from predictor_service.engine import (
     VersionStatus,
 )
 from predictor_service.router import Routing
+from predictor_service.wire import BadMessage, StreamLimits, check_selector, check_strings
 
 log = logging.getLogger(__name__)
 
@@ -236,40 +238,82 @@ class DecideStream:
 
 
 class PredictorServicer(pb_grpc.PredictorServiceServicer):
-    def __init__(self, engine: PredictorEngine) -> None:
+    def __init__(self, engine: PredictorEngine, limits: StreamLimits | None = None) -> None:
         self.engine = engine
+        self.limits = limits or StreamLimits()
         self.streams: set[DecideStream] = set()
         self.draining = False
+        # Large messages are decided, built and serialised here, one at a time in arrival
+        # order, while the event loop keeps answering small messages (onnxruntime and
+        # protobuf serialisation release the GIL for most of that work).
+        self.big_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predictor-big")
 
     async def Decide(
-        self, request_iterator: AsyncIterator[pb.DecideRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.DecideRequest | BadMessage],
+        context: grpc.aio.ServicerContext,
     ) -> None:
+        limit = self.limits.max_decide_streams
+        if len(self.streams) >= limit:
+            self.engine.metrics.errors.labels("Decide", "resource_exhausted", "").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(self.streams)} Decide streams are open; at most {limit} "
+                "(--max-decide-streams); retry later or use another replica",
+            )
         stream = DecideStream(context)
         self.streams.add(stream)
         metrics = self.engine.metrics
         metrics.open_streams.inc()
+        loop = asyncio.get_running_loop()
+        big = self.limits.big_message_cells
         try:
             if self.draining:
                 async with stream.lock:
                     await context.write(pb.DecideResponse(reconnect=True))
             async for req in request_iterator:
-                resp, result = self._decide_one(req)
+                answer: pb.DecideResponse | bytes
+                if isinstance(req, BadMessage):
+                    answer, result = self._refused(req.request_id, req.error, ""), None
+                elif len(req.rows) * max(1, len(req.gamma_candidates)) > big:
+                    answer, result = await loop.run_in_executor(
+                        self.big_lane, self._decide_serialized, req
+                    )
+                else:
+                    answer, result = self._decide_one(req)
                 async with stream.lock:
-                    await context.write(resp)
+                    await context.write(answer)
                 if result is not None and result.shadow is not None:
                     try:
-                        self.engine.score_shadow(result)
+                        if isinstance(answer, bytes):  # a big message: off the loop too
+                            await loop.run_in_executor(
+                                self.big_lane, self.engine.score_shadow, result
+                            )
+                        else:
+                            self.engine.score_shadow(result)
                     except Exception:
                         log.exception("shadow scoring failed (the answer was already sent)")
         finally:
             self.streams.discard(stream)
             metrics.open_streams.dec()
 
+    def _refused(self, request_id: int, e: RequestError, model: str) -> pb.DecideResponse:
+        self.engine.metrics.errors.labels("Decide", e.kind.value, model).inc()
+        err = pb.Error(code=ERROR_CODES[e.kind], field=e.field, message=e.message)
+        return pb.DecideResponse(request_id=request_id, error=err, reconnect=self.draining)
+
+    def _decide_serialized(self, req: pb.DecideRequest) -> tuple[bytes, DecideResult | None]:
+        """`_decide_one` with the answer serialised (the big-message lane's whole job)."""
+        resp, result = self._decide_one(req)
+        return resp.SerializeToString(), result
+
     def _decide_one(self, req: pb.DecideRequest) -> tuple[pb.DecideResponse, DecideResult | None]:
         metrics = self.engine.metrics
         metrics.decide_messages.inc()
         metrics.decide_batch_rows.observe(len(req.rows))
         try:
+            limits = self.limits
+            check_strings(req, limits.max_routing_key_bytes, limits.max_name_bytes)
             inp = decide_input(req)
             result = self.engine.decide(inp)
             return decide_response(req.request_id, inp, result, self.draining), result
@@ -315,10 +359,13 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
         raise AssertionError("unreachable")
 
     async def Predict(
-        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+        self, request: pb.PredictRequest | BadMessage, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
         async def run() -> pb.PredictResponse:
+            if isinstance(request, BadMessage):
+                raise request.error
             m = request.model
+            self._check_predict_strings(request)
             out, version, arm = self.engine.predict(
                 Selector(m.name, m.version, m.alias),
                 request.routing_key,
@@ -332,6 +379,21 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
             )
 
         return await self._unary(context, "Predict", run)
+
+    def _check_predict_strings(self, request: pb.PredictRequest) -> None:
+        limits = self.limits
+        key = request.routing_key
+        if (
+            len(key) > limits.max_routing_key_bytes // 4
+            and len(key.encode()) > limits.max_routing_key_bytes
+        ):
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT,
+                "routing_key",
+                f"is {len(key.encode())} bytes; at most {limits.max_routing_key_bytes} "
+                "(--max-routing-key-bytes)",
+            )
+        check_selector(request.model.name, request.model.alias, limits.max_name_bytes)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -259,3 +259,32 @@ def test_drain_reconnect_message_moves_new_requests_to_a_new_stream(
         stream.close()
         pc.close()
         server.kill()
+
+
+def test_oversize_batch_fails_only_its_own_future_and_the_stream_survives(
+    predictor: RunningPredictor,
+) -> None:
+    """A batch the predictor cannot take is refused here; the other sequences keep deciding."""
+    with PredictorClient(predictor.address) as pc, pc.decision_stream(seed=0) as stream:
+        assert stream.decide(batch("warm"), timeout_s=10)
+        before = [stream.submit(batch(f"before-{i}", i)) for i in range(20)]
+        huge = DecideBatch(
+            rows=tuple(
+                FeatureRow(
+                    f"{i:06d}" + "k" * 5000, i, DraftSignals(1.2, 0.7, 2.5, 0.3), Compression.NF4
+                )
+                for i in range(1024)
+            ),
+            gamma_candidates=(2, 4, 6, 8),
+            objective=Objective.TOKENS_PER_STEP,
+            model=ModelSelector(name=MODEL),
+        )  # about 5 MiB: over every limit
+        refused = stream.submit(huge)
+        after = [stream.submit(batch(f"after-{i}", i)) for i in range(20)]
+        with pytest.raises(InvalidArgument, match="max-message-bytes"):
+            refused.result(timeout=10)
+        for i, f in enumerate(before):
+            assert f.result(timeout=10)[0].routing_key == f"before-{i}"
+        for i, f in enumerate(after):
+            assert f.result(timeout=10)[0].routing_key == f"after-{i}"
+        assert stream.stats.streams_opened == 1 and stream.stats.unavailable == 0

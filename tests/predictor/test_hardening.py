@@ -257,3 +257,201 @@ def test_symlink_out_of_the_repo_is_refused_by_poll_and_by_load_model(
         assert "outside the model repository" in err.value.details()
     finally:
         ch.close()
+
+
+# ----- 2. one bad message must not end the stream ---------------------------------------------
+
+DECIDE = "/speckv.v1.PredictorService/Decide"
+
+
+def _raw_decide(channel: grpc.Channel) -> Callable[..., object]:
+    """Decide with pre-serialised requests, so a test can send bytes no client library would."""
+    return channel.stream_stream(
+        DECIDE,
+        request_serializer=lambda b: b,
+        response_deserializer=pb.DecideResponse.FromString,
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "place"),
+    [("rows[1].routing_key", "key"), ("model.name", "model")],
+)
+def test_invalid_utf8_string_is_refused_per_message(
+    channel: grpc.Channel, field: str, place: str
+) -> None:
+    req = request(request_id=7, keys=["ok", "AAAA"])
+    if place == "model":
+        req = request(request_id=7, keys=["ok"], model=cpb.ModelSelector(name="AAAA"))
+    raw = req.SerializeToString().replace(b"AAAA", b"\xff\xfe\xc3\x28")
+    good = request(request_id=8).SerializeToString()
+    first, second = list(_raw_decide(channel)(iter([raw, good]), timeout=30))  # type: ignore[call-overload]
+    assert first.request_id == 7 and not first.decisions
+    assert (first.error.code, first.error.field) == (pb.ERROR_CODE_INVALID_ARGUMENT, field)
+    assert "UTF-8" in first.error.message
+    assert second.request_id == 8 and not second.HasField("error")
+
+
+def test_message_over_the_answered_limit_is_refused_per_message(channel: grpc.Channel) -> None:
+    big = request(request_id=11, keys=[f"{i:04d}" + "k" * 200 for i in range(1024)])
+    big.rows[0].routing_key = "x" * (2 << 20)  # 2 MiB: over --max-message-bytes (1 MiB)
+    good = request(request_id=12)
+    send = _raw_decide(channel)
+    msgs = [big.SerializeToString(), good.SerializeToString()]
+    first, second = list(send(iter(msgs), timeout=30))  # type: ignore[call-overload]
+    assert first.request_id == 11 and not first.decisions
+    assert first.error.code == pb.ERROR_CODE_RESOURCE_EXHAUSTED
+    assert "--max-message-bytes" in first.error.message
+    assert second.request_id == 12 and not second.HasField("error")
+
+
+def test_long_routing_key_and_model_name_are_refused_per_message(
+    stub: pb_grpc.PredictorServiceStub,
+) -> None:
+    long_key = request(request_id=1, keys=["k" * 257])
+    long_name = request(request_id=2, model=cpb.ModelSelector(name="m" * 257))
+    ok = request(request_id=3, keys=["é" * 128])  # 256 bytes: the limit itself is fine
+    a, b, c = stub.Decide(iter([long_key, long_name, ok]), timeout=30)
+    assert (a.error.field, b.error.field) == ("rows[0].routing_key", "model.name")
+    assert "--max-routing-key-bytes" in a.error.message
+    assert not c.HasField("error"), c.error
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(
+            pb.PredictRequest(
+                routing_key="k" * 300, rows=[pb.FeatureVector(values=[0.1, 0.9, 0.2, 0.8, 1, 4])]
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("routing_key:")
+
+
+def test_only_a_message_over_the_transport_limit_ends_its_stream(
+    server: PredictorServer, channel: grpc.Channel, stub: pb_grpc.PredictorServiceStub
+) -> None:
+    """The documented bound: above 4x --max-message-bytes gRPC ends that stream, no other."""
+    huge = request(request_id=1)
+    huge.rows[0].routing_key = "x" * (5 << 20)
+    with pytest.raises(grpc.RpcError) as err:
+        list(_raw_decide(channel)(iter([huge.SerializeToString()]), timeout=30))  # type: ignore[call-overload]
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not decide_one(stub, request()).HasField("error")
+
+
+# ----- concurrency: Decide streams are bounded, health never is ---------------------------------
+
+
+def test_decide_stream_limit_refuses_new_streams_but_never_health(
+    model_repo: Path, start_server: Callable[..., PredictorServer]
+) -> None:
+    import queue
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = start_server(model_repo, default_model=MODEL, max_decide_streams=2)
+    ch = grpc.insecure_channel(server.address)
+    stub = pb_grpc.PredictorServiceStub(ch)
+    queues: list[queue.SimpleQueue[pb.DecideRequest | None]] = []
+    calls = []
+    try:
+        for _ in range(2):
+            q: queue.SimpleQueue[pb.DecideRequest | None] = queue.SimpleQueue()
+            q.put(request())
+            call = stub.Decide(iter(q.get, None), timeout=30)
+            assert not next(call).HasField("error")
+            queues.append(q)
+            calls.append(call)
+        with pytest.raises(grpc.RpcError) as err:
+            decide_one(stub, request())
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-decide-streams" in err.value.details()
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert stub.ListModels(pb.ListModelsRequest(), timeout=5).models
+        queues[0].put(None)  # close one stream: a new one is accepted again
+        list(calls[0])
+        deadline = time.monotonic() + 10
+        while len(server.servicer.streams) > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not decide_one(stub, request()).HasField("error")
+    finally:
+        for q in queues:
+            q.put(None)
+        ch.close()
+
+
+# ----- 7. head-of-line blocking -----------------------------------------------------------------
+
+
+def test_largest_messages_on_one_stream_do_not_delay_small_ones_on_another(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """The real server process; one stream sends the largest allowed messages back to back.
+
+    Before the fix a single-row decision on another stream waited behind each big message
+    (p50 2.9 -> 58 ms in the issue); now big messages run off the event loop.
+    """
+    import queue
+    import threading
+
+    from tests.client.servers import PredictorProcess
+
+    proc = PredictorProcess(model_repo, tmp_path / "predictor.log")
+    sel = cpb.ModelSelector(name=MODEL)
+    big = request(
+        keys=[f"{i:04d}" + "k" * 240 for i in range(1024)], gammas=tuple(range(1, 17)), model=sel
+    ).SerializeToString()  # 1024 rows x 16 candidates, 256-byte keys: the largest allowed
+    stop = threading.Event()
+    answered = [0]
+
+    def heavy() -> None:
+        ch = grpc.insecure_channel(proc.address)
+        send = ch.stream_stream(
+            DECIDE, request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        gate: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+        def messages():  # type: ignore[no-untyped-def]
+            while not stop.is_set():
+                yield big
+                gate.get(timeout=30)
+
+        try:
+            for _ in send(messages(), timeout=120):
+                answered[0] += 1
+                gate.put(1)
+        finally:
+            ch.close()
+
+    def light(n: int) -> float:
+        ch = grpc.insecure_channel(proc.address)
+        q: queue.SimpleQueue[pb.DecideRequest | None] = queue.SimpleQueue()
+        responses = pb_grpc.PredictorServiceStub(ch).Decide(iter(q.get, None), timeout=120)
+        lat = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            q.put(request(request_id=i + 1, model=sel))
+            assert not next(responses).HasField("error")
+            lat.append(time.perf_counter() - t0)
+            time.sleep(0.002)
+        q.put(None)
+        ch.close()
+        return float(np.median(lat[10:]))
+
+    try:
+        alone = light(110)
+        thread = threading.Thread(target=heavy, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while answered[0] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        busy = light(110)
+        done = answered[0]
+        stop.set()
+        thread.join(timeout=60)
+    finally:
+        proc.terminate()
+    assert done >= 4, f"the heavy stream was not competing ({done} answers)"
+    # Generous for a shared 2-core machine; the blocked behaviour was 20x the baseline.
+    assert busy < alone + 0.010, (
+        f"p50 alone {alone * 1e3:.2f} ms, with big messages {busy * 1e3:.2f} ms"
+    )
