@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from speckv_client.flags import check_target
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,15 @@ def channel_options(
 def open_channel(
     target: str, config: ChannelConfig, service: str, idempotent_methods: tuple[str, ...]
 ) -> grpc.Channel:
-    """A sync channel to `target` ("host:port", "dns:///name:port", ...)."""
+    """A sync channel to `target` ("host:port", "dns:///name:port", ...).
+
+    Raises ValueError for a target gRPC would misread (an empty one, port 99999, which it
+    dials as 34463) instead of leaving that to a log line and a late UNAVAILABLE.
+    """
+    try:
+        check_target(target)
+    except ValueError as err:
+        raise ValueError(f"target {target!r}: {err}") from None
     options = channel_options(config, service, idempotent_methods)
     if config.tls is not None:
         return grpc.secure_channel(target, config.tls.credentials(), options=options)

@@ -15,8 +15,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
+# gRPC's C core logs TLS handshake failures and bad targets straight to stderr, before
+# the one-line error below says the same; it reads this when it loads, so set it first.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+from speckv_client import flags
 from speckv_client.channel import TlsConfig
 from speckv_client.errors import (
     AdminAuthError,
@@ -65,6 +70,14 @@ class UsageError(Exception):
     """A flag value the CLI can reject before calling anything."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is two lines (what and where to look), like every other
+    error of this CLI, instead of a usage block that can push the error off the screen."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n  see `{self.prog} --help`\n")
+
+
 # --- parsing helpers (raise UsageError with the flag and the value) ---
 
 
@@ -93,8 +106,11 @@ def _candidates(text: str) -> tuple[int, ...]:
             raise UsageError(
                 f"--candidates: {p.strip()!r} is not an integer (in {text!r}); e.g. 2,4,6,8"
             ) from None
-        if g < 0:
-            raise UsageError(f"--candidates: gamma must be >= 0, got {g}")
+        if not 0 <= g <= flags.UINT32_MAX:
+            raise UsageError(
+                f"--candidates: each gamma must be an integer in [0, {flags.UINT32_MAX}], "
+                f"got {g} (in {text!r})"
+            )
         out.append(g)
     return tuple(out)
 
@@ -108,8 +124,11 @@ def _selector(text: str) -> ModelSelector:
         return ModelSelector(name=name, alias=alias)
     if ":" in text:
         name, version = text.split(":", 1)
-        if not name or not version.isdigit() or int(version) <= 0:
-            raise UsageError(f"--model: expected NAME:VERSION with VERSION >= 1, got {text!r}")
+        if not name or not version.isdigit() or not 1 <= int(version) <= flags.INT64_MAX:
+            raise UsageError(
+                f"--model: expected NAME:VERSION with VERSION in [1, {flags.INT64_MAX}], "
+                f"got {text!r}"
+            )
         return ModelSelector(name=name, version=int(version))
     if not text:
         raise UsageError("--model: empty model name")
@@ -139,15 +158,23 @@ def _aliases(pairs: Sequence[str]) -> dict[str, int]:
     aliases: dict[str, int] = {}
     for pair in pairs:
         alias, sep, version = pair.partition("=")
-        if not sep or not alias or not version.isdigit() or int(version) <= 0:
-            raise UsageError(f"--alias: expected ALIAS=VERSION (e.g. stable=1), got {pair!r}")
+        if (
+            not sep
+            or not alias
+            or not version.isdigit()
+            or not 1 <= int(version) <= flags.INT64_MAX
+        ):
+            raise UsageError(
+                f"--alias: expected ALIAS=VERSION with VERSION in [1, {flags.INT64_MAX}] "
+                f"(e.g. stable=1), got {pair!r}"
+            )
         aliases[alias] = int(version)
     return aliases
 
 
 def _positive_version(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise UsageError(f"VERSION must be a positive integer, got {text!r}")
+    if not text.isdigit() or not 1 <= int(text) <= flags.INT64_MAX:
+        raise UsageError(f"VERSION must be an integer in [1, {flags.INT64_MAX}], got {text!r}")
     return int(text)
 
 
@@ -231,14 +258,6 @@ def _predictor(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_generate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from speckv_client.decoder import DecoderClient
 
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0 or not math.isfinite(args.temperature):
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 <= args.top_p <= 1:
-        raise UsageError(f"--top-p must be in [0, 1], got {args.top_p}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     with DecoderClient(
         args.worker, tls=_tls(args), timeout_s=args.timeout, generate_timeout_s=args.deadline
     ) as client:
@@ -371,8 +390,6 @@ def cmd_models(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_route(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     weights = _weights(args.weights)
     aliases = _aliases(args.alias or [])
-    if args.shadow is not None and args.shadow < 0:
-        raise UsageError(f"--shadow must be a version >= 1 (or 0 for none), got {args.shadow}")
     with _predictor(args) as client:
         current = client.get_routing(args.model)
         merged = Routing(
@@ -426,41 +443,54 @@ def _global_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=flags.float_range(0.0, flags.MAX_SECONDS, lo_open=True),
         default=default(5.0),
-        help="seconds per call, retries included (default 5)",
+        help="seconds per call, retries included (default 5; at most 86400)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="speckv", description="Talk to SpecKV decode workers and predictors."
-    )
+    parser = _Parser(prog="speckv", description="Talk to SpecKV decode workers and predictors.")
     _global_flags(parser, suppress=False)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     _global_flags(common, suppress=True)
     common.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", parents=[common], help="generate text through a worker")
     gen.add_argument("prompt")
-    gen.add_argument("--worker", required=True, metavar="HOST:PORT")
-    gen.add_argument("--max-new-tokens", type=int, default=0, help="0: the worker's default")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    gen.add_argument("--top-p", type=float, default=0.0, help="0 or 1: off")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed; 0: unseeded")
+    gen.add_argument("--worker", required=True, metavar="HOST:PORT", type=flags.target())
+    gen.add_argument(
+        "--max-new-tokens",
+        type=flags.int_range(0, flags.UINT32_MAX),
+        default=0,
+        help="0: the worker's default",
+    )
+    gen.add_argument(
+        "--temperature", type=flags.float_range(0.0, None), default=0.0, help="0 is greedy"
+    )
+    gen.add_argument("--top-p", type=flags.float_range(0.0, 1.0), default=0.0, help="0 or 1: off")
+    gen.add_argument(
+        "--seed",
+        type=flags.int_range(0, flags.UINT64_MAX),
+        default=0,
+        help="sampling seed; 0: unseeded",
+    )
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--policy", help="remote | fixed:N | heuristic (default: the worker's)")
     gen.add_argument("--request-id", help="sticky routing key (default: random)")
     gen.add_argument(
-        "--deadline", type=float, default=600.0, help="seconds for the whole generation"
+        "--deadline",
+        type=flags.float_range(0.0, flags.MAX_SECONDS, lo_open=True),
+        default=600.0,
+        help="seconds for the whole generation (default 600; at most 86400)",
     )
     gen.set_defaults(run=cmd_generate)
 
     pred = sub.add_parser(
         "predict", parents=[common], help="ask a predictor for one gamma decision"
     )
-    pred.add_argument("--predictor", required=True, metavar="HOST:PORT")
+    pred.add_argument("--predictor", required=True, metavar="HOST:PORT", type=flags.target())
     pred.add_argument(
         "--features",
         required=True,
@@ -480,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pred.add_argument("--model", metavar="NAME[:VERSION|@ALIAS]")
     pred.add_argument("--routing-key", default="speckv-cli")
-    pred.add_argument("--step", type=int, default=1)
+    pred.add_argument("--step", type=flags.int_range(0, flags.UINT64_MAX), default=1)
     pred.set_defaults(run=cmd_predict)
 
     models = sub.add_parser("models", help="list, show, load and unload predictor models")
@@ -492,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("unload", "unload a version (admin)"),
     ):
         p = msub.add_parser(action, parents=[common], help=help_text)
-        p.add_argument("--predictor", required=True, metavar="HOST:PORT")
+        p.add_argument("--predictor", required=True, metavar="HOST:PORT", type=flags.target())
         if action != "list":
             p.add_argument("name")
         if action in ("load", "unload"):
@@ -506,8 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     route.add_argument("model")
     route.add_argument("weights", nargs="+", metavar="TARGET=WEIGHT")
-    route.add_argument("--predictor", required=True, metavar="HOST:PORT")
-    route.add_argument("--shadow", type=int, help="version scored in the shadow")
+    route.add_argument("--predictor", required=True, metavar="HOST:PORT", type=flags.target())
+    route.add_argument(
+        "--shadow",
+        type=flags.int_range(0, flags.INT64_MAX),
+        help="version scored in the shadow (0: none)",
+    )
     route.add_argument("--no-shadow", action="store_true", help="clear the shadow version")
     route.add_argument("--salt")
     route.add_argument("--alias", action="append", metavar="ALIAS=VERSION")
@@ -519,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="route 100%% to the `stable` alias and clear the shadow (admin)",
     )
     rollback.add_argument("model")
-    rollback.add_argument("--predictor", required=True, metavar="HOST:PORT")
+    rollback.add_argument("--predictor", required=True, metavar="HOST:PORT", type=flags.target())
     rollback.set_defaults(run=cmd_rollback)
     return parser
 
@@ -537,15 +571,17 @@ _EXIT_FOR: tuple[tuple[type[BaseException], ExitCode, str], ...] = (
 )
 
 
+def _tls_handshake_failed(args: argparse.Namespace, exc: BaseException) -> bool:
+    tls = getattr(args, "tls", False) or getattr(args, "tls_ca", "")
+    return bool(tls) and "handshake" in str(exc).lower()
+
+
 def main(
     argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     args = build_parser().parse_args(argv)
-    if args.timeout <= 0:
-        err.write(f"speckv: error: --timeout must be > 0, got {args.timeout}\n")
-        return ExitCode.USAGE
     run: Callable[[argparse.Namespace, TextIO, TextIO], int] = args.run
     try:
         return int(run(args, out, err))
@@ -558,6 +594,8 @@ def main(
         for cls, code, hint in _EXIT_FOR:
             if isinstance(exc, cls):
                 err.write(f"speckv: error: {exc}\n")
+                if not hint and _tls_handshake_failed(args, exc):
+                    hint = "does the server use TLS? without it, drop --tls/--tls-ca"
                 if hint:
                     err.write(f"  {hint}\n")
                 return int(code)

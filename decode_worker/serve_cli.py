@@ -9,6 +9,7 @@ import sys
 import threading
 from types import FrameType
 
+from speckv_client import flags
 from speckv_client.types import ModelSelector, Objective, Window
 
 from decode_worker.config import (
@@ -27,15 +28,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="target model: local directory or hub name")
     parser.add_argument("--compression", default="fp16", choices=("fp16", "int8", "nf4"))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--predictor", default="", help="predictor HOST:PORT (remote policy)")
+    parser.add_argument(
+        "--predictor",
+        default="",
+        type=flags.target(required=False),
+        help="predictor HOST:PORT (remote policy)",
+    )
     parser.add_argument(
         "--policy",
         default="",
         help=f"default gamma policy: {POLICY_FORMS} (default: remote with --predictor, "
         "else heuristic)",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--host", default="127.0.0.1", type=flags.bind_host)
+    parser.add_argument(
+        "--port", type=flags.port(allow_zero=True), default=0, help="0 picks a free port"
+    )
     parser.add_argument("--window", default="previous_step", choices=("previous_step", "prefix"))
     parser.add_argument(
         "--objective",
@@ -57,14 +65,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated gammas the predictor chooses among (0 = plain target step)",
     )
     parser.add_argument("--predictor-model", default="", help="pin a predictor model name")
-    parser.add_argument("--max-new-tokens-limit", type=int, default=1024)
-    parser.add_argument("--default-max-new-tokens", type=int, default=128)
-    parser.add_argument("--max-gamma", type=int, default=16)
-    parser.add_argument("--max-concurrent-requests", type=int, default=8)
+    parser.add_argument(
+        "--max-new-tokens-limit", type=flags.int_range(1, flags.UINT32_MAX), default=1024
+    )
+    parser.add_argument(
+        "--default-max-new-tokens", type=flags.int_range(1, flags.UINT32_MAX), default=128
+    )
+    parser.add_argument("--max-gamma", type=flags.int_range(1, 64), default=16)
+    parser.add_argument(
+        "--max-concurrent-requests", type=flags.int_range(1, flags.INT32_MAX), default=8
+    )
     parser.add_argument("--log-steps", default="", help="append step records to this CSV")
     parser.add_argument("--record-task", default="live", help="task label in step records")
-    parser.add_argument("--shutdown-grace-s", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--shutdown-grace-s", type=flags.float_range(0.0, flags.MAX_SECONDS), default=5.0
+    )
+    parser.add_argument(
+        "--threads",
+        type=flags.int_range(0, flags.MAX_THREADS),
+        default=0,
+        help="torch CPU threads (0: default)",
+    )
     parser.add_argument("--no-warmup", action="store_true", help="skip the timing warm-up")
 
 

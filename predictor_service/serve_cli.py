@@ -14,14 +14,24 @@ import sys
 import time
 from pathlib import Path
 
+from speckv_client import flags  # standard library only
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--repo", required=True, type=Path, help="model repository: <repo>/<model>/<version>/"
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
     p.add_argument(
-        "--port", type=int, default=50061, help="gRPC port; 0 picks a free one (printed)"
+        "--host",
+        default="127.0.0.1",
+        type=flags.bind_host,
+        help="address to bind (0.0.0.0 in a container)",
+    )
+    p.add_argument(
+        "--port",
+        type=flags.port(allow_zero=True),
+        default=50061,
+        help="gRPC port; 0 picks a free one (printed)",
     )
     p.add_argument(
         "--admin-token",
@@ -31,12 +41,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--poll-seconds",
-        type=float,
+        type=flags.float_range(0.0, flags.MAX_SECONDS, lo_open=True),
         default=None,
         help="scan the repository (and the routing file) this often; new complete versions load",
     )
     p.add_argument(
-        "--metrics-port", type=int, default=None, help="Prometheus /metrics port (0 = free)"
+        "--metrics-port",
+        type=flags.port(allow_zero=True),
+        default=None,
+        help="Prometheus /metrics port (0 = free)",
     )
     p.add_argument("--default-model", default=None, help="model used when a request names none")
     p.add_argument(
@@ -50,14 +63,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)"
     )
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key (with --tls-cert)")
-    p.add_argument("--grace-seconds", type=float, default=10.0, help="drain time after SIGTERM")
+    p.add_argument(
+        "--grace-seconds",
+        type=flags.float_range(0.0, flags.MAX_SECONDS),
+        default=10.0,
+        help="drain time after SIGTERM",
+    )
     p.add_argument(
         "--max-connection-age-seconds",
-        type=float,
+        type=flags.float_range(0.0, flags.MAX_SECONDS, lo_open=True),
         default=900.0,
         help="close connections after this age so clients rebalance across replicas",
     )
-    p.add_argument("--max-batch-rows", type=int, default=1024, help="rows allowed per message")
+    p.add_argument(
+        "--max-batch-rows",
+        type=flags.int_range(1, flags.INT32_MAX),
+        default=1024,
+        help="rows allowed per message",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument(
         "--max-message-bytes",
