@@ -154,7 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from speckv_client.decoder import DecoderClient
     from speckv_client.predictor import PredictorClient
     from speckv_client.types import GenerationSummary, Objective, RouteWeight, Routing
-    from speckv_eval.services import ServiceProcess, start_predictor
+    from speckv_eval.services import (
+        ServiceProcess,
+        format_pair_fingerprint,
+        pair_fingerprint,
+        start_predictor,
+    )
+
+    log(format_pair_fingerprint(pair_fingerprint(pair / "draft", pair / "target")))
 
     # (label, policy, objective): the predictor under both objectives against fixed γ=4.
     arms = (

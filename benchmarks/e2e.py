@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from speckv_eval.services import start_predictor
+from speckv_eval.services import pair_fingerprint, start_predictor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = REPO_ROOT / "benchmarks" / "prompts" / "prompts.jsonl"
@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             rep["seconds"] = round(time.perf_counter() - t0, 1)
             rep["load_average_1min"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
             rep["command"] = "benchmarks/e2e.py " + " ".join(argv if argv else sys.argv[1:])
+            rep["pair_fingerprint"] = pair_fingerprint(args.pair / "draft", args.pair / "target")
             reports.append(rep)
             print(
                 f"\n## {comp}: {rep['prompts']} prompts × {args.reps} rounds, "

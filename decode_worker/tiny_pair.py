@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from decode_worker.corpus import Corpus, load_corpus
+from decode_worker.corpus import Corpus, load_corpus, read_snapshot
 
 BUILDER_VERSION = 1
 MANIFEST = "manifest.json"
@@ -373,6 +373,78 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def weights_id(target_sha256: str, draft_sha256: str) -> str:
+    """16 hex digits naming one pair of weights files (sha256 over both files' sha256)."""
+    blob = f"target {target_sha256}\ndraft {draft_sha256}\n".encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def fingerprint_from_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What tells one built pair from another: weights, its measured quality and cost, and
+    what it was built with. Pairs built before fingerprints existed have no CPU recorded."""
+    weights = manifest["weights_sha256"]
+    metrics = manifest["metrics"]
+    build = manifest.get("build", {})
+    return {
+        "weights": weights_id(weights["target"], weights["draft"]),
+        "agreement_teacher_forced_heldout": metrics["agreement_teacher_forced_heldout"],
+        "agreement_target_generated": metrics["agreement_target_generated"],
+        "cost_ratio_draft_over_target": metrics["cost_ratio_draft_over_target"],
+        "torch": build.get("torch"),
+        "cpu": build.get("cpu"),
+        "size": manifest.get("size"),
+        "seed": manifest.get("seed"),
+        "corpus_hash": manifest.get("key", {}).get("corpus_hash"),
+    }
+
+
+def pair_fingerprint(draft: str | Path, target: str | Path) -> dict[str, Any]:
+    """The fingerprint of the pair a run used, for its results file.
+
+    The weights id is computed from the files themselves; the measured numbers come from
+    the tiny-pair manifest beside them and are left out when that manifest is missing or
+    describes other weights (a hub model, a pair rebuilt by hand).
+    """
+    d, t = Path(draft), Path(target)
+    files = (t / "model.safetensors", d / "model.safetensors")
+    if not all(f.is_file() for f in files):
+        return {"weights": None, "note": f"no local model.safetensors for {target} / {draft}"}
+    actual = weights_id(_sha256(files[0]), _sha256(files[1]))
+    manifest = read_manifest(d.parent) if d.parent.resolve() == t.parent.resolve() else None
+    if manifest is None or "weights_sha256" not in manifest:
+        return {"weights": actual, "note": "no tiny-pair manifest beside the models"}
+    fingerprint = fingerprint_from_manifest(manifest)
+    if fingerprint["weights"] != actual:
+        return {"weights": actual, "note": "the manifest describes other weights; not used"}
+    return fingerprint
+
+
+def format_fingerprint(fp: dict[str, Any]) -> str:
+    """One line: `pair 1a2b...: agreement 0.634 held-out / 0.739 generated, ...`."""
+    if "agreement_target_generated" not in fp:
+        return f"pair {fp.get('weights') or 'unknown'}: {fp.get('note', 'no fingerprint')}"
+    return (
+        f"pair {fp['weights']}: agreement {fp['agreement_teacher_forced_heldout']:.3f} held-out"
+        f" / {fp['agreement_target_generated']:.3f} generated, cost ratio "
+        f"{fp['cost_ratio_draft_over_target']:.3f}, torch {fp['torch']}, "
+        f"CPU {fp['cpu'] or 'not recorded'}"
+    )
+
+
 def _build(
     config: TinyPairConfig, spec: TinyPairSpec, corpus: Corpus, key: dict[str, Any], root: Path
 ) -> dict[str, Any]:
@@ -384,6 +456,11 @@ def _build(
 
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    # Refuse (raise) rather than silently use a kernel torch knows to be nondeterministic.
+    # On CPU this changes no result here; it guards the build if an op or device changes.
+    prev_deterministic = torch.are_deterministic_algorithms_enabled()
+    prev_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
     started = time.perf_counter()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     try:
@@ -452,9 +529,10 @@ def _build(
             "seed": config.seed,
             "spec": dataclasses.asdict(spec),
             "corpus": {
-                "source": "Python stdlib *.py (name order) + pydoc_data.topics; "
-                "every 10th document held out",
-                "python": platform.python_version(),
+                "source": "Python stdlib *.py (name order) + pydoc_data.topics, from the "
+                "snapshot shipped in decode_worker/data; every 10th document held out",
+                "snapshot": "decode_worker/data/python-3.11.7-corpus.json.gz",
+                "python": read_snapshot()["python"],
                 "train_documents": len(corpus.train),
                 "heldout_documents": len(corpus.heldout),
                 "train_chars": corpus.chars("train"),
@@ -495,6 +573,9 @@ def _build(
                 if hasattr(os, "getloadavg")
                 else None,
                 "torch": torch.__version__,
+                "python": platform.python_version(),
+                "cpu": cpu_model(),
+                "deterministic_algorithms": True,
                 "transformers": transformers.__version__,
                 "tokenizers": tokenizers.__version__,
             },
@@ -502,7 +583,9 @@ def _build(
                 role: _sha256(root / role / "model.safetensors") for role in ("target", "draft")
             },
         }
+        manifest["fingerprint"] = fingerprint_from_manifest(manifest)
         (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return manifest
     finally:
         torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_deterministic, warn_only=prev_warn_only)

@@ -7,7 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from decode_worker.tiny_pair import SIZES, TinyPairConfig, ensure_tiny_pair
+from decode_worker.tiny_pair import (
+    SIZES,
+    TinyPairConfig,
+    ensure_tiny_pair,
+    fingerprint_from_manifest,
+    format_fingerprint,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         f"  build {build['seconds_total']:.0f} s on {build['threads']} threads "
         f"(load average {build['load_average_at_start']} -> {build['load_average_at_end']})"
     )
+    print(f"  fingerprint: {format_fingerprint(fingerprint_from_manifest(m))}")
     print(f"  serve: speckv-worker serve --draft {pair.draft_dir} --target {pair.target_dir}")
     if args.measure_compressions:
         _measure_compressions(pair.draft_dir, pair.target_dir, args.threads)

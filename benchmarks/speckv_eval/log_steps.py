@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speckv_eval.replay_run import Prompt, load_prompts
+from speckv_eval.services import pair_fingerprint
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 DEFAULT_TRAIN_PROMPTS = PROMPTS_DIR / "train_prompts.jsonl"
@@ -134,6 +135,7 @@ def log_steps(cfg: LogConfig) -> dict[str, object]:
         "runs": runs,
         "drafted_steps": steps,
         "seconds": round(time.perf_counter() - t0, 1),
+        "pair_fingerprint": pair_fingerprint(cfg.draft, cfg.target),
     }
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from speckv_eval.replay_run import ReplayConfig, gamma_shares, run_replay
+from speckv_eval.services import pair_fingerprint
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "prompts" / "prompts.jsonl"
 
@@ -154,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {gpath}")
         meta = {
             "command": "speckv-eval " + " ".join(sys.argv[1:]),
+            "pair_fingerprint": pair_fingerprint(cfg.draft, cfg.target),
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
             "compressions": [
                 {

@@ -146,3 +146,132 @@ def test_a_killed_build_leaves_no_staging_behind(tmp_path: Path) -> None:
     ensure_tiny_pair(_mini(tmp_path / "pair"))
     assert not dead.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pair"]
+
+
+# --- issue 12, item 11: the same pair on another machine, or a fingerprint that says not ---
+
+# Corpus digests as the builder computed them from CPython 3.11.7's own files before the
+# snapshot existed (MINI, `test`, `demo`): the snapshot must give exactly these.
+PINNED_CORPUS = {
+    30_000: "a1d9071c28199044",
+    400_000: "869071ac1580bbff",
+    2_000_000: "17855064916b9235",
+}
+
+
+def test_corpus_comes_from_the_shipped_snapshot_not_the_interpreter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another interpreter (here: an empty stdlib and no pydoc topics) gives the same corpus."""
+    import sys
+    import sysconfig
+    import types
+
+    import decode_worker.corpus as corpus
+
+    empty = tmp_path / "stdlib"
+    empty.mkdir()
+    real_get_paths = sysconfig.get_paths
+    monkeypatch.setattr(
+        sysconfig, "get_paths", lambda *a, **k: {**real_get_paths(*a, **k), "stdlib": str(empty)}
+    )
+    fake_topics = types.ModuleType("pydoc_data.topics")
+    fake_topics.topics = {}  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", fake_topics)
+    for code_chars, digest in PINNED_CORPUS.items():
+        assert corpus.load_corpus(code_chars).digest() == digest
+
+
+def test_corpus_snapshot_is_small_and_ships_its_license() -> None:
+    from decode_worker.corpus import SNAPSHOT, read_snapshot
+
+    assert SNAPSHOT.stat().st_size < 3 * 1024 * 1024
+    assert (
+        "PYTHON SOFTWARE FOUNDATION LICENSE" in (SNAPSHOT.parent / "PYTHON-LICENSE.txt").read_text()
+    )
+    assert read_snapshot()["python"] == "3.11.7"
+
+
+def test_the_build_runs_with_deterministic_algorithms_and_restores_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import decode_worker.tiny_pair as tp
+
+    seen: list[bool] = []
+    real_train = tp._train
+
+    def spy(*args: object, **kwargs: object) -> float:
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real_train(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tp, "_train", spy)
+    assert not torch.are_deterministic_algorithms_enabled()
+    pair = ensure_tiny_pair(_mini(tmp_path / "pair"))
+    assert seen == [True, True]  # target, then draft
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert pair.manifest["build"]["deterministic_algorithms"] is True
+
+
+def test_manifest_fingerprint_names_weights_quality_cost_and_machine(mini_a: Path) -> None:
+    import torch
+
+    from decode_worker.tiny_pair import fingerprint_from_manifest, pair_fingerprint, weights_id
+
+    m = read_manifest(mini_a)
+    assert m is not None
+    fp = m["fingerprint"]
+    assert fp == fingerprint_from_manifest(m)
+    assert fp["weights"] == weights_id(m["weights_sha256"]["target"], m["weights_sha256"]["draft"])
+    assert fp["agreement_target_generated"] == m["metrics"]["agreement_target_generated"]
+    assert fp["cost_ratio_draft_over_target"] == m["metrics"]["cost_ratio_draft_over_target"]
+    assert fp["torch"] == torch.__version__
+    assert fp["cpu"] and fp["cpu"] != "unknown"
+    # What a results file records: computed from the files, the same as the manifest's.
+    assert pair_fingerprint(mini_a / "draft", mini_a / "target") == fp
+
+
+def test_pair_fingerprint_does_not_vouch_for_other_weights(mini_a: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from decode_worker.tiny_pair import format_fingerprint, pair_fingerprint
+
+    copy = tmp_path / "pair"
+    shutil.copytree(mini_a, copy)
+    weights = copy / "draft" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    fp = pair_fingerprint(copy / "draft", copy / "target")
+    assert fp["weights"] is not None and "agreement_target_generated" not in fp
+    assert "other weights" in format_fingerprint(fp)
+    assert pair_fingerprint(tmp_path / "nope", tmp_path / "nope2")["weights"] is None
+
+
+def test_cli_and_benchmarks_print_and_record_the_fingerprint(mini_a: Path, tmp_path: Path) -> None:
+    """`make demo` prints it; `speckv-eval log-steps` records it in its JSON."""
+    from speckv_eval.log_steps import LogConfig, log_steps
+    from speckv_eval.services import format_pair_fingerprint
+
+    m = read_manifest(mini_a)
+    assert m is not None
+    line = format_pair_fingerprint(m["fingerprint"])
+    assert line.startswith(f"pair {m['fingerprint']['weights']}: agreement ")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"id": "p1", "task": "code", "prompt": "def f(x):\n    return"}) + "\n"
+    )
+    result = log_steps(
+        LogConfig(
+            draft=str(mini_a / "draft"),
+            target=str(mini_a / "target"),
+            prompts=prompts,
+            out=tmp_path / "steps.csv",
+            exclude=(),
+            gammas=(2,),
+            compressions=("fp16",),
+            max_new_tokens=4,
+            threads=1,
+            progress=False,
+        )
+    )
+    assert result["pair_fingerprint"] == m["fingerprint"]
