@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PROTO_FILES := $(wildcard protos/speckv/v1/*.proto)
 
-.PHONY: venv test lint typecheck pytest demo protos protos-check buf-lint clean
+.PHONY: venv test lint typecheck pytest demo protos protos-check buf-lint buf-breaking clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,14 @@ protos: venv
 
 buf-lint:
 	npx -y @bufbuild/buf lint protos
+
+# The contract must stay backward compatible with the first release (tests/contract runs
+# the same check inside `make test`).
+RELEASE_REF ?= 9bec699
+buf-breaking:
+	rm -rf .cache/buf-release && mkdir -p .cache/buf-release
+	git archive $(RELEASE_REF) protos | tar -x -C .cache/buf-release
+	npx -y @bufbuild/buf breaking protos --against .cache/buf-release/protos
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

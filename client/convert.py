@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from speckv.draft_plan import DraftPlan, PlanAxis
 from speckv.v1 import common_pb2, decoder_pb2, predictor_pb2
 from speckv_client.types import (
     CandidateScore,
@@ -46,6 +47,7 @@ _WINDOW_TO_PB = {
     Window.SAME_STEP: common_pb2.DECISION_WINDOW_SAME_STEP,
     Window.PREVIOUS_STEP: common_pb2.DECISION_WINDOW_PREVIOUS_STEP,
     Window.PREFIX: common_pb2.DECISION_WINDOW_PREFIX,
+    Window.DRAFT_PLAN: common_pb2.DECISION_WINDOW_DRAFT_PLAN,
 }
 _WINDOW_FROM_PB = {v: k for k, v in _WINDOW_TO_PB.items()}
 
@@ -127,15 +129,41 @@ def timing_to_pb(t: StepTiming) -> predictor_pb2.StepTiming:
         draft_seconds_per_token=t.draft_seconds_per_token,
         verify_base_seconds=t.verify_base_seconds,
         verify_seconds_per_token=t.verify_seconds_per_token,
+        target_only_seconds=t.target_only_seconds,
     )
 
 
 def row_to_pb(row: FeatureRow) -> predictor_pb2.FeatureRow:
-    return predictor_pb2.FeatureRow(
+    m = predictor_pb2.FeatureRow(
         routing_key=row.routing_key,
         step=row.step,
-        signals=signals_to_pb(row.signals),
         compression=_COMPRESSION_TO_PB[Compression(row.compression)],
+    )
+    if row.signals is not None:
+        m.signals.CopyFrom(signals_to_pb(row.signals))
+    return m
+
+
+def plan_to_pb(plan: DraftPlan) -> predictor_pb2.DraftPlan:
+    """The one mapping of a draft plan to the wire; the predictor's servicer uses it too."""
+    return predictor_pb2.DraftPlan(
+        axes=[predictor_pb2.PlanAxis(feature=a.feature, edges=a.edges) for a in plan.axes],
+        acceptance=plan.acceptance,
+        max_gamma=plan.max_gamma,
+        first_token_threshold=plan.first_threshold,
+        continue_threshold=plan.continue_threshold,
+        refresh_steps=plan.refresh_steps,
+    )
+
+
+def plan_from_pb(m: predictor_pb2.DraftPlan) -> DraftPlan:
+    return DraftPlan(
+        axes=tuple(PlanAxis(a.feature, tuple(a.edges)) for a in m.axes),
+        acceptance=tuple(m.acceptance),
+        max_gamma=m.max_gamma,
+        first_threshold=m.first_token_threshold,
+        continue_threshold=m.continue_threshold,
+        refresh_steps=m.refresh_steps,
     )
 
 
@@ -169,6 +197,7 @@ def decision_from_pb(m: predictor_pb2.Decision) -> Decision:
         model_name=m.model_name,
         model_version=m.model_version,
         arm=m.arm,
+        plan=plan_from_pb(m.plan) if m.HasField("plan") else None,
     )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from speckv.draft_plan import DraftPlan
+
 
 class Compression(str, Enum):
     FP16 = "fp16"
@@ -25,6 +27,7 @@ class Window(str, Enum):
     SAME_STEP = "same_step"
     PREVIOUS_STEP = "previous_step"
     PREFIX = "prefix"
+    DRAFT_PLAN = "draft_plan"
 
 
 class Objective(str, Enum):
@@ -49,6 +52,8 @@ class StepTiming:
     draft_seconds_per_token: float
     verify_base_seconds: float
     verify_seconds_per_token: float
+    # Measured seconds of a plain (γ = 0) step; 0 = not measured (verify_base is used).
+    target_only_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class ModelSelector:
 class FeatureRow:
     routing_key: str
     step: int
-    signals: DraftSignals
+    signals: DraftSignals | None  # None in the draft_plan window (the plan needs none)
     compression: Compression
 
 
@@ -96,6 +101,8 @@ class Decision:
     model_name: str = ""
     model_version: int = 0
     arm: str = ""
+    # The draft_plan window's answer (`gamma` is then its max_gamma).
+    plan: DraftPlan | None = None
 
 
 # --- Model repository and routing (PredictorService admin and read calls) ---

@@ -69,10 +69,10 @@ class RemotePolicyConfig:
     prefix_tokens: int = 2
 
     def __post_init__(self) -> None:
-        if self.window not in (Window.PREVIOUS_STEP, Window.PREFIX):
+        if self.window not in (Window.PREVIOUS_STEP, Window.PREFIX, Window.DRAFT_PLAN):
             raise ConfigError(
                 f"window {self.window.value!r} cannot be served causally; "
-                "use previous_step or prefix"
+                "use previous_step, prefix or draft_plan"
             )
         if not self.gamma_candidates or any(g < 0 for g in self.gamma_candidates):
             raise ConfigError(f"gamma candidates must be non-negative, got {self.gamma_candidates}")

@@ -28,9 +28,21 @@ from speckv_client.types import DraftSignals
 from transformers import DynamicCache
 
 from decode_worker.config import EngineConfig
-from decode_worker.features import TokenSignals, aggregate, token_signals
-from decode_worker.policies import DecisionSource, GammaDecision, GammaPolicy, SequenceInfo
-from decode_worker.records import StepRecord, StepRecorder
+from decode_worker.features import (
+    ContextIndex,
+    SequenceHistory,
+    TokenSignals,
+    aggregate,
+    token_signals,
+)
+from decode_worker.policies import (
+    DecisionSource,
+    GammaDecision,
+    GammaPolicy,
+    SequenceInfo,
+    SequencePolicy,
+)
+from decode_worker.records import StepRecord, StepRecorder, TokenRecord, TokenRecorder
 from decode_worker.sampling import (
     SamplingParams,
     Verdict,
@@ -77,6 +89,7 @@ class StepResult:
     decision: GammaDecision
     signals: DraftSignals | None  # over the γ drafted tokens; None when γ = 0
     token_signals: tuple[TokenSignals, ...]  # [gamma]
+    drafted: int  # draft forwards this step (> gamma when a stop rule cut the draft)
     draft_seconds: float
     verify_seconds: float
     draft_tokens_processed: int  # positions fed to the draft this step
@@ -103,6 +116,8 @@ class SpecStats:
     verify_seconds: float = 0.0
     prefill_seconds: float = 0.0
     draft_forwards: int = 0
+    # Drafted tokens a stop rule dropped before verification (their forwards were wasted).
+    wasted_draft_tokens: int = 0
     target_forwards: int = 0
     draft_tokens_processed: int = 0
     target_tokens_processed: int = 0
@@ -133,7 +148,8 @@ class SpecStats:
         self.verify_seconds += r.verify_seconds
         self.target_forwards += 1
         self.target_tokens_processed += r.target_tokens_processed
-        self.draft_forwards += len(r.token_signals)
+        self.draft_forwards += max(r.drafted, len(r.token_signals))
+        self.wasted_draft_tokens += max(r.drafted - r.gamma, 0)
         self.draft_tokens_processed += r.draft_tokens_processed
 
     @property
@@ -179,11 +195,13 @@ class SpeculativeEngine:
         *,
         timing: TimingModel | None = None,
         recorder: StepRecorder | None = None,
+        token_recorder: TokenRecorder | None = None,
     ) -> None:
         self.pair = pair
         self.config = config or EngineConfig()
         self.timing = timing or TimingModel(self.config.timing_ema_alpha)
         self.recorder = recorder
+        self.token_recorder = token_recorder
         self.device_lock = threading.Lock()
         self.device = next(pair.target.parameters()).device
         self.draft_device = next(pair.draft.parameters()).device
@@ -237,6 +255,7 @@ class SpeculativeEngine:
             request_id or uuid.uuid4().hex,
             cancelled or (lambda: False),
             self.recorder if record else None,
+            self.token_recorder if record else None,
         )
 
     def generate(
@@ -286,9 +305,11 @@ class GenerationRun:
         request_id: str,
         cancelled: Callable[[], bool],
         recorder: StepRecorder | None,
+        token_recorder: TokenRecorder | None = None,
     ) -> None:
         self.engine = engine
         self.recorder = recorder
+        self.token_recorder = token_recorder
         self.prompt_ids = prompt_ids
         self.policy = policy
         self.sampling = sampling
@@ -317,6 +338,12 @@ class GenerationRun:
         d_len = 0
         prev_signals: DraftSignals | None = None
         finish: FinishReason | None = None
+        # Per-sequence history and context n-grams (docs/design.md, "Draft plans"); the
+        # n-gram index is kept only when a policy or the token log reads it.
+        history = SequenceHistory()
+        context = ContextIndex() if seq_policy.in_step or self.token_recorder is not None else None
+        if context is not None:
+            context.add(seq)
         try:
             with eng.device_lock, torch.inference_mode():
                 t0 = time.perf_counter()
@@ -357,9 +384,27 @@ class GenerationRun:
                         )
                         decision = seq_policy.decide(step, prefix)
                     gamma = max(0, min(decision.gamma, cap))
+                    step_signals: list[TokenSignals] | None = None
                     with eng.device_lock:
                         t0 = time.perf_counter()
-                        if gamma > len(drafts):
+                        if seq_policy.in_step and gamma > len(drafts):
+                            assert context is not None
+                            gamma, fed, d_len, step_signals = self._draft_in_step(
+                                step,
+                                seq_policy,
+                                gamma,
+                                d_cache,
+                                d_len,
+                                seq,
+                                drafts,
+                                draft_logits,
+                                draft_probs,
+                                generator,
+                                context,
+                                history,
+                            )
+                            draft_fed += fed
+                        elif gamma > len(drafts):
                             d_len, fed = self._draft(
                                 d_cache,
                                 d_len,
@@ -373,10 +418,14 @@ class GenerationRun:
                             draft_fed += fed
                         draft_seconds += time.perf_counter() - t0
                         drafted_count = len(drafts)
+                        all_drafts = drafts
                         drafts = drafts[:gamma]
-                        tok_signals = (
-                            token_signals(torch.stack(draft_logits[:gamma])) if gamma else []
-                        )
+                        if step_signals is not None:
+                            tok_signals = step_signals[:gamma]
+                        else:
+                            tok_signals = (
+                                token_signals(torch.stack(draft_logits[:gamma])) if gamma else []
+                            )
                         signals = aggregate(tok_signals) if tok_signals else None
                         seq_policy.drafted(step, gamma, signals)
 
@@ -398,10 +447,25 @@ class GenerationRun:
                     if drafted_count:
                         eng.timing.add_draft(drafted_count, draft_seconds)
                     eng.timing.add_verify(gamma, verify_seconds)
+                    if self.token_recorder is not None and drafted_count:
+                        self._record_tokens(
+                            step,
+                            all_drafts,
+                            step_signals,
+                            draft_logits,
+                            gamma,
+                            n,
+                            verdict.next_token,
+                            context,
+                            history,
+                        )
+                    history.observe(all_drafts, gamma, n, verdict.next_token)
                     seq_policy.verified(step, gamma, n)
 
                 produced = [*drafts[:n], verdict.next_token]
                 seq.extend(produced)
+                if context is not None:
+                    context.add(produced)
                 kept, finish = self._finish(new, produced)
                 before = len(new)
                 new.extend(kept)
@@ -420,6 +484,7 @@ class GenerationRun:
                     decision=decision,
                     signals=signals,
                     token_signals=tuple(tok_signals),
+                    drafted=drafted_count,
                     draft_seconds=draft_seconds,
                     verify_seconds=verify_seconds,
                     draft_tokens_processed=draft_fed,
@@ -491,6 +556,90 @@ class GenerationRun:
                 token = sample(q, generator)
             drafts.append(token)
         return cache_len, fed
+
+    def _draft_in_step(
+        self,
+        step: int,
+        policy: SequencePolicy,
+        limit: int,
+        cache: DynamicCache,
+        cache_len: int,
+        seq: list[int],
+        drafts: list[int],
+        logits_out: list[torch.Tensor],
+        probs_out: list[torch.Tensor],
+        generator: torch.Generator | None,
+        context: ContextIndex,
+        history: SequenceHistory,
+    ) -> tuple[int, int, int, list[TokenSignals]]:
+        """Draft one token at a time and let the policy stop after each (an in-step
+        decision); returns (γ to verify, positions fed, cache length, token signals)."""
+        fed = 0
+        signals: list[TokenSignals] = []
+        hist = history.values()
+        while True:
+            cache_len, n = self._draft(
+                cache, cache_len, seq, 1, drafts, logits_out, probs_out, generator
+            )
+            fed += n
+            sig = token_signals(logits_out[-1].unsqueeze(0))[0]
+            signals.append(sig)
+            j = len(drafts)
+            features = {
+                "match_length": float(context.match_length(drafts[:-1], drafts[-1])),
+                "draft_confidence": sig.confidence,
+                "draft_entropy": sig.entropy_bits,
+                **hist,
+            }
+            keep = policy.after_token(step, j, features, limit)
+            if keep is not None:
+                return max(0, min(keep, j)), fed, cache_len, signals
+            if j >= limit:
+                return j, fed, cache_len, signals
+
+    def _record_tokens(
+        self,
+        step: int,
+        drafts: list[int],
+        signals: list[TokenSignals] | None,
+        draft_logits: list[torch.Tensor],
+        gamma: int,
+        accepted: int,
+        next_token: int,
+        context: ContextIndex | None,
+        history: SequenceHistory,
+    ) -> None:
+        """One token record per drafted token whose agreement is known (docs/design.md)."""
+        assert self.token_recorder is not None and context is not None
+        if signals is None or len(signals) < len(drafts):
+            signals = token_signals(torch.stack(draft_logits[: len(drafts)]))
+        eng = self.engine
+        for i, tok in enumerate(drafts):
+            if i < accepted:
+                label = 1
+            elif i == accepted and i < gamma:
+                label = 0
+            elif i == gamma and accepted == gamma:
+                label = 1 if tok == next_token else 0
+            else:
+                break
+            self.token_recorder.write(
+                TokenRecord(
+                    sequence_id=self.request_id,
+                    task=eng.config.record_task,
+                    compression=eng.pair.compression,
+                    step=step,
+                    position=i + 1,
+                    gamma=gamma,
+                    drafted=len(drafts),
+                    match_length=context.match_length(drafts[:i], tok),
+                    draft_confidence=signals[i].confidence,
+                    draft_entropy=signals[i].entropy_bits,
+                    prev_full=history.prev_full,
+                    accept_ema=history.accept_ema,
+                    agreed=label,
+                )
+            )
 
     def _verify(
         self,

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from speckv.draft_plan import ACCEPT_EMA_ALPHA, ACCEPT_EMA_INITIAL, MAX_MATCH_LENGTH
 from speckv_client.types import DraftSignals
 
 _LN2 = math.log(2.0)
@@ -53,3 +54,83 @@ def aggregate(tokens: Sequence[TokenSignals]) -> DraftSignals:
         max_draft_entropy=max(entropies),
         min_draft_confidence=min(confidences),
     )
+
+
+class ContextIndex:
+    """Which n-grams (n ≤ MAX_MATCH_LENGTH) occur in a sequence's committed tokens.
+
+    `add` costs MAX_MATCH_LENGTH set inserts per committed token and `match_length`
+    at most MAX_MATCH_LENGTH lookups per drafted token: no scans of the context, so the
+    work per token does not grow with the sequence (docs/design.md, "Context match").
+    """
+
+    def __init__(self, max_n: int = MAX_MATCH_LENGTH) -> None:
+        self.max_n = max_n
+        self._grams: set[tuple[int, ...]] = set()
+        self._tail: list[int] = []  # last max_n - 1 committed tokens
+
+    def add(self, tokens: Sequence[int]) -> None:
+        tail = self._tail
+        grams = self._grams
+        keep = self.max_n - 1
+        for t in tokens:
+            tail.append(int(t))
+            k = len(tail)
+            for n in range(1, min(self.max_n, k) + 1):
+                grams.add(tuple(tail[k - n :]))
+            if k > keep:
+                del tail[: k - keep]
+
+    def match_length(self, drafted: Sequence[int], token: int) -> int:
+        """The longest n such that (the n-1 tokens before `token`, `token`) already occurs
+        in the committed tokens; the tokens before it are the committed tail followed by
+        this step's earlier drafts."""
+        before = (self._tail + list(drafted))[-(self.max_n - 1) :] if self.max_n > 1 else []
+        grams = self._grams
+        for n in range(min(self.max_n, len(before) + 1), 0, -1):
+            if (*before[len(before) - n + 1 :], token) in grams:
+                return n
+        return 0
+
+
+@dataclass
+class SequenceHistory:
+    """A sequence's recent outcomes, kept by the worker across every kind of step.
+
+    Agreement events: each verified drafted token the target kept (1), the first one it
+    rejected (0), and — when every verified token was kept but more were drafted — whether
+    the first unverified draft equals the target's token (a free look at the draft's
+    quality on steps a stop rule cut short, γ = 0 included). Steps with no event (nothing
+    drafted) leave the history as it was, so a sequence that sat at γ = 0 keeps learning
+    from its probes and can come back.
+    """
+
+    prev_full: float = 0.0
+    accept_ema: float = ACCEPT_EMA_INITIAL
+    last_gamma: int = 0
+    last_accepted: int = 0
+    events: int = 0
+
+    def observe(
+        self, drafts: Sequence[int], gamma: int, accepted: int, next_token: int
+    ) -> list[int]:
+        """Record one verified step; returns its agreement events (1 agree, 0 disagree)."""
+        ev = [1] * accepted
+        if accepted < gamma:
+            ev.append(0)
+        elif len(drafts) > gamma:
+            ev.append(1 if int(drafts[gamma]) == int(next_token) else 0)
+        self.last_gamma = gamma
+        self.last_accepted = accepted
+        if ev:
+            self.prev_full = 1.0 if all(ev) else 0.0
+            a = ACCEPT_EMA_ALPHA
+            ema = self.accept_ema
+            for e in ev:
+                ema = (1 - a) * ema + a * e
+            self.accept_ema = ema
+            self.events += len(ev)
+        return ev
+
+    def values(self) -> dict[str, float]:
+        return {"prev_full": self.prev_full, "accept_ema": self.accept_ema}

@@ -4,6 +4,10 @@ A `GammaPolicy` is shared by the worker; `start` gives each sequence its own
 `SequencePolicy`, so concurrent sequences never share state. The engine calls, per step:
 
     decide(step, prefix_signals)   before drafting (after the prefix, in the prefix window)
+    after_token(step, j, features, cap)
+                                   only when `in_step`: after each drafted token, with its
+                                   features (docs/design.md, "Draft plans"); the answer may
+                                   end drafting and say how many tokens to verify
     drafted(step, gamma, signals)  as soon as drafting ends, before the target verifies
     verified(step, gamma, accepted)
 
@@ -13,7 +17,9 @@ answer for step t+1 arrives while the target is busy.
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -63,9 +69,18 @@ class SequencePolicy(ABC):
 
     # Tokens to draft before `decide` is called (the prefix window); 0 for most policies.
     prefix_tokens: int = 0
+    # True: the engine drafts one token at a time and asks `after_token` after each.
+    in_step: bool = False
 
     @abstractmethod
     def decide(self, step: int, prefix_signals: DraftSignals | None) -> GammaDecision: ...
+
+    def after_token(self, step: int, j: int, features: Mapping[str, float], cap: int) -> int | None:
+        """Token j (1-based) of `step` was drafted; `features` holds its token features
+        and the sequence's history (speckv.draft_plan.PLAN_FEATURES). Return None to draft
+        another (the engine stops at min(decided γ, cap) by itself), or how many of the j
+        drafted tokens to verify (0: a plain target step)."""
+        return None
 
     def drafted(self, step: int, gamma: int, signals: DraftSignals | None) -> None:  # noqa: B027
         """Drafting of `step` ended; `signals` is None when nothing was drafted (gamma 0)."""
@@ -138,6 +153,62 @@ class HeuristicPolicy(GammaPolicy):
 
     def start(self, seq: SequenceInfo) -> SequencePolicy:
         return _HeuristicSequence(self.initial_gamma)
+
+
+class _HeuristicContextSequence(_HeuristicSequence):
+    in_step = True
+
+    def __init__(self, initial: int, min_match: int) -> None:
+        super().__init__(initial)
+        self._min_match = min_match
+
+    def after_token(self, step: int, j: int, features: Mapping[str, float], cap: int) -> int | None:
+        # Stop before the first drafted token that does not continue a context n-gram.
+        if features["match_length"] < self._min_match:
+            return j - 1
+        return None
+
+
+class HeuristicContextPolicy(GammaPolicy):
+    """The heuristic schedule plus prompt lookup's signal, applied inside the step: drafting
+    stops before the first token that does not continue an n-gram (n ≥ `min_match`)
+    already in the prompt or output; such a token is dropped (one wasted draft forward),
+    so a step whose first draft does not continue the context is a plain target step.
+    A local baseline for the learned `draft_plan` selector (docs/results.md)."""
+
+    def __init__(self, initial_gamma: int = HEURISTIC_INITIAL_GAMMA, min_match: int = 2) -> None:
+        if initial_gamma < 1:
+            raise PolicyError(f"heuristic initial gamma must be ≥ 1, got {initial_gamma}")
+        self.initial_gamma = initial_gamma
+        self.min_match = min_match
+        self.spec = "heuristic-ctx"
+
+    def start(self, seq: SequenceInfo) -> SequencePolicy:
+        return _HeuristicContextSequence(self.initial_gamma, self.min_match)
+
+
+class _ExploreSequence(SequencePolicy):
+    def __init__(self, rng: random.Random, low: int, high: int) -> None:
+        self._rng = rng
+        self._low, self._high = low, high
+
+    def decide(self, step: int, prefix_signals: DraftSignals | None) -> GammaDecision:
+        return GammaDecision(self._rng.randint(self._low, self._high), DecisionSource.LOCAL)
+
+
+class ExplorePolicy(GammaPolicy):
+    """A uniformly random γ in [1, N] per step, seeded by the request id: the behaviour
+    policy for logging training data (every draft length and history state is seen).
+    Not for serving."""
+
+    def __init__(self, high: int = 8) -> None:
+        if high < 1:
+            raise PolicyError(f"explore max gamma must be ≥ 1, got {high}")
+        self.high = high
+        self.spec = f"explore:{high}"
+
+    def start(self, seq: SequenceInfo) -> SequencePolicy:
+        return _ExploreSequence(random.Random(seq.request_id), 1, self.high)
 
 
 POLICY_FORMS = "remote, fixed:N (N ≥ 0), heuristic or heuristic:N (N ≥ 1)"

@@ -124,3 +124,91 @@ class StepRecorder:
     def close(self) -> None:
         with self._lock:
             self._fh.close()
+
+
+# One row per drafted token whose agreement with the target is known: the training data
+# of `draft_plan` models (docs/design.md, "Draft plans"). `agreed` is 1 for a token the
+# target kept, 0 for the first one it rejected, and for the first drafted token past the
+# verified ones (a stop rule's probe) whether it equals the target's token. Features are
+# the token's (match_length, draft_confidence, draft_entropy) and the sequence's history
+# before the step (prev_full, accept_ema).
+TOKEN_COLUMNS = (
+    "sequence_id",
+    "task",
+    "compression",
+    "step",
+    "position",
+    "gamma",
+    "drafted",
+    "match_length",
+    "draft_confidence",
+    "draft_entropy",
+    "prev_full",
+    "accept_ema",
+    "agreed",
+)
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    sequence_id: str
+    task: str
+    compression: str
+    step: int
+    position: int  # 1-based place in the step's draft
+    gamma: int  # tokens verified this step
+    drafted: int  # tokens drafted this step
+    match_length: int
+    draft_confidence: float
+    draft_entropy: float
+    prev_full: float
+    accept_ema: float
+    agreed: int
+
+    def row(self) -> list[str]:
+        return [
+            self.sequence_id,
+            self.task,
+            self.compression,
+            str(self.step),
+            str(self.position),
+            str(self.gamma),
+            str(self.drafted),
+            str(self.match_length),
+            _f(self.draft_confidence),
+            _f(self.draft_entropy),
+            _f(self.prev_full),
+            _f(self.accept_ema),
+            str(self.agreed),
+        ]
+
+
+class TokenRecorder:
+    """Appends token records to a CSV file (header written once); safe across threads."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        if not new:
+            with self.path.open(newline="") as fh:
+                header = next(csv.reader(fh), [])
+            if tuple(header) != TOKEN_COLUMNS:
+                raise ValueError(
+                    f"token log {self.path} exists with other columns ({header[:4]}...); "
+                    "give a new file or move the old one away"
+                )
+        self._fh: TextIO = self.path.open("a", newline="")
+        self._writer = csv.writer(self._fh)
+        self._lock = threading.Lock()
+        if new:
+            self._writer.writerow(TOKEN_COLUMNS)
+            self._fh.flush()
+
+    def write(self, record: TokenRecord) -> None:
+        with self._lock:
+            self._writer.writerow(record.row())
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()

@@ -6,6 +6,11 @@ Windows (DESIGN.md, "When the decision is made"):
   target was busy. Step 0 has no signals yet and uses the fallback gamma.
 - `prefix`: the engine drafts `prefix_tokens` first; `decide` submits their signals and
   waits (one round trip per step).
+- `draft_plan`: the answer is a plan (speckv.draft_plan) the sequence applies token by
+  token inside every step from its own token and history features; it is asked for when
+  the sequence starts (the answer arrives while the prompt is prefilled) and again every
+  `refresh_steps` steps (sent before the target verifies, used when it has arrived), so a
+  remote decision costs a fraction of a message per step (docs/design.md, "Draft plans").
 
 An answer that has not arrived `decision_timeout_s` after the loop needs it, a broken
 stream (the client library reconnects in the background) or a refused message all give
@@ -14,13 +19,16 @@ the fallback gamma; decoding never waits longer and never fails for the predicto
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from typing import Protocol
 
+from speckv.draft_plan import PlanRunner
 from speckv_client.types import (
     Compression,
     DecideBatch,
@@ -80,6 +88,8 @@ class RemotePolicy(GammaPolicy):
         return RemotePolicy(self.stream, config, self.timing)
 
     def start(self, seq: SequenceInfo) -> SequencePolicy:
+        if self.config.window == Window.DRAFT_PLAN:
+            return RemotePlanSequence(self, seq)
         return RemoteSequencePolicy(self, seq)
 
 
@@ -193,3 +203,148 @@ def _pick(decisions: list[Decision], routing_key: str, step: int) -> Decision | 
         if d.routing_key == routing_key and d.step == step:
             return d
     return decisions[0] if len(decisions) == 1 else None
+
+
+class RemotePlanSequence(SequencePolicy):
+    """The `draft_plan` window: apply the predictor's plan token by token, refresh it now
+    and then, fall back to a fixed γ (drafted in full) while no plan is at hand."""
+
+    in_step = True
+
+    def __init__(self, owner: RemotePolicy, seq: SequenceInfo) -> None:
+        self._owner = owner
+        self._config = owner.config
+        self._seq = seq
+        self._compression = Compression(seq.compression)
+        self._runner: PlanRunner | None = None
+        self._plan_meta = GammaDecision(0, DecisionSource.REMOTE)
+        self._plan_step = 0  # the step the current plan took effect
+        self._pending: Future[list[Decision]] | None = None
+        self._retry_at = 0  # the first step at which a failed request may be sent again
+        self._applying = False
+        self._failures_logged = 0
+        self.plans_received = 0
+        self.requests_sent = 0
+        # Asked now, answered while the engine prefills the prompt.
+        self._request(0)
+
+    # -- hooks
+
+    def decide(self, step: int, prefix_signals: DraftSignals | None) -> GammaDecision:
+        waited = 0.0
+        pending = self._pending
+        if pending is not None:
+            if self._runner is None and not pending.done():
+                started = time.perf_counter()
+                with contextlib.suppress(Exception):  # late or failed: handled below
+                    pending.result(timeout=self._config.decision_timeout_s)
+                waited = time.perf_counter() - started
+            if pending.done():
+                self._pending = None
+                self._take(step, pending)
+        if self._runner is None:
+            if self._pending is None and step >= self._retry_at:
+                self._request(step)
+            self._applying = False
+            return self._fallback(waited)
+        self._applying = True
+        self._runner.start_step()
+        meta = self._plan_meta
+        return GammaDecision(
+            gamma=self._runner.plan.max_gamma,
+            source=DecisionSource.REMOTE,
+            model_name=meta.model_name,
+            model_version=meta.model_version,
+            arm=meta.arm,
+            wait_seconds=waited,
+        )
+
+    def after_token(self, step: int, j: int, features: Mapping[str, float], cap: int) -> int | None:
+        runner = self._runner
+        if not self._applying or runner is None:
+            return None  # the fallback γ is drafted in full
+        return runner.after_token(j, runner.estimate(features), cap)
+
+    def drafted(self, step: int, gamma: int, signals: DraftSignals | None) -> None:
+        # Refresh before the target verifies, so the answer arrives while it works.
+        runner = self._runner
+        if (
+            runner is not None
+            and self._pending is None
+            and step + 1 - self._plan_step >= runner.plan.refresh_steps
+            and step + 1 >= self._retry_at
+        ):
+            self._request(step + 1)
+
+    def close(self) -> None:
+        self._pending = None
+
+    # -- plumbing
+
+    def _request(self, step: int) -> None:
+        timing = self._owner.timing.snapshot()
+        objective = self._config.objective
+        if timing is None and objective != Objective.TOKENS_PER_STEP:
+            self._retry_at = step + 1  # goodput needs measured costs; none yet
+            return
+        row = FeatureRow(
+            routing_key=self._seq.request_id,
+            step=step,
+            signals=None,
+            compression=self._compression,
+        )
+        batch = DecideBatch(
+            rows=(row,),
+            gamma_candidates=self._config.gamma_candidates,
+            window=Window.DRAFT_PLAN,
+            objective=objective,
+            timing=timing,
+            model=self._config.model,
+        )
+        try:
+            self._pending = self._owner.stream.submit(batch)
+        except Exception as err:  # the stream refused to take it: decode on
+            self._failed(step, f"predictor refused the request: {err}")
+            return
+        self.requests_sent += 1
+
+    def _take(self, step: int, future: Future[list[Decision]]) -> None:
+        try:
+            decisions = future.result(timeout=0)
+        except Exception as err:
+            self._failed(step, f"predictor failed: {err}")
+            return
+        decision = _pick(decisions, self._seq.request_id, decisions[0].step if decisions else 0)
+        plan = decision.plan if decision is not None else None
+        if plan is None:
+            self._failed(step, "the answer carries no draft plan (is the model a draft_plan one?)")
+            return
+        problem = plan.problem()
+        if problem is not None:
+            self._failed(step, f"unusable draft plan: {problem}")
+            return
+        assert decision is not None
+        self._runner = PlanRunner(plan)
+        self._plan_meta = GammaDecision(
+            plan.max_gamma,
+            DecisionSource.REMOTE,
+            decision.model_name,
+            decision.model_version,
+            decision.arm,
+        )
+        self._plan_step = step
+        self.plans_received += 1
+
+    def _failed(self, step: int, why: str) -> None:
+        # Keep applying the plan in hand, if any; ask again after a pause, not every step.
+        self._retry_at = step + max(
+            1, min(8, self._runner.plan.refresh_steps if self._runner else 8)
+        )
+        if self._failures_logged < 3:
+            self._failures_logged += 1
+            log.info("sequence %s: no new draft plan (%s)", self._seq.request_id, why)
+
+    def _fallback(self, waited: float) -> GammaDecision:
+        return GammaDecision(
+            gamma=self._config.fallback_gamma, source=DecisionSource.FALLBACK, wait_seconds=waited
+        )

@@ -1,11 +1,15 @@
 """Moving averages of the worker's measured costs, for the goodput objective.
 
 The predictor scores a candidate gamma by (â(γ)·γ + 1) / (γ·t_draft + t_verify(γ)), so the
-worker reports its per-token draft time and a linear verify-cost model
-t_verify(γ) = base + γ·per_token, fitted by exponentially weighted least squares over the
-steps it has run. When the recent steps all used one gamma the slope is not identifiable;
-then the last identified slope is kept (from warm-up or earlier steps) and only the
-intercept follows the data.
+worker reports its per-token draft time and a linear verify-cost model for speculative
+steps, t_verify(γ ≥ 1) = base + γ·per_token, fitted by exponentially weighted least squares
+over the γ ≥ 1 steps it has run, plus the measured cost of a plain γ = 0 step
+(`target_only_seconds`) as its own moving average. γ = 0 is costed apart because one
+position costs less than the line's intercept (the replay's cost model does the same,
+docs/design.md "Cost model"); charging it the intercept would make speculation look
+cheaper than it is. When the recent steps all used one gamma the slope is not
+identifiable; then the last identified slope is kept (from warm-up or earlier steps) and
+only the intercept follows the data.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class TimingModel:
         self._draft_per_token: float | None = None
         self._verify = _Ewm()
         self._slope = 0.0
+        self._target_only: float | None = None
 
     def add_draft(self, tokens: int, seconds: float) -> None:
         """One drafting phase: `tokens` draft forwards took `seconds` in all."""
@@ -62,13 +67,29 @@ class TimingModel:
     def add_verify(self, gamma: int, seconds: float) -> None:
         """One target forward over gamma + 1 positions took `seconds`."""
         with self._lock:
-            self._verify.add(self._alpha, float(gamma), seconds)
+            if gamma <= 0:
+                prev = self._target_only
+                self._target_only = (
+                    seconds if prev is None else (1 - self._alpha) * prev + self._alpha * seconds
+                )
+            else:
+                self._verify.add(self._alpha, float(gamma), seconds)
 
     def snapshot(self) -> StepTiming | None:
         """Current estimate, or None before both a draft and a verify were measured."""
         with self._lock:
-            if self._draft_per_token is None or self._verify.w == 0.0:
+            if self._draft_per_token is None:
                 return None
+            target_only = self._target_only or 0.0
+            if self._verify.w == 0.0:
+                if self._target_only is None:
+                    return None
+                return StepTiming(
+                    draft_seconds_per_token=self._draft_per_token,
+                    verify_base_seconds=self._target_only,
+                    verify_seconds_per_token=self._slope,
+                    target_only_seconds=target_only,
+                )
             s = self._verify
             mean_g, mean_t = s.g / s.w, s.t / s.w
             var_g = s.gg / s.w - mean_g * mean_g
@@ -80,4 +101,5 @@ class TimingModel:
                 draft_seconds_per_token=self._draft_per_token,
                 verify_base_seconds=base,
                 verify_seconds_per_token=self._slope,
+                target_only_seconds=target_only,
             )

@@ -24,11 +24,14 @@ class Objective(enum.Enum):
 
 @dataclass(frozen=True)
 class StepTiming:
-    """The worker's measured costs; t_verify(γ) = verify_base + γ · verify_per_token."""
+    """The worker's measured costs; t_verify(γ ≥ 1) = verify_base + γ · verify_per_token,
+    and a plain γ = 0 step costs `target_only_seconds` when the worker measured it (0 =
+    unknown: γ = 0 then costs verify_base, as workers before this field reported it)."""
 
     draft_seconds_per_token: float
     verify_base_seconds: float
     verify_seconds_per_token: float
+    target_only_seconds: float = 0.0
 
     def problem(self) -> tuple[str, str] | None:
         """(field, why) for the first value the goodput formula cannot use, else None."""
@@ -36,6 +39,7 @@ class StepTiming:
             ("draft_seconds_per_token", self.draft_seconds_per_token, False),
             ("verify_base_seconds", self.verify_base_seconds, True),
             ("verify_seconds_per_token", self.verify_seconds_per_token, False),
+            ("target_only_seconds", self.target_only_seconds, False),
         ):
             if not math.isfinite(value):
                 return name, f"must be a finite number of seconds, got {value}"
@@ -109,7 +113,10 @@ def scores(
     if timing is None:
         raise ValueError("the goodput objective needs the worker's StepTiming")
     per_token = timing.draft_seconds_per_token + timing.verify_seconds_per_token
-    tokens /= gamma_array * per_token + timing.verify_base_seconds
+    cost = gamma_array * per_token + timing.verify_base_seconds
+    if timing.target_only_seconds > 0:
+        cost = np.where(gamma_array == 0, timing.target_only_seconds, cost)
+    tokens /= cost
     return tokens
 
 

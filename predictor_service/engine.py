@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from speckv.draft_plan import WINDOW_DRAFT_PLAN, DraftPlan
 
 from predictor_service.decisions import CandidateSet, Choice, Objective, StepTiming, decide
 from predictor_service.manifest import DRAFT_SIGNALS, WINDOW_PREVIOUS_STEP, WINDOW_SAME_STEP
 from predictor_service.metrics import PredictorMetrics
+from predictor_service.plan import PlanTables, build_plan
 from predictor_service.repository import (
     LoadedVersion,
     LoaderLock,
@@ -46,6 +48,7 @@ WINDOW_SERVED_BY = {
     "same_step": WINDOW_SAME_STEP,
     "prefix": WINDOW_SAME_STEP,
     "previous_step": WINDOW_PREVIOUS_STEP,
+    WINDOW_DRAFT_PLAN: WINDOW_DRAFT_PLAN,
 }
 CONFIDENCE_SLACK = 1e-6
 CANDIDATE_CACHE_SIZE = 256
@@ -163,6 +166,8 @@ class DecideResult:
     objective: Objective
     timing: StepTiming | None
     table_model: str
+    # The draft_plan window's answers, one per row (choice.gamma is each plan's max_gamma).
+    plans: list[DraftPlan] | None = None
 
 
 def check_choice(choice: Choice, timing: StepTiming | None) -> None:
@@ -199,6 +204,7 @@ class PredictorEngine:
     def __init__(self, config: EngineConfig, metrics: PredictorMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or PredictorMetrics()
+        self.plan_tables = PlanTables()
         self._lock = threading.RLock()
         self._loader_locks = LoaderLock()
         self._status: dict[str, dict[int, VersionStatus]] = {}
@@ -441,6 +447,8 @@ class PredictorEngine:
                     "verify times (or ask for OBJECTIVE_TOKENS_PER_STEP)",
                 )
         resolved = objective or Objective(groups[0].version.manifest.default_objective)
+        if served_by == WINDOW_DRAFT_PLAN:
+            return self._decide_plans(inp, candidates, comp_enc, groups, row_group, table.model)
         if len(groups) == 1:
             t0 = time.perf_counter()
             choice = decide(
@@ -483,6 +491,49 @@ class PredictorEngine:
             objective=resolved,
             timing=inp.timing,
             table_model=table.model,
+        )
+
+    def _decide_plans(
+        self,
+        inp: DecideInput,
+        candidates: CandidateSet,
+        comp_enc: np.ndarray,
+        groups: tuple[Group, ...],
+        row_group: np.ndarray | None,
+        model_name: str,
+    ) -> DecideResult:
+        """One draft plan per row; the table is cached per (version, compression)."""
+        r = comp_enc.shape[0]
+        top = max(candidates.gammas)
+        if top < 1:
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT,
+                "gamma_candidates",
+                "has no value ≥ 1; a draft plan needs a largest draft length",
+            )
+        plans: list[DraftPlan] = []
+        gamma = np.empty(r, dtype=np.int64)
+        for i in range(r):
+            g = groups[int(row_group[i])] if row_group is not None else groups[0]
+            obj = inp.objective or Objective(g.version.manifest.default_objective)
+            t0 = time.perf_counter()
+            plan = build_plan(self.plan_tables, g.version, float(comp_enc[i]), top, obj, inp.timing)
+            plans.append(plan)
+            gamma[i] = plan.max_gamma
+            self._record(model_name, g, gamma[i : i + 1], time.perf_counter() - t0)
+        empty = np.zeros((r, 0))
+        return DecideResult(
+            choice=Choice(gamma, empty, empty),
+            candidates=(),
+            groups=groups,
+            row_group=row_group,
+            shadow=None,
+            comp_enc=comp_enc,
+            signals=inp.signals,
+            objective=inp.objective or Objective(groups[0].version.manifest.default_objective),
+            timing=inp.timing,
+            table_model=model_name,
+            plans=plans,
         )
 
     def _record(self, model: str, g: Group, gammas: np.ndarray, seconds: float) -> None:

@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from speckv.draft_plan import (
+    COMP_ENC_FEATURE,
+    MAX_PLAN_GAMMA,
+    WINDOW_DRAFT_PLAN,
+    PlanAxis,
+    check_axes,
+)
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -24,7 +31,7 @@ WEIGHTS_FILE = "weights.npz"
 
 WINDOW_SAME_STEP = "same_step"
 WINDOW_PREVIOUS_STEP = "previous_step"
-WINDOWS = (WINDOW_SAME_STEP, WINDOW_PREVIOUS_STEP)
+WINDOWS = (WINDOW_SAME_STEP, WINDOW_PREVIOUS_STEP, WINDOW_DRAFT_PLAN)
 
 DRAFT_SIGNALS = (
     "mean_draft_entropy",
@@ -93,6 +100,28 @@ class TrainingData:
 
 
 @dataclass(frozen=True)
+class PlanSpec:
+    """A `draft_plan` model's grid and stop-rule settings (speckv.draft_plan)."""
+
+    axes: tuple[PlanAxis, ...]
+    max_gamma: int
+    refresh_steps: int
+    # Multiplies the goodput stop thresholds; tuned on the training prompts.
+    threshold_scale: float = 1.0
+
+    def feature_names(self) -> tuple[str, ...]:
+        return (*(a.feature for a in self.axes), COMP_ENC_FEATURE)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "axes": [{"feature": a.feature, "edges": list(a.edges)} for a in self.axes],
+            "max_gamma": self.max_gamma,
+            "refresh_steps": self.refresh_steps,
+            "threshold_scale": self.threshold_scale,
+        }
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: int
@@ -114,6 +143,8 @@ class Manifest:
     known_answer_tolerance: float = KNOWN_ANSWER_TOLERANCE
     fitted_on: str = FITTED_ON_ALL_RECORDS
     format_version: int = FORMAT_VERSION
+    # Present exactly when window == "draft_plan".
+    plan: PlanSpec | None = None
 
     def known_answer_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Known-answer rows as float32 `[N, n_features]` and sklearn's predictions `[N]`."""
@@ -127,6 +158,12 @@ class Manifest:
                 return None
             return {"mse": m.mse, "corr": m.corr, "n_train": m.n_train, "n_test": m.n_test}
 
+        out = self._base_dict(split)
+        if self.plan is not None:
+            out["plan"] = self.plan.to_dict()
+        return out
+
+    def _base_dict(self, split: Any) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
             "name": self.name,
@@ -240,10 +277,18 @@ def manifest_from_dict(raw: Any, source: str = "<manifest>") -> Manifest:
     if window not in WINDOWS:
         raise ManifestError(f"{source}: key 'window' is {window!r}; expected one of {WINDOWS}")
     feature_names = tuple(r.string_list(raw, "feature_names"))
-    if feature_names != FEATURES_BY_WINDOW[window]:
+    plan: PlanSpec | None = None
+    if window == WINDOW_DRAFT_PLAN:
+        plan = _plan_spec(r, r.obj(raw, "plan"))
+        expected = plan.feature_names()
+    else:
+        if "plan" in raw:
+            raise ManifestError(f"{source}: key 'plan' is only valid for a draft_plan model")
+        expected = FEATURES_BY_WINDOW[window]
+    if feature_names != expected:
         raise ManifestError(
             f"{source}: key 'feature_names' is {list(feature_names)}; a {window} model takes "
-            f"{list(FEATURES_BY_WINDOW[window])}"
+            f"{list(expected)}"
         )
     enc = r.obj(raw, "compression_encoding")
     if dict(enc) != dict(COMPRESSION_ENCODING):
@@ -341,7 +386,32 @@ def manifest_from_dict(raw: Any, source: str = "<manifest>") -> Manifest:
         training_data=training_data,
         libraries=dict(libs),
         created_at=r.string(raw, "created_at"),
+        plan=plan,
     )
+
+
+def _plan_spec(r: _Reader, d: Mapping[str, Any]) -> PlanSpec:
+    axes = []
+    for i, a in enumerate(r.array(d, "axes", "plan.")):
+        key = f"plan.axes[{i}]."
+        if not isinstance(a, dict):
+            raise ManifestError(f"{r.source}: key '{key[:-1]}' must be an object")
+        axes.append(PlanAxis(r.string(a, "feature", key), tuple(r.number_list(a, "edges", key))))
+    why = check_axes(axes)
+    if why:
+        raise ManifestError(f"{r.source}: key 'plan.axes': {why}")
+    max_gamma = r.integer(d, "max_gamma", "plan.")
+    if not 1 <= max_gamma <= MAX_PLAN_GAMMA:
+        raise ManifestError(
+            f"{r.source}: key 'plan.max_gamma' is {max_gamma}; must be in [1, {MAX_PLAN_GAMMA}]"
+        )
+    refresh = r.integer(d, "refresh_steps", "plan.")
+    if refresh < 1:
+        raise ManifestError(f"{r.source}: key 'plan.refresh_steps' must be ≥ 1, got {refresh}")
+    scale = r.number(d, "threshold_scale", "plan.")
+    if scale < 0:
+        raise ManifestError(f"{r.source}: key 'plan.threshold_scale' must be ≥ 0, got {scale}")
+    return PlanSpec(tuple(axes), max_gamma, refresh, scale)
 
 
 def _split(r: _Reader, d: Mapping[str, Any], prefix: str) -> SplitMetrics:

@@ -14,9 +14,11 @@ from typing import TypeVar
 
 import grpc
 import numpy as np
+from speckv.draft_plan import WINDOW_DRAFT_PLAN
 from speckv.v1 import common_pb2 as cpb
 from speckv.v1 import predictor_pb2 as pb
 from speckv.v1 import predictor_pb2_grpc as pb_grpc
+from speckv_client.convert import plan_to_pb
 
 from predictor_service.decisions import Objective, StepTiming
 from predictor_service.engine import (
@@ -41,6 +43,7 @@ WINDOWS = {
     cpb.DECISION_WINDOW_SAME_STEP: "same_step",
     cpb.DECISION_WINDOW_PREVIOUS_STEP: "previous_step",
     cpb.DECISION_WINDOW_PREFIX: "prefix",
+    cpb.DECISION_WINDOW_DRAFT_PLAN: WINDOW_DRAFT_PLAN,
 }
 OBJECTIVES = {
     cpb.OBJECTIVE_UNSPECIFIED: None,
@@ -79,7 +82,8 @@ def decide_input(req: pb.DecideRequest) -> DecideInput:
         raise RequestError(
             ErrorKind.INVALID_ARGUMENT,
             "window",
-            f"is {req.window}; set DECISION_WINDOW_SAME_STEP (1), PREVIOUS_STEP (2) or PREFIX (3)",
+            f"is {req.window}; set DECISION_WINDOW_SAME_STEP (1), PREVIOUS_STEP (2), PREFIX (3) "
+            "or DRAFT_PLAN (4)",
         )
     if req.objective not in OBJECTIVES:
         raise RequestError(
@@ -91,7 +95,7 @@ def decide_input(req: pb.DecideRequest) -> DecideInput:
     n = len(rows)
     if n == 1:  # the common single-sequence message: no per-row generators
         row = rows[0]
-        if not row.HasField("signals"):
+        if not row.HasField("signals") and window != WINDOW_DRAFT_PLAN:
             raise RequestError(
                 ErrorKind.INVALID_ARGUMENT,
                 "rows[0].signals",
@@ -116,7 +120,7 @@ def decide_input(req: pb.DecideRequest) -> DecideInput:
         values: list[tuple[float, float, float, float]] = []
         keys, steps, comps = [], [], []
         for i, row in enumerate(rows):
-            if not row.HasField("signals"):
+            if not row.HasField("signals") and window != WINDOW_DRAFT_PLAN:
                 raise RequestError(
                     ErrorKind.INVALID_ARGUMENT,
                     f"rows[{i}].signals",
@@ -140,7 +144,10 @@ def decide_input(req: pb.DecideRequest) -> DecideInput:
     if req.HasField("timing"):
         t = req.timing
         timing = StepTiming(
-            t.draft_seconds_per_token, t.verify_base_seconds, t.verify_seconds_per_token
+            t.draft_seconds_per_token,
+            t.verify_base_seconds,
+            t.verify_seconds_per_token,
+            t.target_only_seconds,
         )
     m = req.model
     return DecideInput(
@@ -169,8 +176,22 @@ def decide_response(
     heads = [(g.version.name, g.version.version, g.arm) for g in res.groups]
     row_group = res.row_group.tolist() if res.row_group is not None else None
     decisions = []
+    plans = res.plans
     for i, key in enumerate(inp.keys):
         name, version, arm = heads[row_group[i]] if row_group is not None else heads[0]
+        if plans is not None:
+            decisions.append(
+                Dec(
+                    routing_key=key,
+                    step=inp.steps[i],
+                    gamma=gammas[i],
+                    model_name=name,
+                    model_version=version,
+                    arm=arm,
+                    plan=plan_to_pb(plans[i]),
+                )
+            )
+            continue
         a, s = acc[i], score[i]
         decisions.append(
             Dec(

@@ -1,4 +1,8 @@
-"""`speckv-predictor train`: train SpecKV-MLP16 and register it as a new immutable version.
+"""`speckv-predictor train`: train a model and register it as a new immutable version.
+
+`--model-kind mlp16` (default): SpecKV-MLP16 on step records (the seed's schema), window
+same_step or previous_step. `--model-kind instep`: a `draft_plan` model on token records
+(`speckv-eval log-steps --tokens-out`), the in-step selector (docs/design.md, "Draft plans").
 
 Progress goes to stderr; the last stdout line is one JSON object (name, version, window,
 test_mse, test_corr, heldout_runs_mse, heldout_runs_corr, onnx_max_abs_diff) for scripts.
@@ -43,11 +47,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo", type=Path, required=True, help="model repository folder")
     parser.add_argument("--name", required=True, help="model name (folder under --repo)")
     parser.add_argument(
+        "--model-kind",
+        choices=("mlp16", "instep"),
+        default="mlp16",
+        help="mlp16: SpecKV-MLP16 on step records (needs --window); instep: a draft_plan "
+        "model on token records (--data is a token CSV or a folder of them)",
+    )
+    parser.add_argument(
         "--window",
         choices=WINDOWS,
-        required=True,
-        help="same_step: the seed's features; previous_step: the previous step's draft "
-        "signals decide this step's gamma (the serving default)",
+        default=None,
+        help="mlp16 only: same_step: the seed's features; previous_step: the previous "
+        "step's draft signals decide this step's gamma",
+    )
+    parser.add_argument(
+        "--max-gamma", type=_positive_int, default=8, help="instep: largest draft per step"
+    )
+    parser.add_argument(
+        "--refresh-steps",
+        type=_positive_int,
+        default=32,
+        help="instep: a worker asks for a new plan after this many steps",
+    )
+    parser.add_argument(
+        "--threshold-scale",
+        type=float,
+        default=1.0,
+        help="instep: multiplies the goodput stop thresholds (tune on training prompts)",
     )
     parser.add_argument(
         "--version",
@@ -76,6 +102,15 @@ def run(args: argparse.Namespace) -> int:
         train_and_register,
     )
 
+    if args.model_kind == "instep":
+        return _run_instep(args)
+    if args.window is None:
+        print(
+            "speckv-predictor train: error: --window is required for --model-kind mlp16 "
+            "(same_step or previous_step)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     try:
         config = TrainConfig(
             repo=args.repo,
@@ -100,4 +135,45 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(f"registered {result.path}", file=sys.stderr)
     print(json.dumps(result.summary()), flush=True)
+    return EXIT_OK
+
+
+def _run_instep(args: argparse.Namespace) -> int:
+    from predictor_service.plan_training import PlanTrainConfig, train_plan_model
+    from predictor_service.seed_data import DataError
+    from predictor_service.training import TrainError, VersionExistsError
+
+    if args.window not in (None, "draft_plan"):
+        print(
+            f"speckv-predictor train: error: --window {args.window} does not apply to "
+            "--model-kind instep (its window is draft_plan)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    try:
+        config = PlanTrainConfig(
+            repo=args.repo,
+            name=args.name,
+            data=args.data,
+            version=args.version,
+            seed=args.seed,
+            max_gamma=args.max_gamma,
+            refresh_steps=args.refresh_steps,
+            threshold_scale=args.threshold_scale,
+            progress=not args.quiet,
+        )
+    except ValueError as e:
+        print(f"speckv-predictor train: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        result, extra = train_plan_model(config)
+    except (DataError, VersionExistsError) as e:
+        print(f"speckv-predictor train: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainError as e:
+        print(f"speckv-predictor train: failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"registered {result.path}", file=sys.stderr)
+    summary = {**result.summary(), **extra}
+    print(json.dumps(summary), flush=True)
     return EXIT_OK

@@ -85,8 +85,12 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.window not in WINDOWS:
-            raise ValueError(f"window {self.window!r} is not one of {WINDOWS}")
+        mlp16_windows = tuple(w for w in WINDOWS if w != "draft_plan")
+        if self.window not in mlp16_windows:
+            raise ValueError(
+                f"window {self.window!r} is not one of {mlp16_windows} (a draft_plan model "
+                "is trained with --model-kind instep)"
+            )
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(
                 f"model name {self.name!r} must be a plain folder name (no '/', no leading '.')"

@@ -3,6 +3,11 @@
 The worker's engine runs each training prompt at several fixed γ and its own `StepRecorder`
 writes the records (the seed's schema plus `sequence_id` and `prev_*` signals), so
 `speckv-predictor train --data OUT --window previous_step` can fit a model for this pair.
+With `--tokens-out` the engine's `TokenRecorder` also writes one row per drafted token
+(token features, history, agreement: the data of `--model-kind instep`), and
+`--explore-runs K` adds K runs per prompt and compression whose γ is drawn uniformly from
+1..8 each step, so every draft length and history state is seen. Sequence ids are
+`<prompt id>:<compression>:<policy>`; training holds prompts out by the part before ':'.
 The prompts must not be the evaluation prompts: any prompt whose text also appears in an
 `--exclude` file is refused, so a model trained here is never scored on its own prompts.
 """
@@ -35,6 +40,8 @@ class LogConfig:
     corpus_snippets: int = 0  # extra prompts cut from the pair's held-out corpus documents
     code_chars: int = 2_000_000  # the pair's corpus size (manifest spec.code_chars)
     gammas: tuple[int, ...] = (2, 4, 6, 8)
+    tokens_out: Path | None = None
+    explore_runs: int = 0
     compressions: tuple[str, ...] = ("fp16", "int8", "nf4")
     max_new_tokens: int = 64
     device: str = "cpu"
@@ -89,14 +96,15 @@ def log_steps(cfg: LogConfig) -> dict[str, object]:
     from decode_worker.config import EngineConfig
     from decode_worker.engine import SpeculativeEngine
     from decode_worker.pair import PairConfig, load_pair
-    from decode_worker.policies import FixedPolicy
-    from decode_worker.records import StepRecorder
+    from decode_worker.policies import ExplorePolicy, FixedPolicy, GammaPolicy
+    from decode_worker.records import StepRecorder, TokenRecorder
 
     torch.set_num_threads(cfg.threads)
     prompts = load_prompts(cfg.prompts) if cfg.prompts else []
     prompts += corpus_snippets(cfg.corpus_snippets, cfg.code_chars)
     check_disjoint(prompts, cfg.exclude)
     recorder = StepRecorder(cfg.out)
+    token_recorder = TokenRecorder(cfg.tokens_out) if cfg.tokens_out else None
     t0 = time.perf_counter()
     runs = steps = 0
     for comp in cfg.compressions:
@@ -115,22 +123,31 @@ def log_steps(cfg: LogConfig) -> dict[str, object]:
                 pair,
                 EngineConfig(default_max_new_tokens=cfg.max_new_tokens, record_task=task),
                 recorder=recorder,
+                token_recorder=token_recorder,
             )
             for task in sorted({p.task for p in prompts})
         }
-        jobs = [(p, g) for p in prompts for g in cfg.gammas]
-        for p, g in tqdm(jobs, desc=f"{comp}: logging", disable=not cfg.progress):
+        jobs: list[tuple[Prompt, GammaPolicy, str]] = [
+            (p, FixedPolicy(g), f"g{g}") for p in prompts for g in cfg.gammas
+        ]
+        jobs += [
+            (p, ExplorePolicy(8), f"explore{k}") for p in prompts for k in range(cfg.explore_runs)
+        ]
+        for p, policy, tag in tqdm(jobs, desc=f"{comp}: logging", disable=not cfg.progress):
             eng = engines[p.task]
             res = eng.generate(
                 eng.encode(p.prompt),
-                FixedPolicy(g),
+                policy,
                 max_new_tokens=cfg.max_new_tokens,
-                request_id=f"{comp}/{p.id}/g{g}",
+                request_id=f"{p.id}:{comp}:{tag}",
             )
             runs += 1
             steps += sum(1 for s in res.steps if s.gamma > 0)
+    if token_recorder is not None:
+        token_recorder.close()
     return {
         "out": str(cfg.out),
+        "tokens_out": str(cfg.tokens_out) if cfg.tokens_out else None,
         "prompts": len(prompts),
         "runs": runs,
         "drafted_steps": steps,
@@ -162,7 +179,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="also use N prompts cut from the tiny pair's held-out stdlib/pydoc documents",
     )
-    parser.add_argument("--gammas", type=int, nargs="+", default=[2, 4, 6, 8])
+    parser.add_argument(
+        "--gammas",
+        type=int,
+        nargs="*",
+        default=[2, 4, 6, 8],
+        help="fixed γ runs per prompt (none: only --explore-runs)",
+    )
+    parser.add_argument(
+        "--tokens-out",
+        type=Path,
+        default=None,
+        help="also write token records (one per drafted token; instep training data)",
+    )
+    parser.add_argument(
+        "--explore-runs",
+        type=int,
+        default=0,
+        help="runs per prompt and compression with a random γ in 1..8 per step",
+    )
     parser.add_argument(
         "--compression", nargs="+", default=["fp16", "int8", "nf4"], choices=["fp16", "int8", "nf4"]
     )
@@ -179,6 +214,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--out {args.out} exists; give a new file (records are appended)")
     if any(g < 1 for g in args.gammas):
         raise SystemExit(f"--gammas must all be ≥ 1 (γ=0 steps have no signals), got {args.gammas}")
+    if args.explore_runs < 0:
+        raise SystemExit(f"--explore-runs must be ≥ 0, got {args.explore_runs}")
+    if not args.gammas and not args.explore_runs:
+        raise SystemExit("nothing to run: give --gammas and/or --explore-runs")
+    if args.tokens_out is not None and args.tokens_out.exists():
+        raise SystemExit(f"--tokens-out {args.tokens_out} exists; give a new file")
     code_chars = 2_000_000
     manifest = args.pair / "manifest.json"
     if manifest.is_file():
@@ -192,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
         corpus_snippets=args.corpus_snippets,
         code_chars=code_chars,
         gammas=tuple(args.gammas),
+        tokens_out=args.tokens_out,
+        explore_runs=args.explore_runs,
         compressions=tuple(args.compression),
         max_new_tokens=args.max_new_tokens,
         device=args.device,

@@ -25,7 +25,13 @@ import torch
 from speckv_client.types import DraftSignals
 from transformers import DynamicCache
 
-from decode_worker.features import TokenSignals, aggregate, token_signals
+from decode_worker.features import (
+    ContextIndex,
+    SequenceHistory,
+    TokenSignals,
+    aggregate,
+    token_signals,
+)
 from decode_worker.policies import SequenceInfo, SequencePolicy
 
 
@@ -152,11 +158,14 @@ class Costs:
     verify: tuple[float, ...]  # index γ: measured target forward over γ+1 positions
     decide: float = 0.0  # in-process predictor decision (onnxruntime + objective)
 
-    def step(self, gamma: int) -> float:
+    def step(self, gamma: int, drafted: int | None = None) -> float:
+        """Seconds of a step that verified γ tokens and drafted `drafted` (≥ γ; a stop
+        rule may draft tokens it then drops, each still costs a draft forward)."""
+        extra = max((drafted or 0) - gamma, 0) * self.draft_per_token
         if gamma == 0:
-            return self.verify[0]
+            return self.verify[0] + extra
         base, per_token = self.speculative_verify()
-        return gamma * (self.draft_per_token + per_token) + base
+        return gamma * (self.draft_per_token + per_token) + base + extra
 
     def speculative_verify(self) -> tuple[float, float]:
         """(base, per_token) least-squares fit of verify(γ) over γ ≥ 1."""
@@ -208,6 +217,11 @@ class StepOutcome:
     gamma: int
     accepted: int
     kept: int
+    drafted: int = -1  # draft forwards; -1 = gamma (no stop rule)
+
+    def __post_init__(self) -> None:
+        if self.drafted < 0:
+            self.drafted = self.gamma
 
 
 @dataclass
@@ -228,9 +242,16 @@ def replay_sequence(
     max_gamma: int,
     needs_signals: bool = True,
 ) -> SequenceOutcome:
-    """Replay one policy on one trace with the engine's own capping and hook order."""
+    """Replay one policy on one trace with the engine's own capping, hook order, history
+    and context features (an in-step policy is asked after every drafted token, exactly as
+    `GenerationRun._draft_in_step` asks it)."""
     out = SequenceOutcome(trace.prompt_id, trace.task, [])
     length = len(trace.output)
+    history = SequenceHistory()
+    context: ContextIndex | None = None
+    if policy.in_step:
+        context = ContextIndex()
+        context.add(trace.probe.context[: trace.probe.prompt_len])
     p = 0
     step = 0
     while p < length:
@@ -238,18 +259,57 @@ def replay_sequence(
         cap = min(max_gamma, remaining - 1)
         decision = policy.decide(step, None)
         gamma = max(0, min(decision.gamma, cap))
+        drafted = gamma
+        if policy.in_step and gamma > 0:
+            assert context is not None
+            gamma, drafted = _in_step(trace, policy, step, p, gamma, context, history)
         signals: DraftSignals | None = None
-        if gamma and needs_signals:
+        if gamma and (needs_signals or policy.in_step):
             signals = aggregate([s for _, s in trace.probe.proposals(p, gamma)])
         policy.drafted(step, gamma, signals)
         accepted = int(min(trace.run[p], gamma))
+        if p + accepted < length:
+            drafts = [t for t, _ in trace.probe.proposals(p, drafted)] if drafted else []
+            history.observe(drafts, gamma, accepted, trace.output[p + accepted])
         policy.verified(step, gamma, accepted)
         kept = min(accepted + 1, length - p)
-        out.steps.append(StepOutcome(gamma, accepted, kept))
+        out.steps.append(StepOutcome(gamma, accepted, kept, drafted))
+        if context is not None:
+            context.add(trace.output[p : p + kept])
         p += kept
         step += 1
     policy.close()
     return out
+
+
+def _in_step(
+    trace: Trace,
+    policy: SequencePolicy,
+    step: int,
+    p: int,
+    limit: int,
+    context: ContextIndex,
+    history: SequenceHistory,
+) -> tuple[int, int]:
+    """(γ verified, tokens drafted) for an in-step policy at position p."""
+    hist = history.values()
+    drafts: list[int] = []
+    j = 0
+    while True:
+        tok, sig = trace.probe.proposals(p, j + 1)[j]
+        j += 1
+        features = {
+            "match_length": float(context.match_length(drafts, tok)),
+            "draft_confidence": sig.confidence,
+            "draft_entropy": sig.entropy_bits,
+            **hist,
+        }
+        drafts.append(tok)
+        keep = policy.after_token(step, j, features, limit)
+        if keep is not None:
+            return max(0, min(keep, j)), j
+        if j >= limit:
+            return j, j
 
 
 def replay_confidence_stop(
@@ -391,3 +451,89 @@ class PredictorSequence(SequencePolicy):
 def start_sequence(policy: Any, compression: str, prompt_id: str) -> SequencePolicy:
     seq: SequencePolicy = policy.start(SequenceInfo(prompt_id, compression))
     return seq
+
+
+# ------------------------------------------------------------- draft plan policy
+
+
+class InProcessPlans:
+    """A `DecisionSubmitter` that answers draft_plan requests in this process with the
+    predictor's own plan code (`predictor_service.plan`), so the replay drives the worker's
+    own `RemotePlanSequence` — the same object `--policy remote` runs — with no clone of
+    its window, refresh or fallback logic."""
+
+    connected = True
+
+    def __init__(self, version: Any, comp_enc: int) -> None:
+        from predictor_service.plan import PlanTables
+
+        self.version = version
+        self.comp_enc = float(comp_enc)
+        self.tables = PlanTables()
+        self.messages = 0
+        self.seconds = 0.0
+
+    def submit(self, batch: Any) -> Any:
+        from concurrent.futures import Future
+
+        from speckv_client.types import Decision
+
+        from predictor_service.decisions import Objective, StepTiming
+        from predictor_service.plan import build_plan
+
+        t0 = time.perf_counter()
+        t = batch.timing
+        timing = (
+            None
+            if t is None
+            else StepTiming(
+                t.draft_seconds_per_token,
+                t.verify_base_seconds,
+                t.verify_seconds_per_token,
+                t.target_only_seconds,
+            )
+        )
+        objective = Objective(
+            batch.objective.value
+            if batch.objective is not None
+            else self.version.manifest.default_objective
+        )
+        out = []
+        for row in batch.rows:
+            plan = build_plan(
+                self.tables,
+                self.version,
+                self.comp_enc,
+                max(batch.gamma_candidates),
+                objective,
+                timing,
+            )
+            out.append(
+                Decision(
+                    routing_key=row.routing_key,
+                    step=row.step,
+                    gamma=plan.max_gamma,
+                    model_name=self.version.name,
+                    model_version=self.version.version,
+                    arm="pinned",
+                    plan=plan,
+                )
+            )
+        self.messages += 1
+        self.seconds += time.perf_counter() - t0
+        f: Future[list[Any]] = Future()
+        f.set_result(out)
+        return f
+
+
+class CostsTiming:
+    """The replay's measured costs in the shape the worker's TimingModel reports them."""
+
+    def __init__(self, costs: Costs) -> None:
+        from speckv_client.types import StepTiming
+
+        base, per_token = costs.speculative_verify()
+        self._timing = StepTiming(costs.draft_per_token, base, per_token, costs.verify[0])
+
+    def snapshot(self) -> Any:
+        return self._timing

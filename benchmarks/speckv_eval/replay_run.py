@@ -14,6 +14,8 @@ import pandas as pd
 
 from speckv_eval.replay import (
     Costs,
+    CostsTiming,
+    InProcessPlans,
     PredictorSequence,
     SequenceOutcome,
     Trace,
@@ -104,8 +106,9 @@ def policy_table(runs: Sequence[PolicyRun], costs: Costs, traces: Sequence[Trace
         tokens = sum(s.kept for s in steps)
         drafted = sum(s.gamma for s in steps)
         accepted = sum(s.accepted for s in steps)
+        wasted = sum(s.drafted - s.gamma for s in steps)
         per_decide = r.decide_seconds / r.decide_calls if r.decide_calls else 0.0
-        seconds = sum(costs.step(s.gamma) for s in steps) + r.decide_calls * per_decide
+        seconds = sum(costs.step(s.gamma, s.drafted) for s in steps) + r.decide_calls * per_decide
         rows.append(
             {
                 "policy": r.name,
@@ -113,6 +116,8 @@ def policy_table(runs: Sequence[PolicyRun], costs: Costs, traces: Sequence[Trace
                 "target fwd/token": len(steps) / tokens,
                 "rejected drafts/token": (drafted - accepted) / tokens,
                 "mean γ": drafted / len(steps),
+                "wasted drafts/step": wasted / len(steps),
+                "messages/step": r.decide_calls / len(steps),
                 "modelled tok/s": tokens / seconds,
                 "decide µs/step": 1e6 * per_decide,
             }
@@ -132,7 +137,12 @@ def policy_table(runs: Sequence[PolicyRun], costs: Costs, traces: Sequence[Trace
 def _policies(
     cfg: ReplayConfig, compression: str, comp_enc: int, costs: Costs, models: Sequence[Any]
 ) -> list[tuple[str, Callable[[Trace, PolicyRun], SequenceOutcome]]]:
-    from decode_worker.policies import FixedPolicy, HeuristicPolicy
+    from speckv_client.types import Objective as ClientObjective
+    from speckv_client.types import Window
+
+    from decode_worker.config import RemotePolicyConfig
+    from decode_worker.policies import FixedPolicy, HeuristicContextPolicy, HeuristicPolicy
+    from decode_worker.remote_policy import RemotePolicy
     from predictor_service.decisions import Objective, StepTiming
 
     out: list[tuple[str, Callable[[Trace, PolicyRun], SequenceOutcome]]] = []
@@ -148,10 +158,32 @@ def _policies(
     for g in cfg.fixed:
         out.append((f"fixed:{g}", local(FixedPolicy(g))))
     out.append(("heuristic (HF schedule, start 4)", local(HeuristicPolicy())))
+    out.append(("heuristic + context stop", local(HeuristicContextPolicy())))
     out.append(("HF confidence stop (0.4, ROC re-fit)", lambda t, _r: replay_confidence_stop(t)))
     base, per_token = costs.speculative_verify()
-    timing = StepTiming(costs.draft_per_token, base, per_token)
-    for version in models:
+    timing = StepTiming(costs.draft_per_token, base, per_token, costs.verify[0])
+    for version in [m for m in models if m.window == "draft_plan"]:
+        label = f"{version.name}:v{version.version} draft_plan goodput"
+
+        def plan_go(t: Trace, r: PolicyRun, version: Any = version) -> SequenceOutcome:
+            submitter = InProcessPlans(version, comp_enc)
+            policy = RemotePolicy(
+                submitter,
+                RemotePolicyConfig(
+                    window=Window.DRAFT_PLAN,
+                    objective=ClientObjective.GOODPUT,
+                    gamma_candidates=(version.manifest.plan.max_gamma,),
+                    fallback_gamma=cfg.fallback_gamma,
+                ),
+                CostsTiming(costs),  # type: ignore[arg-type]
+            )
+            o = replay_sequence(t, start_sequence(policy, compression, t.prompt_id), cfg.max_gamma)
+            r.decide_seconds += submitter.seconds
+            r.decide_calls += submitter.messages
+            return o
+
+        out.append((label, plan_go))
+    for version in [m for m in models if m.window != "draft_plan"]:
         label = f"{version.name}:v{version.version}"
         gammas = tuple(version.manifest.gamma_candidates)
         for objective in (Objective.TOKENS_PER_STEP, Objective.GOODPUT):
@@ -197,10 +229,10 @@ def run_replay(cfg: ReplayConfig) -> list[CompressionResult]:
     prompts = load_prompts(cfg.prompts, cfg.limit)
     models = [load_version(p) for p in cfg.models]
     for m in models:
-        if m.window != "previous_step":
+        if m.window not in ("previous_step", "draft_plan"):
             raise ValueError(
                 f"model {m.name} v{m.version} has window {m.window!r}; replay serves "
-                "previous_step models (the worker's default window)"
+                "previous_step and draft_plan models (the windows a worker runs causally)"
             )
     results = []
     for comp in cfg.compressions:

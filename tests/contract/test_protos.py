@@ -66,3 +66,44 @@ def test_buf_lint_passes() -> None:
     if proc.returncode != 0 and "npm ERR" in proc.stderr:
         pytest.skip(f"buf could not be installed from the npm registry: {proc.stderr[-300:]}")
     assert proc.returncode == 0, f"buf lint failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+# The contract as first released (issues 2–6 landed at this commit); every later change
+# must be backward compatible with it: new optional fields and enum values only.
+RELEASE_REF = "9bec699"
+
+
+@pytest.mark.skipif(shutil.which("npx") is None, reason="npx (Node.js) is not installed")
+def test_buf_breaking_against_release(tmp_path: Path) -> None:
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: no released contract to compare with")
+    have = subprocess.run(
+        ["git", "cat-file", "-e", f"{RELEASE_REF}^{{commit}}"], cwd=REPO, capture_output=True
+    )
+    if have.returncode != 0:
+        pytest.skip(f"release commit {RELEASE_REF} is not in this clone (shallow?)")
+    archive = subprocess.run(
+        ["git", "archive", RELEASE_REF, "protos"], cwd=REPO, capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive.stdout, check=True)
+    try:
+        proc = subprocess.run(
+            [
+                "npx",
+                "-y",
+                "@bufbuild/buf",
+                "breaking",
+                "protos",
+                "--against",
+                str(tmp_path / "protos"),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.skip("buf could not be fetched from the npm registry in time")
+    if proc.returncode != 0 and "npm ERR" in proc.stderr:
+        pytest.skip(f"buf could not be installed from the npm registry: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, f"buf breaking against {RELEASE_REF} failed:\n{proc.stdout}"

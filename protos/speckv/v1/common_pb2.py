@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16speckv/v1/common.proto\x12\tspeckv.v1\"\x82\x01\n\x0c\x44raftSignals\x12\x1a\n\x12mean_draft_entropy\x18\x01 \x01(\x01\x12\x1d\n\x15mean_draft_confidence\x18\x02 \x01(\x01\x12\x19\n\x11max_draft_entropy\x18\x03 \x01(\x01\x12\x1c\n\x14min_draft_confidence\x18\x04 \x01(\x01\"=\n\rModelSelector\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05\x61lias\x18\x03 \x01(\t*k\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_FP16\x10\x01\x12\x14\n\x10\x43OMPRESSION_INT8\x10\x02\x12\x13\n\x0f\x43OMPRESSION_NF4\x10\x03*\x8f\x01\n\x0e\x44\x65\x63isionWindow\x12\x1f\n\x1b\x44\x45\x43ISION_WINDOW_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x45\x43ISION_WINDOW_SAME_STEP\x10\x01\x12!\n\x1d\x44\x45\x43ISION_WINDOW_PREVIOUS_STEP\x10\x02\x12\x1a\n\x16\x44\x45\x43ISION_WINDOW_PREFIX\x10\x03*\\\n\tObjective\x12\x19\n\x15OBJECTIVE_UNSPECIFIED\x10\x00\x12\x1d\n\x19OBJECTIVE_TOKENS_PER_STEP\x10\x01\x12\x15\n\x11OBJECTIVE_GOODPUT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16speckv/v1/common.proto\x12\tspeckv.v1\"\x82\x01\n\x0c\x44raftSignals\x12\x1a\n\x12mean_draft_entropy\x18\x01 \x01(\x01\x12\x1d\n\x15mean_draft_confidence\x18\x02 \x01(\x01\x12\x19\n\x11max_draft_entropy\x18\x03 \x01(\x01\x12\x1c\n\x14min_draft_confidence\x18\x04 \x01(\x01\"=\n\rModelSelector\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05\x61lias\x18\x03 \x01(\t*k\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_FP16\x10\x01\x12\x14\n\x10\x43OMPRESSION_INT8\x10\x02\x12\x13\n\x0f\x43OMPRESSION_NF4\x10\x03*\xaf\x01\n\x0e\x44\x65\x63isionWindow\x12\x1f\n\x1b\x44\x45\x43ISION_WINDOW_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x45\x43ISION_WINDOW_SAME_STEP\x10\x01\x12!\n\x1d\x44\x45\x43ISION_WINDOW_PREVIOUS_STEP\x10\x02\x12\x1a\n\x16\x44\x45\x43ISION_WINDOW_PREFIX\x10\x03\x12\x1e\n\x1a\x44\x45\x43ISION_WINDOW_DRAFT_PLAN\x10\x04*\\\n\tObjective\x12\x19\n\x15OBJECTIVE_UNSPECIFIED\x10\x00\x12\x1d\n\x19OBJECTIVE_TOKENS_PER_STEP\x10\x01\x12\x15\n\x11OBJECTIVE_GOODPUT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,9 +34,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPRESSION']._serialized_start=233
   _globals['_COMPRESSION']._serialized_end=340
   _globals['_DECISIONWINDOW']._serialized_start=343
-  _globals['_DECISIONWINDOW']._serialized_end=486
-  _globals['_OBJECTIVE']._serialized_start=488
-  _globals['_OBJECTIVE']._serialized_end=580
+  _globals['_DECISIONWINDOW']._serialized_end=518
+  _globals['_OBJECTIVE']._serialized_start=520
+  _globals['_OBJECTIVE']._serialized_end=612
   _globals['_DRAFTSIGNALS']._serialized_start=38
   _globals['_DRAFTSIGNALS']._serialized_end=168
   _globals['_MODELSELECTOR']._serialized_start=170

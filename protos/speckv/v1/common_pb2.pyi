@@ -18,6 +18,7 @@ class DecisionWindow(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DECISION_WINDOW_SAME_STEP: _ClassVar[DecisionWindow]
     DECISION_WINDOW_PREVIOUS_STEP: _ClassVar[DecisionWindow]
     DECISION_WINDOW_PREFIX: _ClassVar[DecisionWindow]
+    DECISION_WINDOW_DRAFT_PLAN: _ClassVar[DecisionWindow]
 
 class Objective(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +33,7 @@ DECISION_WINDOW_UNSPECIFIED: DecisionWindow
 DECISION_WINDOW_SAME_STEP: DecisionWindow
 DECISION_WINDOW_PREVIOUS_STEP: DecisionWindow
 DECISION_WINDOW_PREFIX: DecisionWindow
+DECISION_WINDOW_DRAFT_PLAN: DecisionWindow
 OBJECTIVE_UNSPECIFIED: Objective
 OBJECTIVE_TOKENS_PER_STEP: Objective
 OBJECTIVE_GOODPUT: Objective

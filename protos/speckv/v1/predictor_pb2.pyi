@@ -37,14 +37,40 @@ MODEL_STATE_FAILED: ModelState
 MODEL_STATE_UNLOADED: ModelState
 
 class StepTiming(_message.Message):
-    __slots__ = ("draft_seconds_per_token", "verify_base_seconds", "verify_seconds_per_token")
+    __slots__ = ("draft_seconds_per_token", "verify_base_seconds", "verify_seconds_per_token", "target_only_seconds")
     DRAFT_SECONDS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     VERIFY_BASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_SECONDS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ONLY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     draft_seconds_per_token: float
     verify_base_seconds: float
     verify_seconds_per_token: float
-    def __init__(self, draft_seconds_per_token: _Optional[float] = ..., verify_base_seconds: _Optional[float] = ..., verify_seconds_per_token: _Optional[float] = ...) -> None: ...
+    target_only_seconds: float
+    def __init__(self, draft_seconds_per_token: _Optional[float] = ..., verify_base_seconds: _Optional[float] = ..., verify_seconds_per_token: _Optional[float] = ..., target_only_seconds: _Optional[float] = ...) -> None: ...
+
+class PlanAxis(_message.Message):
+    __slots__ = ("feature", "edges")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    feature: str
+    edges: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, feature: _Optional[str] = ..., edges: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class DraftPlan(_message.Message):
+    __slots__ = ("axes", "acceptance", "max_gamma", "first_token_threshold", "continue_threshold", "refresh_steps")
+    AXES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_GAMMA_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_STEPS_FIELD_NUMBER: _ClassVar[int]
+    axes: _containers.RepeatedCompositeFieldContainer[PlanAxis]
+    acceptance: _containers.RepeatedScalarFieldContainer[float]
+    max_gamma: int
+    first_token_threshold: float
+    continue_threshold: float
+    refresh_steps: int
+    def __init__(self, axes: _Optional[_Iterable[_Union[PlanAxis, _Mapping]]] = ..., acceptance: _Optional[_Iterable[float]] = ..., max_gamma: _Optional[int] = ..., first_token_threshold: _Optional[float] = ..., continue_threshold: _Optional[float] = ..., refresh_steps: _Optional[int] = ...) -> None: ...
 
 class FeatureRow(_message.Message):
     __slots__ = ("routing_key", "step", "signals", "compression")
@@ -87,7 +113,7 @@ class CandidateScore(_message.Message):
     def __init__(self, gamma: _Optional[int] = ..., predicted_acceptance: _Optional[float] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("routing_key", "step", "gamma", "candidates", "model_name", "model_version", "arm")
+    __slots__ = ("routing_key", "step", "gamma", "candidates", "model_name", "model_version", "arm", "plan")
     ROUTING_KEY_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +121,7 @@ class Decision(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARM_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     routing_key: str
     step: int
     gamma: int
@@ -102,7 +129,8 @@ class Decision(_message.Message):
     model_name: str
     model_version: int
     arm: str
-    def __init__(self, routing_key: _Optional[str] = ..., step: _Optional[int] = ..., gamma: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., arm: _Optional[str] = ...) -> None: ...
+    plan: DraftPlan
+    def __init__(self, routing_key: _Optional[str] = ..., step: _Optional[int] = ..., gamma: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., arm: _Optional[str] = ..., plan: _Optional[_Union[DraftPlan, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "field", "message")
