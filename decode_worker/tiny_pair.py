@@ -406,6 +406,7 @@ def fingerprint_from_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
         "cost_ratio_draft_over_target": metrics["cost_ratio_draft_over_target"],
         "torch": build.get("torch"),
         "cpu": build.get("cpu"),
+        "cpu_capability": build.get("cpu_capability"),
         "size": manifest.get("size"),
         "seed": manifest.get("seed"),
         "corpus_hash": manifest.get("key", {}).get("corpus_hash"),
@@ -442,6 +443,7 @@ def format_fingerprint(fp: dict[str, Any]) -> str:
         f" / {fp['agreement_target_generated']:.3f} generated, cost ratio "
         f"{fp['cost_ratio_draft_over_target']:.3f}, torch {fp['torch']}, "
         f"CPU {fp['cpu'] or 'not recorded'}"
+        + (f" ({fp['cpu_capability']})" if fp.get("cpu_capability") else "")
     )
 
 
@@ -575,6 +577,8 @@ def _build(
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "cpu": cpu_model(),
+                # The instruction set torch's own CPU kernels dispatch to (AVX2, AVX512, ...).
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "deterministic_algorithms": True,
                 "transformers": transformers.__version__,
                 "tokenizers": tokenizers.__version__,

@@ -228,6 +228,7 @@ def test_manifest_fingerprint_names_weights_quality_cost_and_machine(mini_a: Pat
     assert fp["cost_ratio_draft_over_target"] == m["metrics"]["cost_ratio_draft_over_target"]
     assert fp["torch"] == torch.__version__
     assert fp["cpu"] and fp["cpu"] != "unknown"
+    assert fp["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     # What a results file records: computed from the files, the same as the manifest's.
     assert pair_fingerprint(mini_a / "draft", mini_a / "target") == fp
 
