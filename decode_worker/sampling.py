@@ -9,6 +9,7 @@ target's distribution after temperature and top-p.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +24,8 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or not torch.isfinite(torch.tensor(self.temperature)):
-            raise ValueError(f"temperature must be ≥ 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be finite and ≥ 0, got {self.temperature}")
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
 
@@ -42,14 +43,25 @@ class Verdict:
 
 
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Sampling distribution [n, vocab] (fp32) after temperature and top-p."""
-    scaled = logits.to(torch.float32) / params.temperature
+    """Sampling distribution [n, vocab] (fp32) after temperature and top-p.
+
+    Stable for any positive temperature and top_p: the logits are shifted so that the
+    largest is 0 before dividing (a tiny temperature then sends the others to -inf, never
+    the maximum to inf or 0/0, which made softmax NaN), and top-p always keeps the most
+    likely token (a top_p below every probability leaves that one token, not none).
+    """
+    x = logits.to(torch.float32)
+    shifted = x - x.amax(dim=-1, keepdim=True)  # [n, vocab], max 0 (−inf stays −inf)
+    # A temperature below float32's range divides by 0.0 here: −inf for every token but the
+    # maximum, which `where` keeps at 0 (its 0/0 is never selected).
+    scaled = torch.where(shifted < 0, shifted / params.temperature, torch.zeros_like(shifted))
     probs = torch.softmax(scaled, dim=-1)
     if 0.0 < params.top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest set whose mass reaches top_p (the token crossing it included).
         cum_before = sorted_p.cumsum(dim=-1) - sorted_p
         keep_sorted = cum_before < params.top_p
+        keep_sorted[..., 0] = True
         keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
         probs = torch.where(keep, probs, torch.zeros_like(probs))
         probs = probs / probs.sum(dim=-1, keepdim=True)
