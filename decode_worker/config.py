@@ -13,6 +13,15 @@ from speckv_client.types import ModelSelector, Objective, Window
 
 FALLBACK_MODES = ("fixed", "last")
 DEFAULT_GAMMA_CANDIDATES = (2, 4, 6, 8)
+# Generous bytes per token: a prompt longer than this many UTF-8 bytes per model position
+# cannot fit the models' positions unless its tokens average over 32 bytes (ordinary text
+# is a few bytes per token), so the default limit refuses it before tokenizing.
+PROMPT_BYTES_PER_POSITION = 32
+# Upper bound of --max-prompt-bytes (and of the derived limit).
+MAX_PROMPT_BYTES = 64 << 20
+# The predictor's default routing-key limit (predictor_service/wire.py); request ids are
+# routing keys, so the worker never sends a longer one.
+MAX_ROUTING_KEY_BYTES = 256
 
 
 class ConfigError(ValueError):
@@ -109,8 +118,18 @@ class WorkerConfig:
     remote: RemotePolicyConfig = field(default_factory=RemotePolicyConfig)
     # Seconds in-flight generations get to finish on shutdown.
     shutdown_grace_s: float = 5.0
-    # Concurrent Generate calls admitted (they interleave step by step on one device).
+    # Concurrent Generate calls admitted (they interleave step by step on one device); one
+    # more is refused at once with RESOURCE_EXHAUSTED (no queue).
     max_concurrent_requests: int = 8
+    # Prompt size refused before tokenizing, in UTF-8 bytes; 0: PROMPT_BYTES_PER_POSITION x
+    # the pair's positions (`prompt_bytes_limit`).
+    max_prompt_bytes: int = 0
+    # Stop strings per request and UTF-8 bytes per stop string.
+    max_stop_strings: int = 16
+    max_stop_string_bytes: int = 256
+    # UTF-8 bytes of a request_id (it is the predictor's routing key on the shared stream,
+    # so it must stay within the predictor's routing-key limit).
+    max_request_id_bytes: int = 128
     # Measure draft/verify costs at start so the first goodput decisions are informed.
     warmup: bool = True
 
@@ -121,3 +140,30 @@ class WorkerConfig:
             raise ConfigError(
                 f"max_concurrent_requests must be ≥ 1, got {self.max_concurrent_requests}"
             )
+        if not 0 <= self.max_prompt_bytes <= MAX_PROMPT_BYTES:
+            raise ConfigError(
+                f"max_prompt_bytes (--max-prompt-bytes) must be in [0, {MAX_PROMPT_BYTES}] "
+                f"(0: derived from the pair's positions), got {self.max_prompt_bytes}"
+            )
+        if not 0 <= self.max_stop_strings <= 1024:
+            raise ConfigError(
+                "max_stop_strings (--max-stop-strings) must be in [0, 1024], "
+                f"got {self.max_stop_strings}"
+            )
+        if not 1 <= self.max_stop_string_bytes <= 65536:
+            raise ConfigError(
+                "max_stop_string_bytes (--max-stop-string-bytes) must be in [1, 65536], "
+                f"got {self.max_stop_string_bytes}"
+            )
+        if not 1 <= self.max_request_id_bytes <= MAX_ROUTING_KEY_BYTES:
+            raise ConfigError(
+                "max_request_id_bytes (--max-request-id-bytes) must be in "
+                f"[1, {MAX_ROUTING_KEY_BYTES}] (the predictor's routing-key limit), "
+                f"got {self.max_request_id_bytes}"
+            )
+
+    def prompt_bytes_limit(self, max_positions: int) -> int:
+        """The prompt byte limit in force for a pair with `max_positions` positions."""
+        if self.max_prompt_bytes:
+            return self.max_prompt_bytes
+        return min(PROMPT_BYTES_PER_POSITION * max_positions, MAX_PROMPT_BYTES)

@@ -209,6 +209,13 @@ class SpeculativeEngine:
         self.max_positions = min(
             _max_positions(pair.target.config), _max_positions(pair.draft.config)
         )
+        # What the pair allows: a prompt needs at least one position.
+        self.max_new_tokens_limit = max(
+            1, min(self.config.max_new_tokens_limit, self.max_positions - 1)
+        )
+        self.default_max_new_tokens = min(
+            self.config.default_max_new_tokens, self.max_new_tokens_limit
+        )
 
     def encode(self, prompt: str) -> list[int]:
         ids = self.pair.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -230,11 +237,11 @@ class SpeculativeEngine:
         it out of the step log (warm-up)."""
         if not prompt_ids:
             raise RequestError("the prompt is empty (no tokens); send some text")
-        n = max_new_tokens or self.config.default_max_new_tokens
-        if n < 0 or n > self.config.max_new_tokens_limit:
+        n = max_new_tokens or self.default_max_new_tokens
+        if n < 0 or n > self.max_new_tokens_limit:
             raise RequestError(
-                f"max_new_tokens {max_new_tokens} is outside [1, "
-                f"{self.config.max_new_tokens_limit}] (the worker's --max-new-tokens-limit)"
+                f"max_new_tokens {max_new_tokens} is outside [1, {self.max_new_tokens_limit}] "
+                "(the worker's --max-new-tokens-limit, at most the pair's positions - 1)"
             )
         if len(prompt_ids) + n > self.max_positions:
             raise RequestError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -15,6 +16,8 @@ from speckv_client.types import ModelSelector, Objective, Window
 from decode_worker.config import (
     DEFAULT_GAMMA_CANDIDATES,
     FALLBACK_MODES,
+    MAX_PROMPT_BYTES,
+    MAX_ROUTING_KEY_BYTES,
     ConfigError,
     EngineConfig,
     RemotePolicyConfig,
@@ -73,7 +76,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-gamma", type=flags.int_range(1, 64), default=16)
     parser.add_argument(
-        "--max-concurrent-requests", type=flags.int_range(1, flags.INT32_MAX), default=8
+        "--max-concurrent-requests",
+        type=flags.int_range(1, flags.INT32_MAX),
+        default=8,
+        help="Generate calls run at once; one more is refused with RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument(
+        "--max-prompt-bytes",
+        type=flags.int_range(0, MAX_PROMPT_BYTES),
+        default=0,
+        help="refuse longer prompts (UTF-8 bytes) before tokenizing; 0: 32 x the pair's positions",
+    )
+    parser.add_argument(
+        "--max-stop-strings", type=flags.int_range(0, 1024), default=16, help="per request"
+    )
+    parser.add_argument(
+        "--max-stop-string-bytes",
+        type=flags.int_range(1, 65536),
+        default=256,
+        help="UTF-8 bytes per stop string",
+    )
+    parser.add_argument(
+        "--max-request-id-bytes",
+        type=flags.int_range(1, MAX_ROUTING_KEY_BYTES),
+        default=128,
+        help="UTF-8 bytes of a request_id (it is the predictor's routing key)",
     )
     parser.add_argument("--log-steps", default="", help="append step records to this CSV")
     parser.add_argument("--record-task", default="live", help="task label in step records")
@@ -129,6 +156,10 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         remote=remote,
         shutdown_grace_s=args.shutdown_grace_s,
         max_concurrent_requests=args.max_concurrent_requests,
+        max_prompt_bytes=args.max_prompt_bytes,
+        max_stop_strings=args.max_stop_strings,
+        max_stop_string_bytes=args.max_stop_string_bytes,
+        max_request_id_bytes=args.max_request_id_bytes,
         warmup=not args.no_warmup,
     )
 
@@ -175,4 +206,8 @@ def run(args: argparse.Namespace) -> int:
     stop.wait()
     logging.getLogger(__name__).info("shutting down (grace %.1f s)", config.shutdown_grace_s)
     server.stop()
+    # Exempt every object alive now from the interpreter's collections at exit: with torch
+    # and transformers loaded, that final garbage collection took 3-8 s after the server
+    # had stopped (measured on a loaded 2-core machine; 0.6 s with the freeze).
+    gc.freeze()
     return 0

@@ -21,9 +21,12 @@ from decode_worker.config import WorkerConfig
 from decode_worker.engine import PairLike, SpeculativeEngine
 from decode_worker.records import StepRecorder
 from decode_worker.remote_policy import RemotePolicy
-from decode_worker.servicer import DecoderServicer, Policies, ServiceInfo
+from decode_worker.servicer import DecoderServicer, Policies, RequestLimits, ServiceInfo
 
 log = logging.getLogger(__name__)
+
+# Threads beyond the admitted generations: health checks, GetInfo, reflection and refusals.
+SPARE_THREADS = 8
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
 
@@ -62,14 +65,18 @@ class WorkerServer:
             device=desc.get("device", str(self.engine.device)),
             predictor_address=config.predictor,
         )
-        self.servicer = DecoderServicer(self.engine, self.policies, info)
+        self.limits = RequestLimits.of(config, self.engine.max_positions)
+        self.servicer = DecoderServicer(self.engine, self.policies, info, self.limits)
         self.health = health.HealthServicer()
+        # No maximum_concurrent_rpcs: gRPC would count health checks and GetInfo against it
+        # and refuse them under load. Generate admits `max_concurrent_requests` itself;
+        # the spare threads answer health, GetInfo and refusals while generations run.
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
-                max_workers=config.max_concurrent_requests + 4,
+                max_workers=config.max_concurrent_requests + SPARE_THREADS,
                 thread_name_prefix="speckv-worker",
             ),
-            maximum_concurrent_rpcs=config.max_concurrent_requests + 4,
+            options=[("grpc.max_receive_message_length", self.limits.receive_bytes())],
         )
         decoder_pb2_grpc.add_DecoderServiceServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -8,6 +8,7 @@ which `_refuse` turns into INVALID_ARGUMENT in one place.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from speckv.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 from speckv_client.types import ModelSelector, Objective, Window
 
 import decode_worker
+from decode_worker.config import WorkerConfig
 from decode_worker.engine import FinishReason, GenerationResult, RequestError, SpeculativeEngine
 from decode_worker.engine import StepResult as EngineStep
 from decode_worker.policies import DecisionSource, GammaPolicy, PolicyError, parse_local_policy
@@ -56,6 +58,41 @@ _OBJECTIVE_FROM_PB = {
     common_pb2.OBJECTIVE_TOKENS_PER_STEP: Objective.TOKENS_PER_STEP,
     common_pb2.OBJECTIVE_GOODPUT: Objective.GOODPUT,
 }
+
+
+# Fixed bounds of the short strings a request may carry (docs/worker.md, "Limits").
+MAX_POLICY_BYTES = 64
+MAX_SELECTOR_BYTES = 128
+# The retry hint sent with a RESOURCE_EXHAUSTED refusal (gRPC's standard trailer, which a
+# retry policy honours); a fixed choice, not a measured generation time.
+RETRY_PUSHBACK_MS = 500
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one Generate request may carry; checked before any work (docs/worker.md)."""
+
+    max_prompt_bytes: int
+    max_stop_strings: int
+    max_stop_string_bytes: int
+    max_request_id_bytes: int
+    max_concurrent_requests: int
+
+    @classmethod
+    def of(cls, config: WorkerConfig, max_positions: int) -> RequestLimits:
+        return cls(
+            max_prompt_bytes=config.prompt_bytes_limit(max_positions),
+            max_stop_strings=config.max_stop_strings,
+            max_stop_string_bytes=config.max_stop_string_bytes,
+            max_request_id_bytes=config.max_request_id_bytes,
+            max_concurrent_requests=config.max_concurrent_requests,
+        )
+
+    def receive_bytes(self) -> int:
+        """gRPC's receive limit for the worker: the largest valid request plus room for
+        the other fields; a larger message is refused by gRPC before it is read."""
+        stops = self.max_stop_strings * (self.max_stop_string_bytes + 8)
+        return self.max_prompt_bytes + stops + self.max_request_id_bytes + (64 << 10)
 
 
 @dataclass(frozen=True)
@@ -99,12 +136,60 @@ class Policies:
 
 
 class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
-    def __init__(self, engine: SpeculativeEngine, policies: Policies, info: ServiceInfo) -> None:
+    """Generate admits at most `limits.max_concurrent_requests` generations (a counter on
+    Generate only: GetInfo and health are never refused for load)."""
+
+    def __init__(
+        self,
+        engine: SpeculativeEngine,
+        policies: Policies,
+        info: ServiceInfo,
+        limits: RequestLimits,
+    ) -> None:
         self.engine = engine
         self.policies = policies
         self.info = info
+        self.limits = limits
+        self._admitted = 0
+        self._admit_lock = threading.Lock()
+
+    @property
+    def running(self) -> int:
+        """Generations admitted and not yet finished."""
+        return self._admitted
 
     def Generate(
+        self, request: decoder_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[decoder_pb2.GenerateResponse]:
+        try:
+            self._check(request)
+        except RequestError as err:
+            _refuse(context, str(err))
+            return
+        if not self._admit():
+            n = self.limits.max_concurrent_requests
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),))
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"worker busy: {n} generations are running, the limit "
+                f"(--max-concurrent-requests {n}); retry after about {RETRY_PUSHBACK_MS} ms "
+                "with backoff, or use another worker",
+            )
+            return
+        try:
+            yield from self._generate(request, context)
+        finally:
+            with self._admit_lock:
+                self._admitted -= 1
+
+    def _admit(self) -> bool:
+        with self._admit_lock:
+            if self._admitted >= self.limits.max_concurrent_requests:
+                return False
+            self._admitted += 1
+            return True
+
+    def _generate(
         self, request: decoder_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[decoder_pb2.GenerateResponse]:
         cancelled = threading.Event()
@@ -121,25 +206,67 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         if run.result is not None and not cancelled.is_set():
             yield decoder_pb2.GenerateResponse(summary=_summary_to_pb(run.result))
 
-    def _start(self, request: decoder_pb2.GenerateRequest, cancelled: threading.Event):  # type: ignore[no-untyped-def]
+    def _check(self, request: decoder_pb2.GenerateRequest) -> None:
+        """Every client-supplied value against its limit, before any work (no tokenizing):
+        RequestError names the field and the limit."""
+        lim = self.limits
         if not request.prompt:
             raise RequestError("prompt is empty; send the text to continue")
-        if request.temperature < 0:
-            raise RequestError(f"temperature must be ≥ 0 (0 is greedy), got {request.temperature}")
+        # len(str) <= UTF-8 bytes <= 4 * len(str): a huge prompt is refused without encoding.
+        if len(request.prompt) > lim.max_prompt_bytes or (
+            4 * len(request.prompt) > lim.max_prompt_bytes
+            and len(request.prompt.encode()) > lim.max_prompt_bytes
+        ):
+            raise RequestError(
+                f"prompt is over {lim.max_prompt_bytes} UTF-8 bytes, this worker's limit "
+                "(--max-prompt-bytes; by default 32 bytes per model position); shorten it"
+            )
+        _check_string("request_id", request.request_id, lim.max_request_id_bytes,
+                      "--max-request-id-bytes")  # fmt: skip
+        if any(not ch.isprintable() for ch in request.request_id):
+            raise RequestError(
+                "request_id must be printable text (no control characters); "
+                f"got {request.request_id[:32]!r}"
+            )
+        if len(request.stop) > lim.max_stop_strings:
+            raise RequestError(
+                f"stop has {len(request.stop)} strings; this worker's limit is "
+                f"{lim.max_stop_strings} (--max-stop-strings)"
+            )
+        for i, stop in enumerate(request.stop):
+            _check_string(f"stop[{i}]", stop, lim.max_stop_string_bytes,
+                          "--max-stop-string-bytes")  # fmt: skip
+        _check_string("policy", request.policy, MAX_POLICY_BYTES, "fixed")
+        if request.HasField("predictor_model"):
+            sel = request.predictor_model
+            _check_string("predictor_model.name", sel.name, MAX_SELECTOR_BYTES, "fixed")
+            _check_string("predictor_model.alias", sel.alias, MAX_SELECTOR_BYTES, "fixed")
+            if sel.version < 0:
+                raise RequestError(
+                    f"predictor_model.version must be ≥ 0 (0: the alias or default), "
+                    f"got {sel.version}"
+                )
+        if request.objective not in (common_pb2.OBJECTIVE_UNSPECIFIED, *_OBJECTIVE_FROM_PB):
+            raise RequestError(f"objective: unknown enum value {request.objective}")
+        if not (math.isfinite(request.temperature) and request.temperature >= 0):
+            raise RequestError(
+                f"temperature must be finite and ≥ 0 (0 is greedy), got {request.temperature}"
+            )
         if not 0.0 <= request.top_p <= 1.0:
             raise RequestError(f"top_p must be in [0, 1] (0 or 1: off), got {request.top_p}")
-        limit = self.engine.config.max_new_tokens_limit
+        limit = self.engine.max_new_tokens_limit
         if request.max_new_tokens > limit:
             raise RequestError(
-                f"max_new_tokens {request.max_new_tokens} is above this worker's limit {limit}"
+                f"max_new_tokens {request.max_new_tokens} is above this worker's limit {limit} "
+                "(--max-new-tokens-limit, at most the pair's positions - 1)"
             )
+
+    def _start(self, request: decoder_pb2.GenerateRequest, cancelled: threading.Event):  # type: ignore[no-untyped-def]
         model = None
         if request.HasField("predictor_model"):
             sel = request.predictor_model
             if sel.name or sel.version or sel.alias:
                 model = ModelSelector(name=sel.name, version=sel.version, alias=sel.alias)
-        if request.objective not in (common_pb2.OBJECTIVE_UNSPECIFIED, *_OBJECTIVE_FROM_PB):
-            raise RequestError(f"unknown objective enum value {request.objective}")
         objective = _OBJECTIVE_FROM_PB.get(request.objective)
         spec = request.policy or self.policies.default_spec
         policy = self.policies.resolve(spec, model, objective)
@@ -174,7 +301,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             window=_WINDOW_TO_PB[cfg.window] if cfg else common_pb2.DECISION_WINDOW_UNSPECIFIED,
             objective=_OBJECTIVE_TO_PB[cfg.objective] if cfg else common_pb2.OBJECTIVE_UNSPECIFIED,
             fallback_gamma=cfg.fallback_gamma if cfg else 0,
-            max_new_tokens_limit=self.engine.config.max_new_tokens_limit,
+            max_new_tokens_limit=self.engine.max_new_tokens_limit,
             concurrency=self.engine.concurrency,
             version=decode_worker.__version__,
         )
@@ -182,6 +309,16 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
 
 def _refuse(context: grpc.ServicerContext, reason: str) -> None:
     context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+
+
+def _check_string(field: str, value: str, limit: int, flag: str) -> None:
+    # len(str) <= UTF-8 bytes <= 4 * len(str): encode only when the length cannot decide.
+    if len(value) > limit or (4 * len(value) > limit and len(value.encode()) > limit):
+        where = "a fixed limit" if flag == "fixed" else flag
+        raise RequestError(
+            f"{field} is over {limit} UTF-8 bytes, this worker's limit ({where}); "
+            f"got {len(value.encode())} bytes"
+        )
 
 
 def _chunk_to_pb(step: EngineStep) -> decoder_pb2.TokenChunk:
