@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PROTO_FILES := $(wildcard protos/speckv/v1/*.proto)
 
-.PHONY: venv test lint typecheck pytest demo protos protos-check buf-lint buf-breaking clean
+.PHONY: venv test lint typecheck pytest demo selector protos protos-check buf-lint buf-breaking clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,11 @@ test: lint typecheck pytest
 
 demo: venv
 	$(PY) benchmarks/demo.py
+
+# Train the in-step selector (speckv-instep) on the demo pair's training prompts and
+# register it in .cache/selector/repo (README, "The learned selector").
+selector: venv
+	$(PY) benchmarks/selector.py
 
 # Regenerate the committed stubs; tests/test_protos.py fails when they drift.
 protos: venv

@@ -52,10 +52,13 @@ class PolicyResult:
     name: str
     rounds: list[list[Sample]] = field(default_factory=list)
 
-    def tps(self) -> np.ndarray:
-        return np.asarray(
-            [sum(s.tokens for s in r) / sum(s.seconds for s in r) for r in self.rounds]
-        )
+    def tps(self, pick: list[int] | None = None) -> np.ndarray:
+        """Tokens/s per round over all prompts, or over the prompt indices in `pick`."""
+        out = []
+        for r in self.rounds:
+            chosen = r if pick is None else [r[i] for i in pick]
+            out.append(sum(s.tokens for s in chosen) / sum(s.seconds for s in chosen))
+        return np.asarray(out)
 
 
 def train_seed_model(repo: Path, name: str) -> None:
@@ -127,13 +130,13 @@ def run_compression(
     args: argparse.Namespace, comp: str, stream: Any | None, predictor_pid: int | None = None
 ) -> dict[str, Any]:
     import torch
-    from speckv_client.types import ModelSelector, Objective
+    from speckv_client.types import ModelSelector, Objective, Window
     from tqdm import tqdm
 
     from decode_worker.config import EngineConfig, RemotePolicyConfig
     from decode_worker.engine import SpeculativeEngine
     from decode_worker.pair import PairConfig, load_pair
-    from decode_worker.policies import FixedPolicy, HeuristicPolicy
+    from decode_worker.policies import FixedPolicy, HeuristicContextPolicy, HeuristicPolicy
     from decode_worker.remote_policy import RemotePolicy
 
     pair = load_pair(
@@ -147,9 +150,19 @@ def run_compression(
     )
     engine = SpeculativeEngine(pair, EngineConfig(default_max_new_tokens=args.max_new_tokens))
     engine.warmup()
-    prompts = [json.loads(x)["prompt"] for x in args.prompts.read_text().splitlines() if x.strip()]
-    prompts = prompts[: args.limit] if args.limit else prompts
-    ids_list = [engine.encode(p) for p in prompts]
+    records = [json.loads(x) for x in args.prompts.read_text().splitlines() if x.strip()]
+    if args.per_task:
+        seen: dict[str, int] = {}
+        chosen = []
+        for r in records:
+            if seen.get(r["task"], 0) < args.per_task:
+                seen[r["task"]] = seen.get(r["task"], 0) + 1
+                chosen.append(r)
+        records = chosen
+    elif args.limit:
+        records = records[: args.limit]
+    tasks = [str(r["task"]) for r in records]
+    ids_list = [engine.encode(r["prompt"]) for r in records]
     n = args.max_new_tokens
     policies: dict[str, Callable[[list[int]], Callable[[], Sample]]] = {}
 
@@ -159,8 +172,21 @@ def run_compression(
     for g in (0, 2, 4, 8):
         policies[f"fixed:{g}"] = with_policy(FixedPolicy(g))
     policies["heuristic"] = with_policy(HeuristicPolicy())
+    policies["heuristic-ctx"] = with_policy(HeuristicContextPolicy())
     if stream is not None:
         for model in args.model:
+            if args.windows.get(model) == "draft_plan":
+                pol = RemotePolicy(
+                    stream,
+                    RemotePolicyConfig(
+                        window=Window.DRAFT_PLAN,
+                        objective=Objective.GOODPUT,
+                        model=ModelSelector(name=model),
+                    ),
+                    engine.timing,
+                )
+                policies[f"remote {model} draft_plan"] = with_policy(pol)
+                continue
             for obj in (Objective.TOKENS_PER_STEP, Objective.GOODPUT):
                 pol = RemotePolicy(
                     stream,
@@ -199,6 +225,8 @@ def run_compression(
         for s in rnd
     )
     base = float(np.median(results["fixed:0"].tps()))
+    by_task = {t: [i for i, x in enumerate(tasks) if x == t] for t in sorted(set(tasks))}
+    base_task = {t: float(np.median(results["fixed:0"].tps(ix))) for t, ix in by_task.items()}
     rows = []
     for r in results.values():
         tps = r.tps()
@@ -211,6 +239,10 @@ def run_compression(
                 "tok/s min": round(float(tps.min()), 1),
                 "tok/s max": round(float(tps.max()), 1),
                 "speedup vs target": round(float(np.median(tps)) / base, 3),
+                "speedup by task": {
+                    t: round(float(np.median(r.tps(ix))) / base_task[t], 3)
+                    for t, ix in by_task.items()
+                },
                 "tokens/step": round(
                     sum(s.tokens for s in samples) / max(sum(s.steps for s in samples), 1), 2
                 )
@@ -232,6 +264,7 @@ def run_compression(
     return {
         "compression": comp,
         "prompts": len(ids_list),
+        "tasks": {t: len(ix) for t, ix in by_task.items()},
         "max_new_tokens": n,
         "rows": rows,
         # The predictor process's CPU over this compression's runs, per remote step.
@@ -261,17 +294,41 @@ def plot_e2e(reports: list[dict[str, Any]], img_dir: Path) -> Path:
     )
 
 
+def _window(client: Any, model: str) -> str:
+    """The window the model's versions declare (GetModel), waiting for the server."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            info = client.get_model(model)
+            return str(info.versions[0].window) if info.versions else ""
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pair", type=Path, required=True, help="folder with draft/ and target/")
     parser.add_argument("--prompts", type=Path, default=PROMPTS)
     parser.add_argument("--compression", nargs="+", default=["fp16", "int8", "nf4"])
     parser.add_argument("--limit", type=int, default=8, help="first N prompts (0: all)")
+    parser.add_argument(
+        "--per-task",
+        type=int,
+        default=0,
+        help="instead of --limit: the first N prompts of every task (code, math, chat, "
+        "summarization), with per-task speed-ups in the report",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--repo", type=Path, default=None, help="model repository to serve")
     parser.add_argument(
-        "--model", action="append", default=[], help="previous_step model name(s) in --repo"
+        "--model",
+        action="append",
+        default=[],
+        help="model name(s) in --repo; previous_step models run with both objectives, "
+        "draft_plan models as 'remote NAME draft_plan'",
     )
     parser.add_argument(
         "--policies",
@@ -314,12 +371,14 @@ def main(argv: list[str] | None = None) -> int:
         train_seed_model(args.repo, "seed-prev")
         args.model = args.model or ["seed-prev"]
     args.model = args.model or []
+    args.windows = {}
     proc = client = stream = None
     reports = []
     try:
         if args.model:
             proc = start_predictor(args.repo, default_model=args.model[0])
             client = PredictorClient(proc.address)
+            args.windows = {m: _window(client, m) for m in args.model}
             stream = client.decision_stream()
             deadline = time.monotonic() + 15
             while not stream.connected and time.monotonic() < deadline:

@@ -12,6 +12,12 @@ client stream. Three arms run on the same greedy prompts, interleaved prompt by 
 - `remote {2}`: the remote policy with γ candidates (2,), so every step has the same shape
   as `fixed:2` (same tokens, same forwards) and any difference is the remote machinery;
 - `remote goodput`: the remote policy as served (candidates 2, 4, 6, 8);
+- with `--plan-model DIR` (a draft_plan version folder, e.g.
+  .cache/selector/repo/speckv-instep/1, copied into the served repository):
+  `plan in-process` — the worker's own `RemotePlanSequence` over an in-process submitter
+  (the replay's `InProcessPlans`: the predictor's plan code, no gRPC) — and `plan remote`,
+  the same policy over the real stream; same plans, same steps, so remote − in-process is
+  what the split costs per step in the draft_plan window;
 - with `--aio-prototype`, also `aio {2}`: `remote {2}` over a minimal grpc.aio Decide
   stream on one event-loop thread (`_AioPrototype`: no reconnect, no fallback handling) —
   the alternative to the sync stream's request-iterator, channel-spin and reader threads,
@@ -174,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--aio-prototype", action="store_true", help="add the grpc.aio prototype arm"
     )
+    parser.add_argument(
+        "--plan-model", default="", help="draft_plan version folder: add the plan arms"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -208,6 +217,16 @@ def main(argv: list[str] | None = None) -> int:
         repo = Path(args.repo) if args.repo else Path(tmp) / "repo"
         if not args.repo:
             _train(repo)
+        plan_version = None
+        if args.plan_model:
+            import shutil
+
+            from predictor_service.repository import load_version
+
+            plan_version = load_version(Path(args.plan_model))
+            dest = repo / plan_version.name / str(plan_version.version)
+            if not dest.exists():
+                shutil.copytree(args.plan_model, dest)
         proc = start_predictor(repo, default_model=MODEL)
         address = proc.address
         client = PredictorClient(address)
@@ -228,6 +247,20 @@ def main(argv: list[str] | None = None) -> int:
             }
             if aio is not None:
                 arms["aio {2}"] = RemotePolicy(aio, only2, engine.timing)
+            if plan_version is not None:
+                from speckv_client.types import ModelSelector, Window
+                from speckv_eval.replay import InProcessPlans
+
+                plan_cfg = RemotePolicyConfig(
+                    window=Window.DRAFT_PLAN,
+                    objective=Objective.GOODPUT,
+                    fallback_gamma=2,
+                    model=ModelSelector(name=plan_version.name),
+                )
+                arms["plan in-process"] = RemotePolicy(
+                    InProcessPlans(plan_version, pair.comp_enc), plan_cfg, engine.timing
+                )
+                arms["plan remote"] = RemotePolicy(stream, plan_cfg, engine.timing)
             for policy in arms.values():  # one untimed pass: first-call costs
                 engine.generate(prompts[0], policy, max_new_tokens=8)
             runs: dict[str, list[dict]] = {name: [] for name in arms}
@@ -260,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in arms:
         if name != "fixed:2":
             summary[name]["minus_fixed2"] = {k: summary[name][k] - base[k] for k in keys}
+    if "plan remote" in summary:
+        local = summary["plan in-process"]
+        summary["plan remote"]["minus_plan_in_process"] = {
+            k: summary["plan remote"][k] - local[k] for k in keys
+        }
     report = {
         "pair": str(PAIR),
         "compression": args.compression,

@@ -132,6 +132,10 @@ class WorkerConfig:
     max_request_id_bytes: int = 128
     # Measure draft/verify costs at start so the first goodput decisions are informed.
     warmup: bool = True
+    # Ask the predictor for its model's window at start (serve with no --window).
+    learn_window: bool = False
+    # Check the configured window against the predictor's model at start (a given --window).
+    check_window: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -1,4 +1,4 @@
-"""The seed's draft signals (DESIGN.md, "Features"): exact definitions in one place.
+"""The seed's draft signals (docs/design.md, "Features"): exact definitions in one place.
 
 For each drafted token, the draft's next-token distribution p = softmax(fp32 logits):
 entropy H = -Σ p log2 p (bits) and confidence c = max p. A step aggregates its drafted

@@ -1,6 +1,6 @@
 """The `remote` gamma policy: ask the predictor over the worker's one Decide stream.
 
-Windows (DESIGN.md, "When the decision is made"):
+Windows (docs/design.md, "Decision windows"):
 - `previous_step`: step t's signals are submitted in `drafted` (before the target
   verifies step t); `decide(t+1)` reads the answer, which has usually arrived while the
   target was busy. Step 0 has no signals yet and uses the fallback gamma.

@@ -47,12 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port", type=flags.port(allow_zero=True), default=0, help="0 picks a free port"
     )
-    parser.add_argument("--window", default="previous_step", choices=("previous_step", "prefix"))
+    parser.add_argument(
+        "--window",
+        default="",
+        choices=("", "previous_step", "prefix", "draft_plan"),
+        help="remote decision window (default: the one the predictor's model declares; "
+        "a given window must match it)",
+    )
     parser.add_argument(
         "--objective",
-        default="goodput",
+        default="model",
         choices=("goodput", "tokens_per_step", "model"),
-        help="'model' uses the model manifest's default objective",
+        help="default 'model': the model manifest's default objective",
     )
     parser.add_argument("--fallback-gamma", type=int, default=4)
     parser.add_argument("--fallback-mode", default="fixed", choices=FALLBACK_MODES)
@@ -128,7 +134,7 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
             f"--gamma-candidates {args.gamma_candidates!r}: give integers like 2,4,6,8"
         ) from None
     remote = RemotePolicyConfig(
-        window=Window(args.window),
+        window=Window(args.window or "previous_step"),
         objective=None if args.objective == "model" else Objective(args.objective),
         gamma_candidates=candidates,
         fallback_gamma=args.fallback_gamma,
@@ -161,6 +167,8 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         max_stop_string_bytes=args.max_stop_string_bytes,
         max_request_id_bytes=args.max_request_id_bytes,
         warmup=not args.no_warmup,
+        learn_window=bool(args.predictor) and not args.window,
+        check_window=bool(args.predictor) and bool(args.window),
     )
 
 
@@ -192,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         server = WorkerServer(config, pair, describe=pair.describe()).start()
+    except ConfigError as err:  # e.g. --window does not match the predictor's model
+        print(f"speckv-worker serve: {err}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as err:
         print(f"speckv-worker serve: {err}", file=sys.stderr)
         return 1

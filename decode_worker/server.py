@@ -53,9 +53,27 @@ class WorkerServer:
             from speckv_client.predictor import PredictorClient
 
             client = PredictorClient(config.predictor)
+            remote_config = config.remote
+            if config.learn_window or config.check_window:
+                from decode_worker.discovery import resolve_remote
+
+                name = config.remote.model.name if config.remote.model else ""
+                explicit = None if config.learn_window else config.remote.window
+                try:
+                    remote_config, how = resolve_remote(
+                        config.remote,
+                        explicit,
+                        client,
+                        name,
+                        wait_s=10.0 if config.learn_window else 1.0,
+                    )
+                except Exception:
+                    client.close()
+                    raise
+                log.info("remote policy: %s", how)
             stream = client.decision_stream()
             self._predictor = _Predictor(client, stream)
-            remote = RemotePolicy(stream, config.remote, self.engine.timing)
+            remote = RemotePolicy(stream, remote_config, self.engine.timing)
         self.policies = Policies(config.policy, remote)
         desc = describe or {}
         info = ServiceInfo(

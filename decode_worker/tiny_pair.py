@@ -3,7 +3,7 @@
 Tests and the demo must not download weights, so the project trains a byte-level BPE
 tokenizer and two Llama-architecture models on text that ships with Python. The target is
 trained on next-token loss; the draft is distilled from the target's logits (KL), which
-aligns it with the target far better than training it separately (DESIGN.md). The pair is
+aligns it with the target far better than training it separately (docs/tiny-pair.md). The pair is
 saved with `save_pretrained` and read back through `load_pair`, the production code path.
 
 Layout of DIR: `target/` and `draft/` (each a model plus the shared tokenizer) and

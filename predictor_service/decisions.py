@@ -16,7 +16,7 @@ import numpy as np
 
 
 class Objective(enum.Enum):
-    """What the chosen γ maximises (DESIGN.md, "Choosing γ")."""
+    """What the chosen γ maximises (docs/design.md, "Objectives")."""
 
     TOKENS_PER_STEP = "tokens_per_step"
     GOODPUT = "goodput"

@@ -1,4 +1,6 @@
-"""Exact counterfactual replay of γ policies on a real draft/target pair (DESIGN.md).
+"""Exact counterfactual replay of γ policies on a real draft/target pair.
+
+The method is docs/design.md, "Measuring a policy honestly".
 
 With greedy decoding the output does not depend on γ. Per prompt we run the target alone
 once (through the worker's own engine, `fixed:0`), then one teacher-forced forward of the

@@ -133,7 +133,7 @@ def test_predictor_image_has_no_torch_and_only_cpu_extras() -> None:
         assert "torch" not in install, install
         assert "worker" not in install and "[all" not in install, install
     assert "EXTRAS=predictor" in text
-    # The extras the predictor image installs must not bring torch in (DESIGN.md).
+    # The extras the predictor image installs must not bring torch in (docs/design.md).
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]

@@ -38,9 +38,7 @@ class _PlanSeq(SequencePolicy):
         self.runner.start_step()
         return GammaDecision(self.runner.plan.max_gamma, DecisionSource.LOCAL)
 
-    def after_token(
-        self, step: int, j: int, features: Mapping[str, float], cap: int
-    ) -> int | None:
+    def after_token(self, step: int, j: int, features: Mapping[str, float], cap: int) -> int | None:
         self.seen.append(dict(features))
         return self.runner.after_token(j, self.runner.estimate(features), cap)
 
@@ -131,7 +129,9 @@ def test_token_records_label_agreement(pair, tmp_path: Path) -> None:  # type: i
     engine = SpeculativeEngine(
         pair, EngineConfig(), recorder=StepRecorder(tmp_path / "steps.csv"), token_recorder=tokens
     )
-    res = engine.generate(prompts(1)[0], FixedPolicy(4), max_new_tokens=NEW, request_id="p1:fp16:g4")
+    res = engine.generate(
+        prompts(1)[0], FixedPolicy(4), max_new_tokens=NEW, request_id="p1:fp16:g4"
+    )
     engine.generate(prompts(1)[0], ExplorePolicy(8), max_new_tokens=NEW, request_id="p1:fp16:x")
     tokens.close()
     with (tmp_path / "tokens.csv").open() as f:
