@@ -341,8 +341,9 @@ def pair_dir(pair: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_serve_exits_promptly_on_sigterm(pair_dir: Path) -> None:
-    """Before: 3.8-18 s from SIGTERM to exit with nothing in flight and a 1 s grace (the
-    interpreter's final garbage collection over torch/transformers objects)."""
+    """Before: 1.7-2.0 s (load 3.5) to 3.8-18 s (load 7-10) from SIGTERM to exit with nothing
+    in flight, spent in the interpreter's final garbage collection over torch/transformers
+    objects; after: 0.3-0.6 s."""
     proc = subprocess.Popen(
         [WORKER, "serve", "--draft", str(pair_dir / "draft"), "--target",
          str(pair_dir / "target"), "--device", "cpu", "--policy", "fixed:2", "--threads", "1",
@@ -356,8 +357,8 @@ def test_serve_exits_promptly_on_sigterm(pair_dir: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         assert proc.wait(60) == 0
-        # Nothing was in flight, so the grace does not apply; allow for a loaded machine.
-        assert time.monotonic() - t0 < 2.0
+        # Nothing was in flight, so the 1 s grace does not apply.
+        assert time.monotonic() - t0 < 1.2
     finally:
         if proc.poll() is None:
             proc.kill()
