@@ -5,8 +5,11 @@ Steps (each reused when its output exists; `--fresh` redoes all):
 2. log token records on the *training* prompts only (`speckv-eval log-steps --tokens-out`,
    random γ per step so every draft length and history state is seen; evaluation prompts
    are refused by log-steps);
-3. train a `draft_plan` model (`speckv-predictor train --model-kind instep`) and register it
-   as `speckv-instep` in `.cache/selector/repo`, the repository's only (so default) model.
+3. train a `draft_plan` model (`speckv-predictor train --model-kind instep`) into a staging
+   repository, tune its two stop-threshold scales on the training prompts by exact replay
+   (`speckv-eval tune-plan`), and register the tuned model (same data and seed, so the same
+   weights) as `speckv-instep` in `.cache/selector/repo`, the repository's only (so
+   default) model.
 
 Then, as the README says:
 
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--explore-runs", type=int, default=2)
     p.add_argument("--corpus-snippets", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--threshold-scale", type=float, default=1.0)
+    p.add_argument("--no-tune", action="store_true", help="keep the scales at 1.0")
     p.add_argument("--fresh", action="store_true", help="redo the log and the training")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -105,6 +108,32 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log(f"reusing {tokens}")
     if not any((repo / MODEL).glob("*/manifest.json")):
+        first, cont = 1.0, 1.0
+        if not args.no_tune:
+            staging = work / "staging"
+            shutil.rmtree(staging, ignore_errors=True)
+            run(
+                [
+                    *(BIN / "speckv-predictor", "train", "--model-kind", "instep"),
+                    *("--data", tokens, "--repo", staging, "--name", MODEL, "--quiet"),
+                ]
+            )
+            tuned = json.loads(
+                run(
+                    [
+                        *(BIN / "speckv-eval", "tune-plan", "--pair", pair),
+                        *("--model", staging / MODEL / "1", "--threads", str(args.threads)),
+                        *("--json", work / "tune.json"),
+                    ]
+                )
+            )
+            first = tuned["best"]["first_scale"]
+            cont = tuned["best"]["continue_scale"]
+            log(
+                f"tuned on the training prompts: first {first}, continue {cont} "
+                f"(speed-up over target {tuned['best']['score']:.3f} vs "
+                f"{tuned['default']['score']:.3f} at 1.0, 1.0)"
+            )
         out = run(
             [
                 BIN / "speckv-predictor",
@@ -117,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                 repo,
                 "--name",
                 MODEL,
-                "--threshold-scale",
-                str(args.threshold_scale),
+                "--first-scale",
+                str(first),
+                "--continue-scale",
+                str(cont),
                 "--quiet",
             ]
         )

@@ -76,6 +76,9 @@ class RemotePolicyConfig:
     model: ModelSelector | None = None
     # Tokens drafted before asking, in the prefix window.
     prefix_tokens: int = 2
+    # The largest draft a plan may ask for, in the draft_plan window (the engine's
+    # --max-gamma; the model's manifest may cap it lower).
+    plan_max_gamma: int = 16
 
     def __post_init__(self) -> None:
         if self.window not in (Window.PREVIOUS_STEP, Window.PREFIX, Window.DRAFT_PLAN):

@@ -295,7 +295,7 @@ class RemotePlanSequence(SequencePolicy):
         )
         batch = DecideBatch(
             rows=(row,),
-            gamma_candidates=self._config.gamma_candidates,
+            gamma_candidates=(self._config.plan_max_gamma,),
             window=Window.DRAFT_PLAN,
             objective=objective,
             timing=timing,

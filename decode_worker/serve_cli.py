@@ -141,6 +141,7 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         fallback_mode=args.fallback_mode,
         decision_timeout_s=args.decision_timeout_ms / 1000.0,
         model=ModelSelector(name=args.predictor_model) if args.predictor_model else None,
+        plan_max_gamma=args.max_gamma,
     )
     engine = EngineConfig(
         default_max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens_limit),

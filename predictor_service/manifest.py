@@ -106,8 +106,10 @@ class PlanSpec:
     axes: tuple[PlanAxis, ...]
     max_gamma: int
     refresh_steps: int
-    # Multiplies the goodput stop thresholds; tuned on the training prompts.
-    threshold_scale: float = 1.0
+    # Multiply the goodput stop thresholds (first token, continue); tuned on the training
+    # prompts (speckv-eval tune-plan).
+    first_scale: float = 1.0
+    continue_scale: float = 1.0
 
     def feature_names(self) -> tuple[str, ...]:
         return (*(a.feature for a in self.axes), COMP_ENC_FEATURE)
@@ -117,7 +119,8 @@ class PlanSpec:
             "axes": [{"feature": a.feature, "edges": list(a.edges)} for a in self.axes],
             "max_gamma": self.max_gamma,
             "refresh_steps": self.refresh_steps,
-            "threshold_scale": self.threshold_scale,
+            "first_scale": self.first_scale,
+            "continue_scale": self.continue_scale,
         }
 
 
@@ -408,10 +411,13 @@ def _plan_spec(r: _Reader, d: Mapping[str, Any]) -> PlanSpec:
     refresh = r.integer(d, "refresh_steps", "plan.")
     if refresh < 1:
         raise ManifestError(f"{r.source}: key 'plan.refresh_steps' must be ≥ 1, got {refresh}")
-    scale = r.number(d, "threshold_scale", "plan.")
-    if scale < 0:
-        raise ManifestError(f"{r.source}: key 'plan.threshold_scale' must be ≥ 0, got {scale}")
-    return PlanSpec(tuple(axes), max_gamma, refresh, scale)
+    scales = []
+    for key in ("first_scale", "continue_scale"):
+        v = r.number(d, key, "plan.")
+        if v < 0:
+            raise ManifestError(f"{r.source}: key 'plan.{key}' must be ≥ 0, got {v}")
+        scales.append(v)
+    return PlanSpec(tuple(axes), max_gamma, refresh, scales[0], scales[1])
 
 
 def _split(r: _Reader, d: Mapping[str, Any], prefix: str) -> SplitMetrics:

@@ -63,8 +63,10 @@ def build_plan(
     max_gamma: int,
     objective: Objective,
     timing: StepTiming | None,
+    scales: tuple[float, float] | None = None,
 ) -> DraftPlan:
-    """The plan for one sequence; `max_gamma` is the request's largest candidate."""
+    """The plan for one sequence; `max_gamma` is the request's largest candidate;
+    `scales` overrides the manifest's (first, continue) scales (tuning only)."""
     spec = model.manifest.plan
     if spec is None:
         raise ValueError(f"{model.manifest.name} v{model.manifest.version} is not a plan model")
@@ -76,7 +78,7 @@ def build_plan(
             timing.verify_base_seconds,
             timing.verify_seconds_per_token,
             timing.target_only_seconds,
-            spec.threshold_scale,
+            *(scales or (spec.first_scale, spec.continue_scale)),
         )
         first, keep_going = t.first, t.keep_going
     else:

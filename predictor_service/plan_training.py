@@ -68,7 +68,7 @@ DEFAULT_AXES = (
     PlanAxis("prev_full", (0.5,)),
     PlanAxis("accept_ema", (0.3, 0.5, 0.7)),
 )
-DEFAULT_MAX_GAMMA = 8
+DEFAULT_MAX_GAMMA = 16
 DEFAULT_REFRESH_STEPS = 32
 REQUIRED_COLUMNS = ("sequence_id", "compression", "agreed", *PLAN_FEATURES)
 
@@ -83,7 +83,8 @@ class PlanTrainConfig:
     axes: tuple[PlanAxis, ...] = DEFAULT_AXES
     max_gamma: int = DEFAULT_MAX_GAMMA
     refresh_steps: int = DEFAULT_REFRESH_STEPS
-    threshold_scale: float = 1.0
+    first_scale: float = 1.0
+    continue_scale: float = 1.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -96,8 +97,9 @@ class PlanTrainConfig:
             raise ValueError(f"max gamma must be in [1, 64], got {self.max_gamma}")
         if self.refresh_steps < 1:
             raise ValueError(f"refresh steps must be ≥ 1, got {self.refresh_steps}")
-        if not (math.isfinite(self.threshold_scale) and self.threshold_scale >= 0):
-            raise ValueError(f"threshold scale must be ≥ 0, got {self.threshold_scale}")
+        for name, v in (("first", self.first_scale), ("continue", self.continue_scale)):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} scale must be a finite number ≥ 0, got {v}")
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,13 @@ def train_plan_model(config: PlanTrainConfig) -> tuple[TrainResult, dict[str, An
                 "nothing was registered"
             )
         stage(f"write {config.name}/{version}")
-        spec = PlanSpec(config.axes, config.max_gamma, config.refresh_steps, config.threshold_scale)
+        spec = PlanSpec(
+            config.axes,
+            config.max_gamma,
+            config.refresh_steps,
+            config.first_scale,
+            config.continue_scale,
+        )
         idx = np.unique(np.linspace(0, data.rows - 1, N_KNOWN_ANSWERS).round().astype(int))
         kx = data.x[idx]
         known = tuple(

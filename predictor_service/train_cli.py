@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "step's draft signals decide this step's gamma",
     )
     parser.add_argument(
-        "--max-gamma", type=_positive_int, default=8, help="instep: largest draft per step"
+        "--max-gamma", type=_positive_int, default=16, help="instep: largest draft per step"
     )
     parser.add_argument(
         "--refresh-steps",
@@ -70,10 +70,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instep: a worker asks for a new plan after this many steps",
     )
     parser.add_argument(
-        "--threshold-scale",
+        "--first-scale",
         type=float,
         default=1.0,
-        help="instep: multiplies the goodput stop thresholds (tune on training prompts)",
+        help="instep: multiplies the first-token stop threshold (speckv-eval tune-plan)",
+    )
+    parser.add_argument(
+        "--continue-scale",
+        type=float,
+        default=1.0,
+        help="instep: multiplies the continue threshold (speckv-eval tune-plan)",
     )
     parser.add_argument(
         "--version",
@@ -159,7 +165,8 @@ def _run_instep(args: argparse.Namespace) -> int:
             seed=args.seed,
             max_gamma=args.max_gamma,
             refresh_steps=args.refresh_steps,
-            threshold_scale=args.threshold_scale,
+            first_scale=args.first_scale,
+            continue_scale=args.continue_scale,
             progress=not args.quiet,
         )
     except ValueError as e:

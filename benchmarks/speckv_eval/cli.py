@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from speckv_eval import log_steps, paper_cli, replay_cli
+    from speckv_eval import log_steps, paper_cli, replay_cli, tune_cli
 
     parser = argparse.ArgumentParser(
         prog="speckv-eval",
@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     log_steps.add_arguments(logs)
     logs.set_defaults(run=log_steps.run)
+    tune = sub.add_parser(
+        "tune-plan",
+        help="tune a draft_plan model's stop-threshold scales on the training prompts",
+    )
+    tune_cli.add_arguments(tune)
+    tune.set_defaults(run=tune_cli.run)
     return parser
 
 

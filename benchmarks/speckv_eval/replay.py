@@ -466,10 +466,13 @@ class InProcessPlans:
 
     connected = True
 
-    def __init__(self, version: Any, comp_enc: int) -> None:
+    def __init__(
+        self, version: Any, comp_enc: int, scales: tuple[float, float] | None = None
+    ) -> None:
         from predictor_service.plan import PlanTables
 
         self.version = version
+        self.scales = scales
         self.comp_enc = float(comp_enc)
         self.tables = PlanTables()
         self.messages = 0
@@ -509,6 +512,7 @@ class InProcessPlans:
                 max(batch.gamma_candidates),
                 objective,
                 timing,
+                self.scales,
             )
             out.append(
                 Decision(

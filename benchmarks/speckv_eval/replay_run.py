@@ -172,7 +172,7 @@ def _policies(
                 RemotePolicyConfig(
                     window=Window.DRAFT_PLAN,
                     objective=ClientObjective.GOODPUT,
-                    gamma_candidates=(version.manifest.plan.max_gamma,),
+                    plan_max_gamma=cfg.max_gamma,
                     fallback_gamma=cfg.fallback_gamma,
                 ),
                 CostsTiming(costs),  # type: ignore[arg-type]
@@ -286,3 +286,109 @@ def gamma_shares(run: PolicyRun) -> dict[int, float]:
     gs = [s.gamma for o in run.outcomes for s in o.steps]
     vals, counts = np.unique(gs, return_counts=True)
     return {int(v): float(c) / len(gs) for v, c in zip(vals, counts, strict=True)}
+
+
+# ------------------------------------------------------------------ plan tuning
+
+FIRST_SCALES = (0.2, 0.35, 0.5, 0.65, 0.8, 1.0)
+CONTINUE_SCALES = (0.7, 1.0, 1.4, 2.0, 2.8)
+
+
+def tune_plan(
+    cfg: ReplayConfig,
+    version_dir: Path,
+    first_scales: Sequence[float] = FIRST_SCALES,
+    continue_scales: Sequence[float] = CONTINUE_SCALES,
+) -> dict[str, Any]:
+    """Replay a draft_plan model's policy on `cfg.prompts` (the *training* prompts) for
+    every (first, continue) scale pair; the best pair maximises the geometric mean over
+    compressions of modelled tok/s ÷ target only. Returns the grid and the choice."""
+    import torch
+    from speckv_client.types import Objective, Window
+    from tqdm import tqdm
+
+    from decode_worker.config import EngineConfig, RemotePolicyConfig
+    from decode_worker.engine import SpeculativeEngine
+    from decode_worker.pair import PairConfig, load_pair
+    from decode_worker.policies import FixedPolicy
+    from decode_worker.remote_policy import RemotePolicy
+    from predictor_service.repository import load_version
+
+    torch.set_num_threads(cfg.threads)
+    version = load_version(version_dir)
+    if version.window != "draft_plan" or version.manifest.plan is None:
+        raise ValueError(f"{version_dir} is not a draft_plan model")
+    prompts = load_prompts(cfg.prompts, cfg.limit)
+    grid = [(f, c) for f in first_scales for c in continue_scales]
+    speed: dict[tuple[float, float], list[float]] = {g: [] for g in grid}
+    for comp in cfg.compressions:
+        pair = load_pair(
+            PairConfig(
+                draft=cfg.draft,
+                target=cfg.target,
+                compression=comp,
+                device=cfg.device,
+                local_files_only=True,
+            )
+        )
+        engine = SpeculativeEngine(
+            pair,
+            EngineConfig(
+                default_max_new_tokens=cfg.max_new_tokens,
+                max_new_tokens_limit=max(1024, cfg.max_new_tokens),
+                max_gamma=cfg.max_gamma,
+            ),
+        )
+        traces = [
+            build_trace(engine, p.id, p.task, engine.encode(p.prompt), cfg.max_new_tokens)
+            for p in tqdm(prompts, desc=f"{comp}: target runs", disable=not cfg.progress)
+        ]
+        probe_ids = engine.encode(prompts[0].prompt) + traces[0].output
+        costs = measure_costs(engine, probe_ids, max(cfg.max_gamma, 20))
+
+        def seconds(outcomes: list[SequenceOutcome], costs: Costs = costs) -> tuple[int, float]:
+            steps = [s for o in outcomes for s in o.steps]
+            return sum(s.kept for s in steps), sum(costs.step(s.gamma, s.drafted) for s in steps)
+
+        tok0, sec0 = seconds(
+            [
+                replay_sequence(t, start_sequence(FixedPolicy(0), comp, t.prompt_id), 16)
+                for t in traces
+            ]
+        )
+        base = tok0 / sec0
+        for f, c in tqdm(grid, desc=f"{comp}: scales", disable=not cfg.progress):
+            outcomes = []
+            for t in traces:
+                policy = RemotePolicy(
+                    InProcessPlans(version, pair.comp_enc, (f, c)),
+                    RemotePolicyConfig(
+                        window=Window.DRAFT_PLAN,
+                        objective=Objective.GOODPUT,
+                        plan_max_gamma=cfg.max_gamma,
+                        fallback_gamma=cfg.fallback_gamma,
+                    ),
+                    CostsTiming(costs),  # type: ignore[arg-type]
+                )
+                seq = start_sequence(policy, comp, t.prompt_id)
+                outcomes.append(replay_sequence(t, seq, cfg.max_gamma))
+            tok, sec = seconds(outcomes)
+            speed[(f, c)].append(tok / sec / base)
+    score = {g: float(np.exp(np.mean(np.log(v)))) for g, v in speed.items()}
+    best = max(grid, key=lambda g: score[g])
+    return {
+        "model": f"{version.name}:v{version.version}",
+        "prompts": str(cfg.prompts),
+        "compressions": list(cfg.compressions),
+        "best": {"first_scale": best[0], "continue_scale": best[1], "score": score[best]},
+        "default": {"first_scale": 1.0, "continue_scale": 1.0, "score": score.get((1.0, 1.0))},
+        "grid": [
+            {
+                "first_scale": f,
+                "continue_scale": c,
+                "speedup_vs_target_geomean": round(score[(f, c)], 4),
+                "speedup_vs_target": [round(x, 4) for x in speed[(f, c)]],
+            }
+            for f, c in grid
+        ],
+    }

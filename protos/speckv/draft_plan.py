@@ -120,7 +120,8 @@ def goodput_thresholds(
     verify_base_seconds: float,
     verify_seconds_per_token: float,
     target_only_seconds: float,
-    scale: float = 1.0,
+    first_scale: float = 1.0,
+    continue_scale: float = 1.0,
 ) -> StopThresholds:
     """The goodput objective's stop rule, from the worker's measured costs.
 
@@ -129,14 +130,16 @@ def goodput_thresholds(
     a plain step into a speculative one, which costs t_verify(1) − t_target_only more, so
     it pays when p_1 · t0 ≥ that difference. Drafting one more token costs a draft forward
     plus one verified position, and pays when the chance it is reached and accepted
-    (estimated by S_j · p_j) times t0 exceeds that. `scale` (the manifest's, tuned on the
-    training prompts) multiplies both thresholds.
+    (estimated by S_j · p_j) times t0 exceeds that. The two scales (the manifest's, tuned
+    on the training prompts) correct what this one-token look-ahead leaves out: a kept
+    first token also opens the rest of the draft (so `first_scale` < 1 pays), and a token
+    saves less than t0 once speculation runs (so `continue_scale` > 1 pays).
     """
     t0 = target_only_seconds if target_only_seconds > 0 else verify_base_seconds
     t0 = max(t0, 1e-9)
     t1 = verify_base_seconds + verify_seconds_per_token
-    first = max(0.0, t1 - t0) / t0 * scale
-    keep = (draft_seconds_per_token + verify_seconds_per_token) / t0 * scale
+    first = max(0.0, t1 - t0) / t0 * first_scale
+    keep = (draft_seconds_per_token + verify_seconds_per_token) / t0 * continue_scale
     return StopThresholds(min(first, 1.0), min(keep, 1.0))
 
 

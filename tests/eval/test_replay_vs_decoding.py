@@ -18,7 +18,12 @@ from speckv_eval.replay import (
 
 from decode_worker.config import EngineConfig
 from decode_worker.engine import SpeculativeEngine
-from decode_worker.policies import FixedPolicy, HeuristicPolicy, SequenceInfo
+from decode_worker.policies import (
+    FixedPolicy,
+    HeuristicContextPolicy,
+    HeuristicPolicy,
+    SequenceInfo,
+)
 from tests.worker.engine_helpers import random_pair
 
 VOCAB = 64
@@ -47,7 +52,12 @@ def _prompts(n: int) -> list[list[int]]:
 
 @pytest.mark.parametrize(
     "policy",
-    [*(FixedPolicy(g) for g in (1, 2, 3, 4, 6, 8)), HeuristicPolicy()],
+    [
+        *(FixedPolicy(g) for g in (1, 2, 3, 4, 6, 8)),
+        HeuristicPolicy(),
+        HeuristicContextPolicy(),
+        HeuristicContextPolicy(min_match=1),
+    ],
     ids=lambda p: p.spec,
 )
 def test_replayed_steps_equal_real_steps(engine: SpeculativeEngine, traces, policy) -> None:
@@ -60,6 +70,7 @@ def test_replayed_steps_equal_real_steps(engine: SpeculativeEngine, traces, poli
         assert [s.gamma for s in replayed.steps] == [s.gamma for s in real.steps]
         assert [s.kept for s in replayed.steps] == [len(s.token_ids) for s in real.steps]
         assert [s.accepted for s in replayed.steps] == [s.accepted for s in real.steps]
+        assert [s.drafted for s in replayed.steps] == [s.drafted for s in real.steps]
         real_tps = len(real.token_ids) / len(real.steps)
         assert replayed.tokens / len(replayed.steps) == pytest.approx(real_tps)
         # The signals a predictor would see are the worker's, off-path tokens included.
@@ -77,6 +88,46 @@ def test_replayed_steps_equal_real_steps(engine: SpeculativeEngine, traces, poli
         rejected_somewhere |= any(s.accepted < s.gamma for s in real.steps)
         accepted_somewhere |= any(s.accepted > 0 for s in real.steps)
     assert rejected_somewhere and accepted_somewhere  # the pair exercises both branches
+
+
+def test_replayed_draft_plan_equals_real_decoding(
+    engine: SpeculativeEngine, traces, plan_repo_template
+) -> None:  # type: ignore[no-untyped-def]
+    """The draft_plan window: the worker's own RemotePlanSequence, over an in-process
+    submitter with the predictor's plan code, takes the same steps in the replay as in the
+    engine (same γ, same dropped drafts), given the same timing."""
+    from speckv_client.types import Objective, StepTiming, Window
+    from speckv_eval.replay import InProcessPlans
+
+    from decode_worker.config import RemotePolicyConfig
+    from decode_worker.remote_policy import RemotePolicy
+    from predictor_service.repository import load_version
+
+    version = load_version(plan_repo_template / "speckv-instep" / "1")
+
+    class Fixed:
+        def snapshot(self) -> StepTiming:
+            return StepTiming(0.0012, 0.0116, 0.00025, 0.0078)
+
+    def policy() -> RemotePolicy:
+        cfg = RemotePolicyConfig(
+            window=Window.DRAFT_PLAN, objective=Objective.GOODPUT, plan_max_gamma=8
+        )
+        return RemotePolicy(InProcessPlans(version, 0), cfg, Fixed())  # type: ignore[arg-type]
+
+    dropped = zero = 0
+    for i, (ids, trace) in enumerate(traces):
+        real = engine.generate(ids, policy(), max_new_tokens=MAX_NEW)
+        assert list(real.token_ids) == trace.output
+        replayed = replay_sequence(
+            trace, policy().start(SequenceInfo(f"p{i}", "fp16")), engine.config.max_gamma
+        )
+        assert [(s.gamma, s.drafted, s.accepted) for s in replayed.steps] == [
+            (s.gamma, s.drafted, s.accepted) for s in real.steps
+        ]
+        dropped += sum(s.drafted - s.gamma for s in real.steps)
+        zero += sum(s.gamma == 0 for s in real.steps)
+    assert dropped > 0 and zero > 0  # the stop rule cut drafts, γ = 0 included
 
 
 def test_agreeing_runs() -> None:

@@ -1,5 +1,6 @@
 """Greedy speculative output equals `target.generate(do_sample=False)` on the tiny pair:
-20 prompts × {fp16, int8, nf4} × {fixed:2, fixed:8, heuristic, remote}.
+20 prompts × {fp16, int8, nf4} × {fixed:2, fixed:8, heuristic, heuristic-ctx, remote
+previous_step, remote draft_plan}.
 
 Equality is exact. A mismatch fails the test with the first diverging position and the
 target's top-2 logit gap there, so a kernel-level near-tie (batched vs one-token logits of a
@@ -15,11 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 from speckv_client.predictor import PredictorClient
-from speckv_client.types import Objective
+from speckv_client.types import ModelSelector, Objective, Window
 
 from decode_worker.config import EngineConfig, RemotePolicyConfig
 from decode_worker.engine import SpeculativeEngine
-from decode_worker.policies import DecisionSource, FixedPolicy, HeuristicPolicy
+from decode_worker.policies import (
+    DecisionSource,
+    FixedPolicy,
+    HeuristicContextPolicy,
+    HeuristicPolicy,
+)
 from decode_worker.remote_policy import RemotePolicy
 from predictor_service.server import PredictorServer, ServerConfig
 
@@ -41,10 +47,10 @@ def _prompts() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def predictor(model_repo_template: Path) -> Iterator[str]:
+def predictor(plan_repo_template: Path) -> Iterator[str]:
     server = PredictorServer(
         ServerConfig(
-            repo=model_repo_template, host="127.0.0.1", port=0, default_model="speckv-mlp16"
+            repo=plan_repo_template, host="127.0.0.1", port=0, default_model="speckv-mlp16"
         )
     )
     server.start()
@@ -91,11 +97,23 @@ def test_greedy_equality(loaded_pair, predictor: str, compression: str) -> None:
         RemotePolicyConfig(objective=Objective.TOKENS_PER_STEP, decision_timeout_s=2.0),
         engine.timing,
     )
-    policies = [FixedPolicy(2), FixedPolicy(8), HeuristicPolicy(), remote]
+    plan = RemotePolicy(
+        stream,
+        RemotePolicyConfig(
+            window=Window.DRAFT_PLAN,
+            objective=Objective.GOODPUT,
+            decision_timeout_s=2.0,
+            model=ModelSelector(name="speckv-instep"),
+        ),
+        engine.timing,
+    )
+    engine.warmup(gammas=(0, 2, 4), repeats=1)
+    policies = [FixedPolicy(2), FixedPolicy(8), HeuristicPolicy(), HeuristicContextPolicy()]
+    policies += [remote, plan]
     failures: list[str] = []
     near_ties: list[str] = []
     runs = 0
-    accepted = drafted = remote_steps = 0
+    accepted = drafted = remote_steps = plan_steps = 0
     try:
         for prompt in _prompts():
             ids = engine.encode(prompt)
@@ -117,6 +135,12 @@ def test_greedy_equality(loaded_pair, predictor: str, compression: str) -> None:
                 remote_steps += sum(
                     s.decision.source == DecisionSource.REMOTE for s in result.steps
                 )
+                if policy is plan:
+                    plan_steps += sum(
+                        s.decision.source == DecisionSource.REMOTE
+                        and s.decision.model_name == "speckv-instep"
+                        for s in result.steps
+                    )
     finally:
         stream.close()
         client.close()
@@ -126,3 +150,4 @@ def test_greedy_equality(loaded_pair, predictor: str, compression: str) -> None:
     assert len(near_ties) <= MAX_NEAR_TIE_SHARE * runs, "\n".join(near_ties)
     assert 0 < accepted < drafted
     assert remote_steps > 0
+    assert plan_steps > 0  # the draft plan decided, through the real server
