@@ -296,15 +296,21 @@ def plot_e2e(reports: list[dict[str, Any]], img_dir: Path) -> Path:
 
 def _window(client: Any, model: str) -> str:
     """The window the model's versions declare (GetModel), waiting for the server."""
+    from speckv_client.types import ModelState
+
     deadline = time.monotonic() + 30
     while True:
         try:
             info = client.get_model(model)
-            return str(info.versions[0].window) if info.versions else ""
+            ready = [v for v in info.versions if v.state == ModelState.READY]
+            if ready:
+                return str(ready[0].window)
         except Exception:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.2)
+        if time.monotonic() > deadline:
+            raise SystemExit(f"--model {model}: no READY version on the predictor after 30 s")
+        time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:

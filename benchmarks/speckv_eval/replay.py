@@ -455,6 +455,32 @@ def start_sequence(policy: Any, compression: str, prompt_id: str) -> SequencePol
     return seq
 
 
+class InStepOracle(SequencePolicy):
+    """An upper bound for any in-step stop rule: knows whether each drafted token agrees,
+    drafts while they do and drops the first that does not (paying its draft forward, as
+    a real stop rule must). Not causal; a reference row like the per-step oracle."""
+
+    in_step = True
+
+    def __init__(self, trace: Trace, max_gamma: int) -> None:
+        self._run = trace.run
+        self._max = max_gamma
+        self._p = 0
+
+    def decide(self, step: int, prefix_signals: DraftSignals | None) -> Any:
+        from decode_worker.policies import DecisionSource, GammaDecision
+
+        return GammaDecision(self._max, DecisionSource.LOCAL)
+
+    def after_token(self, step: int, j: int, features: Any, cap: int) -> int | None:
+        if self._p >= len(self._run) or self._run[self._p] < j:
+            return j - 1
+        return None
+
+    def verified(self, step: int, gamma: int, accepted: int) -> None:
+        self._p += accepted + 1
+
+
 # ------------------------------------------------------------- draft plan policy
 
 

@@ -16,6 +16,7 @@ from speckv_eval.replay import (
     Costs,
     CostsTiming,
     InProcessPlans,
+    InStepOracle,
     PredictorSequence,
     SequenceOutcome,
     Trace,
@@ -210,6 +211,12 @@ def _policies(
                 return o
 
             out.append((f"{label} {objective.value}", go))
+    out.append(
+        (
+            "in-step oracle (knows agreement, pays the probe)",
+            lambda t, _r: replay_sequence(t, InStepOracle(t, cfg.max_gamma), cfg.max_gamma),
+        )
+    )
     out.append((ORACLE, lambda t, _r: oracle_sequence(t, costs, cfg.max_gamma)))
     return out
 
