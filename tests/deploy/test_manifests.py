@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -332,6 +333,12 @@ def _parser(module: str) -> argparse.ArgumentParser:
 
 
 def _parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
+    # The kubelet expands $(VAR) from the container's env before the process sees its args;
+    # do the same (POD_NAMESPACE comes from the downward API) so the CLI checks real values.
+    args = [
+        re.sub(r"\$\((\w+)\)", lambda m: {"POD_NAMESPACE": "speckv"}.get(m[1], "x"), a)
+        for a in args
+    ]
     try:
         return parser.parse_args(args)
     except SystemExit as exc:  # argparse printed which flag is wrong
