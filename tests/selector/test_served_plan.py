@@ -139,12 +139,8 @@ def test_windows_and_models_must_match(predictor) -> None:  # type: ignore[no-un
 
 
 def _plan_policy(stream, engine, **kw) -> RemotePolicy:  # type: ignore[no-untyped-def]
-    cfg = RemotePolicyConfig(
-        window=Window.DRAFT_PLAN,
-        objective=Objective.GOODPUT,
-        decision_timeout_s=TIMEOUT_S,
-        **kw,
-    )
+    settings = {"decision_timeout_s": TIMEOUT_S, **kw}
+    cfg = RemotePolicyConfig(window=Window.DRAFT_PLAN, objective=Objective.GOODPUT, **settings)
     return RemotePolicy(stream, cfg, engine.timing)
 
 
@@ -321,7 +317,7 @@ def test_train_cli_instep(tmp_path: Path) -> None:
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["window"] == "draft_plan" and 0.5 < out["heldout_prompts_auc"] <= 1.0
     manifest = json.loads((tmp_path / "repo" / "m" / "1" / "manifest.json").read_text())
-    assert manifest["plan"]["max_gamma"] == 8 and manifest["window"] == "draft_plan"
+    assert manifest["plan"]["max_gamma"] == 16 and manifest["window"] == "draft_plan"
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
     proc = subprocess.run(
