@@ -11,6 +11,7 @@ with `tokens_per_step` the worker drafts up to max_gamma whatever the estimates 
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Protocol
 
 import numpy as np
@@ -29,31 +30,31 @@ class PlanModel(Protocol):
 
 
 class PlanTables:
-    """Per-(version object, comp_enc) acceptance tables, computed on first use."""
+    """Per-(version object, comp_enc) acceptance tables, computed on first use.
+
+    Keyed weakly by the loaded version, so an unloaded version's table (and its session)
+    is freed with it; a reload is a new object with a new table.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._tables: dict[tuple[int, float], tuple[PlanModel, tuple[float, ...]]] = {}
+        self._tables: weakref.WeakKeyDictionary[PlanModel, dict[float, tuple[float, ...]]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def table(self, model: PlanModel, comp_enc: float) -> tuple[float, ...]:
-        key = (id(model), float(comp_enc))
-        hit = self._tables.get(key)
-        if hit is not None and hit[0] is model:
-            return hit[1]
+        comp = float(comp_enc)
+        hit = self._tables.get(model, {}).get(comp)
+        if hit is not None:
+            return hit
         spec = model.manifest.plan
         if spec is None:
             raise ValueError(f"{model.manifest.name} v{model.manifest.version} has no plan")
-        acc = model.predict(grid_inputs(spec.axes, comp_enc)).astype(np.float64)
+        acc = model.predict(grid_inputs(spec.axes, comp)).astype(np.float64)
         values = tuple(float(v) for v in np.clip(acc, 0.0, 1.0))
         with self._lock:
-            # Keep the model object in the entry so a freed version's id cannot alias.
-            self._tables[key] = (model, values)
+            self._tables.setdefault(model, {})[comp] = values
         return values
-
-    def forget(self, model: PlanModel) -> None:
-        with self._lock:
-            for key in [k for k, (m, _) in self._tables.items() if m is model]:
-                del self._tables[key]
 
 
 def build_plan(
