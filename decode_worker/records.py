@@ -92,38 +92,52 @@ def _f(x: float) -> str:
     return f"{x:.6g}"
 
 
-class StepRecorder:
-    """Appends records to a CSV file (header written once); safe across threads."""
+class _CsvLog:
+    """Appends rows to a CSV file with a fixed header (written once; an existing file must
+    have the same header); safe across threads. `flush_each` flushes after every row."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], columns: tuple[str, ...], kind: str, flush_each: bool
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists() or self.path.stat().st_size == 0
         if not new:
             with self.path.open(newline="") as fh:
                 header = next(csv.reader(fh), [])
-            if tuple(header) != COLUMNS:
+            if tuple(header) != columns:
                 raise ValueError(
-                    f"step log {self.path} exists with other columns ({header[:4]}...); "
+                    f"{kind} log {self.path} exists with other columns ({header[:4]}...); "
                     "give a new file or move the old one away"
                 )
         self._fh: TextIO = self.path.open("a", newline="")
         self._writer = csv.writer(self._fh)
         self._lock = threading.Lock()
+        self._flush_each = flush_each
         if new:
-            self._writer.writerow(COLUMNS)
+            self._writer.writerow(columns)
             self._fh.flush()
 
-    def write(self, record: StepRecord) -> None:
-        if record.gamma <= 0:
-            return
+    def _write_row(self, row: list[str]) -> None:
         with self._lock:
-            self._writer.writerow(record.row())
-            self._fh.flush()
+            self._writer.writerow(row)
+            if self._flush_each:
+                self._fh.flush()
 
     def close(self) -> None:
         with self._lock:
             self._fh.close()
+
+
+class StepRecorder(_CsvLog):
+    """Appends step records (gamma > 0) to a CSV file, flushed row by row."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path, COLUMNS, "step", flush_each=True)
+
+    def write(self, record: StepRecord) -> None:
+        if record.gamma > 0:
+            self._write_row(record.row())
 
 
 # One row per drafted token whose agreement with the target is known: the training data
@@ -183,32 +197,11 @@ class TokenRecord:
         ]
 
 
-class TokenRecorder:
-    """Appends token records to a CSV file (header written once); safe across threads."""
+class TokenRecorder(_CsvLog):
+    """Appends token records to a CSV file (buffered: many rows a step)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        if not new:
-            with self.path.open(newline="") as fh:
-                header = next(csv.reader(fh), [])
-            if tuple(header) != TOKEN_COLUMNS:
-                raise ValueError(
-                    f"token log {self.path} exists with other columns ({header[:4]}...); "
-                    "give a new file or move the old one away"
-                )
-        self._fh: TextIO = self.path.open("a", newline="")
-        self._writer = csv.writer(self._fh)
-        self._lock = threading.Lock()
-        if new:
-            self._writer.writerow(TOKEN_COLUMNS)
-            self._fh.flush()
+        super().__init__(path, TOKEN_COLUMNS, "token", flush_each=False)
 
     def write(self, record: TokenRecord) -> None:
-        with self._lock:
-            self._writer.writerow(record.row())
-
-    def close(self) -> None:
-        with self._lock:
-            self._fh.close()
+        self._write_row(record.row())
