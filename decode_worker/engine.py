@@ -33,6 +33,7 @@ from decode_worker.features import (
     SequenceHistory,
     TokenSignals,
     aggregate,
+    token_features,
     token_signals,
 )
 from decode_worker.policies import (
@@ -592,12 +593,7 @@ class GenerationRun:
             sig = token_signals(logits_out[-1].unsqueeze(0))[0]
             signals.append(sig)
             j = len(drafts)
-            features = {
-                "match_length": float(context.match_length(drafts[:-1], drafts[-1])),
-                "draft_confidence": sig.confidence,
-                "draft_entropy": sig.entropy_bits,
-                **hist,
-            }
+            features = token_features(context, drafts[:-1], drafts[-1], sig, hist)
             keep = policy.after_token(step, j, features, limit)
             if keep is not None:
                 return max(0, min(keep, j)), fed, cache_len, signals

@@ -10,7 +10,7 @@ so a predictor trained on greedy runs sees the same quantity.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +54,24 @@ def aggregate(tokens: Sequence[TokenSignals]) -> DraftSignals:
         max_draft_entropy=max(entropies),
         min_draft_confidence=min(confidences),
     )
+
+
+def token_features(
+    context: ContextIndex,
+    earlier: Sequence[int],
+    token: int,
+    signals: TokenSignals,
+    history: Mapping[str, float],
+) -> dict[str, float]:
+    """What an in-step policy sees of a drafted token (speckv.draft_plan.PLAN_FEATURES): its
+    context match given this step's `earlier` drafts, its own signals, and the sequence's
+    history before the step. The engine and the replay both build features here."""
+    return {
+        "match_length": float(context.match_length(earlier, token)),
+        "draft_confidence": signals.confidence,
+        "draft_entropy": signals.entropy_bits,
+        **history,
+    }
 
 
 class ContextIndex:

@@ -32,6 +32,7 @@ from decode_worker.features import (
     SequenceHistory,
     TokenSignals,
     aggregate,
+    token_features,
     token_signals,
 )
 from decode_worker.policies import SequenceInfo, SequencePolicy
@@ -300,12 +301,7 @@ def _in_step(
     while True:
         tok, sig = trace.probe.proposals(p, j + 1)[j]
         j += 1
-        features = {
-            "match_length": float(context.match_length(drafts, tok)),
-            "draft_confidence": sig.confidence,
-            "draft_entropy": sig.entropy_bits,
-            **hist,
-        }
+        features = token_features(context, drafts, tok, sig, hist)
         drafts.append(tok)
         keep = policy.after_token(step, j, features, limit)
         if keep is not None:
