@@ -138,12 +138,7 @@ def policy_table(runs: Sequence[PolicyRun], costs: Costs, traces: Sequence[Trace
 def _policies(
     cfg: ReplayConfig, compression: str, comp_enc: int, costs: Costs, models: Sequence[Any]
 ) -> list[tuple[str, Callable[[Trace, PolicyRun], SequenceOutcome]]]:
-    from speckv_client.types import Objective as ClientObjective
-    from speckv_client.types import Window
-
-    from decode_worker.config import RemotePolicyConfig
     from decode_worker.policies import FixedPolicy, HeuristicContextPolicy, HeuristicPolicy
-    from decode_worker.remote_policy import RemotePolicy
     from predictor_service.decisions import Objective, StepTiming
 
     out: list[tuple[str, Callable[[Trace, PolicyRun], SequenceOutcome]]] = []
@@ -168,17 +163,7 @@ def _policies(
 
         def plan_go(t: Trace, r: PolicyRun, version: Any = version) -> SequenceOutcome:
             submitter = InProcessPlans(version, comp_enc)
-            policy = RemotePolicy(
-                submitter,
-                RemotePolicyConfig(
-                    window=Window.DRAFT_PLAN,
-                    objective=ClientObjective.GOODPUT,
-                    plan_max_gamma=cfg.max_gamma,
-                    fallback_gamma=cfg.fallback_gamma,
-                ),
-                CostsTiming(costs),  # type: ignore[arg-type]
-            )
-            o = replay_sequence(t, start_sequence(policy, compression, t.prompt_id), cfg.max_gamma)
+            o = replay_plan(cfg, t, compression, submitter, costs)
             r.decide_seconds += submitter.seconds
             r.decide_calls += submitter.messages
             return o
@@ -221,15 +206,73 @@ def _policies(
     return out
 
 
+def replay_plan(
+    cfg: ReplayConfig, trace: Trace, compression: str, submitter: InProcessPlans, costs: Costs
+) -> SequenceOutcome:
+    """Replay the worker's own draft_plan policy (goodput, the replay's measured costs as
+    its timing) over an in-process plan submitter."""
+    from speckv_client.types import Objective, Window
+
+    from decode_worker.config import RemotePolicyConfig
+    from decode_worker.remote_policy import RemotePolicy
+
+    policy = RemotePolicy(
+        submitter,
+        RemotePolicyConfig(
+            window=Window.DRAFT_PLAN,
+            objective=Objective.GOODPUT,
+            plan_max_gamma=cfg.max_gamma,
+            fallback_gamma=cfg.fallback_gamma,
+        ),
+        CostsTiming(costs),  # type: ignore[arg-type]
+    )
+    seq = start_sequence(policy, compression, trace.prompt_id)
+    return replay_sequence(trace, seq, cfg.max_gamma)
+
+
+def traces_and_costs(
+    cfg: ReplayConfig, comp: str, prompts: Sequence[Prompt]
+) -> tuple[Any, list[Trace], Costs]:
+    """Load the pair at one compression, run every prompt target-only (one trace each) and
+    measure the pair's draft/verify costs: what every replay of that compression starts from."""
+    from tqdm import tqdm
+
+    from decode_worker.config import EngineConfig
+    from decode_worker.engine import SpeculativeEngine
+    from decode_worker.pair import PairConfig, load_pair
+
+    pair = load_pair(
+        PairConfig(
+            draft=cfg.draft,
+            target=cfg.target,
+            compression=comp,
+            device=cfg.device,
+            local_files_only=True,
+        )
+    )
+    engine = SpeculativeEngine(
+        pair,
+        EngineConfig(
+            default_max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens_limit=max(1024, cfg.max_new_tokens),
+            max_gamma=cfg.max_gamma,
+        ),
+    )
+    traces = [
+        build_trace(engine, p.id, p.task, engine.encode(p.prompt), cfg.max_new_tokens)
+        for p in tqdm(prompts, desc=f"{comp}: target runs", disable=not cfg.progress)
+    ]
+    probe_ids = engine.encode(prompts[0].prompt) + traces[0].output
+    costs = measure_costs(engine, probe_ids, max(cfg.max_gamma, 20))
+    return pair, traces, costs
+
+
 def run_replay(cfg: ReplayConfig) -> list[CompressionResult]:
     """Traces per compression (one target run + one teacher-forced draft pass per prompt),
     then every policy replayed on them."""
     import torch
     from tqdm import tqdm
 
-    from decode_worker.config import EngineConfig
-    from decode_worker.engine import SpeculativeEngine
-    from decode_worker.pair import PairConfig, load_pair
     from predictor_service.repository import load_version
 
     torch.set_num_threads(cfg.threads)
@@ -244,29 +287,7 @@ def run_replay(cfg: ReplayConfig) -> list[CompressionResult]:
     results = []
     for comp in cfg.compressions:
         t_start = time.perf_counter()
-        pair = load_pair(
-            PairConfig(
-                draft=cfg.draft,
-                target=cfg.target,
-                compression=comp,
-                device=cfg.device,
-                local_files_only=True,
-            )
-        )
-        engine = SpeculativeEngine(
-            pair,
-            EngineConfig(
-                default_max_new_tokens=cfg.max_new_tokens,
-                max_new_tokens_limit=max(1024, cfg.max_new_tokens),
-                max_gamma=cfg.max_gamma,
-            ),
-        )
-        traces = []
-        for p in tqdm(prompts, desc=f"{comp}: target runs", disable=not cfg.progress):
-            ids = engine.encode(p.prompt)
-            traces.append(build_trace(engine, p.id, p.task, ids, cfg.max_new_tokens))
-        probe_ids = engine.encode(prompts[0].prompt) + traces[0].output
-        costs = measure_costs(engine, probe_ids, max(cfg.max_gamma, 20))
+        pair, traces, costs = traces_and_costs(cfg, comp, prompts)
         runs = []
         policies = _policies(cfg, comp, pair.comp_enc, costs, models)
         for name, fn in tqdm(policies, desc=f"{comp}: replay", disable=not cfg.progress):
@@ -311,14 +332,9 @@ def tune_plan(
     every (first, continue) scale pair; the best pair maximises the geometric mean over
     compressions of modelled tok/s ÷ target only. Returns the grid and the choice."""
     import torch
-    from speckv_client.types import Objective, Window
     from tqdm import tqdm
 
-    from decode_worker.config import EngineConfig, RemotePolicyConfig
-    from decode_worker.engine import SpeculativeEngine
-    from decode_worker.pair import PairConfig, load_pair
     from decode_worker.policies import FixedPolicy
-    from decode_worker.remote_policy import RemotePolicy
     from predictor_service.repository import load_version
 
     torch.set_num_threads(cfg.threads)
@@ -329,29 +345,7 @@ def tune_plan(
     grid = [(f, c) for f in first_scales for c in continue_scales]
     speed: dict[tuple[float, float], list[float]] = {g: [] for g in grid}
     for comp in cfg.compressions:
-        pair = load_pair(
-            PairConfig(
-                draft=cfg.draft,
-                target=cfg.target,
-                compression=comp,
-                device=cfg.device,
-                local_files_only=True,
-            )
-        )
-        engine = SpeculativeEngine(
-            pair,
-            EngineConfig(
-                default_max_new_tokens=cfg.max_new_tokens,
-                max_new_tokens_limit=max(1024, cfg.max_new_tokens),
-                max_gamma=cfg.max_gamma,
-            ),
-        )
-        traces = [
-            build_trace(engine, p.id, p.task, engine.encode(p.prompt), cfg.max_new_tokens)
-            for p in tqdm(prompts, desc=f"{comp}: target runs", disable=not cfg.progress)
-        ]
-        probe_ids = engine.encode(prompts[0].prompt) + traces[0].output
-        costs = measure_costs(engine, probe_ids, max(cfg.max_gamma, 20))
+        pair, traces, costs = traces_and_costs(cfg, comp, prompts)
 
         def seconds(outcomes: list[SequenceOutcome], costs: Costs = costs) -> tuple[int, float]:
             steps = [s for o in outcomes for s in o.steps]
@@ -365,20 +359,10 @@ def tune_plan(
         )
         base = tok0 / sec0
         for f, c in tqdm(grid, desc=f"{comp}: scales", disable=not cfg.progress):
-            outcomes = []
-            for t in traces:
-                policy = RemotePolicy(
-                    InProcessPlans(version, pair.comp_enc, (f, c)),
-                    RemotePolicyConfig(
-                        window=Window.DRAFT_PLAN,
-                        objective=Objective.GOODPUT,
-                        plan_max_gamma=cfg.max_gamma,
-                        fallback_gamma=cfg.fallback_gamma,
-                    ),
-                    CostsTiming(costs),  # type: ignore[arg-type]
-                )
-                seq = start_sequence(policy, comp, t.prompt_id)
-                outcomes.append(replay_sequence(t, seq, cfg.max_gamma))
+            outcomes = [
+                replay_plan(cfg, t, comp, InProcessPlans(version, pair.comp_enc, (f, c)), costs)
+                for t in traces
+            ]
             tok, sec = seconds(outcomes)
             speed[(f, c)].append(tok / sec / base)
     score = {g: float(np.exp(np.mean(np.log(v)))) for g, v in speed.items()}
