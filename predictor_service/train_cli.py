@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -101,86 +103,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from predictor_service.seed_data import DataError
-    from predictor_service.training import (
-        TrainConfig,
-        TrainError,
-        VersionExistsError,
-        train_and_register,
-    )
-
-    if args.model_kind == "instep":
-        return _run_instep(args)
-    if args.window is None:
-        print(
-            "speckv-predictor train: error: --window is required for --model-kind mlp16 "
-            "(same_step or previous_step)",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
-    try:
-        config = TrainConfig(
-            repo=args.repo,
-            name=args.name,
-            window=args.window,
-            data=args.data,
-            version=args.version,
-            seed=args.seed,
-            heldout_runs=not args.skip_heldout_runs,
-            progress=not args.quiet,
-        )
-    except ValueError as e:
-        print(f"speckv-predictor train: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        result = train_and_register(config)
-    except (DataError, VersionExistsError) as e:
-        print(f"speckv-predictor train: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except TrainError as e:
-        print(f"speckv-predictor train: failed: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"registered {result.path}", file=sys.stderr)
-    print(json.dumps(result.summary()), flush=True)
-    return EXIT_OK
-
-
-def _run_instep(args: argparse.Namespace) -> int:
-    from predictor_service.plan_training import PlanTrainConfig, train_plan_model
-    from predictor_service.seed_data import DataError
     from predictor_service.training import TrainError, VersionExistsError
 
-    if args.window not in (None, "draft_plan"):
-        print(
-            f"speckv-predictor train: error: --window {args.window} does not apply to "
-            "--model-kind instep (its window is draft_plan)",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
     try:
-        config = PlanTrainConfig(
-            repo=args.repo,
-            name=args.name,
-            data=args.data,
-            version=args.version,
-            seed=args.seed,
-            max_gamma=args.max_gamma,
-            refresh_steps=args.refresh_steps,
-            first_scale=args.first_scale,
-            continue_scale=args.continue_scale,
-            progress=not args.quiet,
-        )
+        train = _instep(args) if args.model_kind == "instep" else _mlp16(args)
     except ValueError as e:
         print(f"speckv-predictor train: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        result, extra = train_plan_model(config)
+        path, summary = train()
     except (DataError, VersionExistsError) as e:
         print(f"speckv-predictor train: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainError as e:
         print(f"speckv-predictor train: failed: {e}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"registered {result.path}", file=sys.stderr)
-    summary = {**result.summary(), **extra}
+    print(f"registered {path}", file=sys.stderr)
     print(json.dumps(summary), flush=True)
     return EXIT_OK
+
+
+_Train = Callable[[], tuple[Path, dict[str, Any]]]
+
+
+def _mlp16(args: argparse.Namespace) -> _Train:
+    """SpecKV-MLP16 from the flags; ValueError names a bad flag."""
+    from predictor_service.training import TrainConfig, train_and_register
+
+    if args.window is None:
+        raise ValueError("--window is required for --model-kind mlp16 (same_step or previous_step)")
+    config = TrainConfig(
+        repo=args.repo,
+        name=args.name,
+        window=args.window,
+        data=args.data,
+        version=args.version,
+        seed=args.seed,
+        heldout_runs=not args.skip_heldout_runs,
+        progress=not args.quiet,
+    )
+
+    def train() -> tuple[Path, dict[str, Any]]:
+        result = train_and_register(config)
+        return result.path, result.summary()
+
+    return train
+
+
+def _instep(args: argparse.Namespace) -> _Train:
+    """A draft_plan model from the flags; ValueError names a bad flag."""
+    from predictor_service.plan_training import PlanTrainConfig, train_plan_model
+
+    if args.window not in (None, "draft_plan"):
+        raise ValueError(
+            f"--window {args.window} does not apply to --model-kind instep (its window is "
+            "draft_plan)"
+        )
+    config = PlanTrainConfig(
+        repo=args.repo,
+        name=args.name,
+        data=args.data,
+        version=args.version,
+        seed=args.seed,
+        max_gamma=args.max_gamma,
+        refresh_steps=args.refresh_steps,
+        first_scale=args.first_scale,
+        continue_scale=args.continue_scale,
+        progress=not args.quiet,
+    )
+
+    def train() -> tuple[Path, dict[str, Any]]:
+        result, extra = train_plan_model(config)
+        return result.path, {**result.summary(), **extra}
+
+    return train
