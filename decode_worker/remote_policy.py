@@ -37,6 +37,7 @@ from speckv_client.types import (
     FeatureRow,
     ModelSelector,
     Objective,
+    StepTiming,
     Window,
 )
 
@@ -87,6 +88,32 @@ class RemotePolicy(GammaPolicy):
             config = replace(config, objective=objective)
         return RemotePolicy(self.stream, config, self.timing)
 
+    def submit_one(
+        self,
+        seq: SequenceInfo,
+        step: int,
+        signals: DraftSignals | None,
+        window: Window,
+        candidates: tuple[int, ...],
+        timing: StepTiming | None,
+    ) -> Future[list[Decision]]:
+        """Send one sequence's row for `step` on the shared stream."""
+        row = FeatureRow(
+            routing_key=seq.request_id,
+            step=step,
+            signals=signals,
+            compression=Compression(seq.compression),
+        )
+        batch = DecideBatch(
+            rows=(row,),
+            gamma_candidates=candidates,
+            window=window,
+            objective=self.config.objective,
+            timing=timing,
+            model=self.config.model,
+        )
+        return self.stream.submit(batch)
+
     def start(self, seq: SequenceInfo) -> SequencePolicy:
         if self.config.window == Window.DRAFT_PLAN:
             return RemotePlanSequence(self, seq)
@@ -98,7 +125,6 @@ class RemoteSequencePolicy(SequencePolicy):
         self._owner = owner
         self._config = owner.config
         self._seq = seq
-        self._compression = Compression(seq.compression)
         self.prefix_tokens = (
             self._config.prefix_tokens if self._config.window == Window.PREFIX else 0
         )
@@ -150,21 +176,14 @@ class RemoteSequencePolicy(SequencePolicy):
         return self._config.objective != Objective.TOKENS_PER_STEP
 
     def _submit(self, step: int, signals: DraftSignals) -> Future[list[Decision]]:
-        row = FeatureRow(
-            routing_key=self._seq.request_id,
-            step=step,
-            signals=signals,
-            compression=self._compression,
+        return self._owner.submit_one(
+            self._seq,
+            step,
+            signals,
+            self._config.window,
+            self._config.gamma_candidates,
+            self._owner.timing.snapshot(),
         )
-        batch = DecideBatch(
-            rows=(row,),
-            gamma_candidates=self._config.gamma_candidates,
-            window=self._config.window,
-            objective=self._config.objective,
-            timing=self._owner.timing.snapshot(),
-            model=self._config.model,
-        )
-        return self._owner.stream.submit(batch)
 
     def _await(self, step: int, future: Future[list[Decision]]) -> GammaDecision:
         started = time.perf_counter()
@@ -215,11 +234,11 @@ class RemotePlanSequence(SequencePolicy):
         self._owner = owner
         self._config = owner.config
         self._seq = seq
-        self._compression = Compression(seq.compression)
         self._runner: PlanRunner | None = None
         self._plan_meta = GammaDecision(0, DecisionSource.REMOTE)
         self._plan_step = 0  # the step the current plan took effect
         self._pending: Future[list[Decision]] | None = None
+        self._pending_step = 0  # the step the pending request was sent for
         self._retry_at = 0  # the first step at which a failed request may be sent again
         self._applying = False
         self._failures_logged = 0
@@ -287,22 +306,11 @@ class RemotePlanSequence(SequencePolicy):
         if timing is None and objective != Objective.TOKENS_PER_STEP:
             self._retry_at = step + 1  # goodput needs measured costs; none yet
             return
-        row = FeatureRow(
-            routing_key=self._seq.request_id,
-            step=step,
-            signals=None,
-            compression=self._compression,
-        )
-        batch = DecideBatch(
-            rows=(row,),
-            gamma_candidates=(self._config.plan_max_gamma,),
-            window=Window.DRAFT_PLAN,
-            objective=objective,
-            timing=timing,
-            model=self._config.model,
-        )
         try:
-            self._pending = self._owner.stream.submit(batch)
+            self._pending = self._owner.submit_one(
+                self._seq, step, None, Window.DRAFT_PLAN, (self._config.plan_max_gamma,), timing
+            )
+            self._pending_step = step
         except Exception as err:  # the stream refused to take it: decode on
             self._failed(step, f"predictor refused the request: {err}")
             return
@@ -314,7 +322,7 @@ class RemotePlanSequence(SequencePolicy):
         except Exception as err:
             self._failed(step, f"predictor failed: {err}")
             return
-        decision = _pick(decisions, self._seq.request_id, decisions[0].step if decisions else 0)
+        decision = _pick(decisions, self._seq.request_id, self._pending_step)
         plan = decision.plan if decision is not None else None
         if plan is None:
             self._failed(step, "the answer carries no draft plan (is the model a draft_plan one?)")
