@@ -51,11 +51,11 @@ def test_stubs_import_as_speckv_v1() -> None:
     assert hasattr(decoder_pb2_grpc, "DecoderServiceStub")
 
 
-@pytest.mark.skipif(shutil.which("npx") is None, reason="npx (Node.js) is not installed")
-def test_buf_lint_passes() -> None:
+def _buf(*args: str) -> subprocess.CompletedProcess[str]:
+    """`buf ARGS` through npx in the repository; skips when buf cannot be fetched."""
     try:
         proc = subprocess.run(
-            ["npx", "-y", "@bufbuild/buf", "lint", "protos"],
+            ["npx", "-y", "@bufbuild/buf", *args],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -65,6 +65,12 @@ def test_buf_lint_passes() -> None:
         pytest.skip("buf could not be fetched from the npm registry in time")
     if proc.returncode != 0 and "npm ERR" in proc.stderr:
         pytest.skip(f"buf could not be installed from the npm registry: {proc.stderr[-300:]}")
+    return proc
+
+
+@pytest.mark.skipif(shutil.which("npx") is None, reason="npx (Node.js) is not installed")
+def test_buf_lint_passes() -> None:
+    proc = _buf("lint", "protos")
     assert proc.returncode == 0, f"buf lint failed:\n{proc.stdout}\n{proc.stderr}"
 
 
@@ -86,24 +92,5 @@ def test_buf_breaking_against_release(tmp_path: Path) -> None:
         ["git", "archive", RELEASE_REF, "protos"], cwd=REPO, capture_output=True, check=True
     )
     subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive.stdout, check=True)
-    try:
-        proc = subprocess.run(
-            [
-                "npx",
-                "-y",
-                "@bufbuild/buf",
-                "breaking",
-                "protos",
-                "--against",
-                str(tmp_path / "protos"),
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.skip("buf could not be fetched from the npm registry in time")
-    if proc.returncode != 0 and "npm ERR" in proc.stderr:
-        pytest.skip(f"buf could not be installed from the npm registry: {proc.stderr[-300:]}")
+    proc = _buf("breaking", "protos", "--against", str(tmp_path / "protos"))
     assert proc.returncode == 0, f"buf breaking against {RELEASE_REF} failed:\n{proc.stdout}"
