@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from decode_worker.policies import DecisionSource
 from decode_worker.remote_policy import RemotePlanSequence, RemotePolicy
 from predictor_service.server import PredictorServer, ServerConfig
 from tests.selector.conftest import INSTEP
-from tests.worker.engine_helpers import prompts, random_pair, target_greedy
+from tests.worker.engine_helpers import prompts, random_pair, target_greedy, wait_connected
 
 NEW = 30
 TIMEOUT_S = 2.0
@@ -56,13 +55,6 @@ def predictor(plan_repo: Path) -> Iterator[PredictorServer]:
 def pair():  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
     return random_pair(seed=0, noise=0.3)
-
-
-def _wait_connected(stream, limit_s: float = 15.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + limit_s
-    while not stream.connected:
-        assert time.monotonic() < deadline, "decision stream did not connect"
-        time.sleep(0.05)
 
 
 def _plan_row(key: str = "seq-1", step: int = 0) -> FeatureRow:
@@ -148,7 +140,7 @@ def test_remote_plan_is_exact_remote_from_step_0_and_asks_rarely(pair, predictor
     client = PredictorClient(predictor.address)
     stream = client.decision_stream()
     try:
-        _wait_connected(stream)
+        wait_connected(stream)
         engine = SpeculativeEngine(pair, EngineConfig())
         engine.warmup(gammas=(0, 2, 4), repeats=1)
         policy = _plan_policy(stream, engine)
@@ -179,7 +171,7 @@ def test_messages_per_step_follow_refresh_steps(pair, predictor) -> None:  # typ
     client = PredictorClient(predictor.address)
     stream = client.decision_stream()
     try:
-        _wait_connected(stream)
+        wait_connected(stream)
         engine = SpeculativeEngine(pair, EngineConfig())
         engine.warmup(gammas=(0, 2, 4), repeats=1)
         policy = _plan_policy(stream, engine)
@@ -209,7 +201,7 @@ def test_predictor_killed_mid_generation_loses_nothing(pair, plan_repo: Path) ->
     client = PredictorClient(server.address)
     stream = client.decision_stream()
     try:
-        _wait_connected(stream)
+        wait_connected(stream)
         engine = SpeculativeEngine(pair, EngineConfig())
         engine.warmup(gammas=(0, 2, 4), repeats=1)
         policy = _plan_policy(stream, engine)
@@ -233,7 +225,7 @@ def test_predictor_killed_mid_generation_loses_nothing(pair, plan_repo: Path) ->
         assert fallback.steps[0].decision.source == DecisionSource.FALLBACK
         # Restarted on the same port, the same stream reconnects and plans come back.
         server = _start(plan_repo, port=port)
-        _wait_connected(stream)
+        wait_connected(stream)
         again = engine.generate(prompt, policy, max_new_tokens=n)
         assert list(again.token_ids) == target_greedy(pair.target, prompt, n)
         assert again.steps[0].decision.source == DecisionSource.REMOTE
@@ -293,26 +285,19 @@ def test_train_cli_instep(tmp_path: Path) -> None:
 
     from tests.selector.conftest import write_token_csv
 
-    bin_dir = Path(sys.executable).parent
-    data = write_token_csv(tmp_path / "t.csv", rows=800)
-    proc = subprocess.run(
-        [
-            bin_dir / "speckv-predictor",
-            "train",
-            "--model-kind",
-            "instep",
-            "--data",
-            data,
-            "--repo",
-            tmp_path / "repo",
-            "--name",
-            "m",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    def train(data: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                *(str(Path(sys.executable).parent / "speckv-predictor"), "train"),
+                *("--model-kind", "instep", "--data", str(data)),
+                *("--repo", str(tmp_path / "repo"), "--name", "m", "--quiet"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    proc = train(write_token_csv(tmp_path / "t.csv", rows=800))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["window"] == "draft_plan" and 0.5 < out["heldout_prompts_auc"] <= 1.0
@@ -320,22 +305,5 @@ def test_train_cli_instep(tmp_path: Path) -> None:
     assert manifest["plan"]["max_gamma"] == 16 and manifest["window"] == "draft_plan"
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
-    proc = subprocess.run(
-        [
-            bin_dir / "speckv-predictor",
-            "train",
-            "--model-kind",
-            "instep",
-            "--data",
-            bad,
-            "--repo",
-            tmp_path / "repo",
-            "--name",
-            "m",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = train(bad)
     assert proc.returncode == 2 and "missing columns" in proc.stderr

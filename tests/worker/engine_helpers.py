@@ -112,3 +112,11 @@ def text_pair(seed: int = 0, noise: float = 0.3) -> RandomPair:
     pair = random_pair(seed=seed, noise=noise, vocab=len(tokenizer))
     pair.tokenizer = tokenizer
     return pair
+
+
+def wait_connected(stream: Any, limit_s: float = 15.0) -> None:
+    """Wait until a DecisionStream has connected (fails the test after `limit_s`)."""
+    deadline = time.monotonic() + limit_s
+    while not stream.connected:
+        assert time.monotonic() < deadline, "decision stream did not connect"
+        time.sleep(0.05)

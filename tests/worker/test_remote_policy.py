@@ -16,7 +16,7 @@ from decode_worker.engine import SpeculativeEngine
 from decode_worker.policies import DecisionSource
 from decode_worker.remote_policy import RemotePolicy
 from predictor_service.server import PredictorServer, ServerConfig
-from tests.worker.engine_helpers import prompts, random_pair, target_greedy
+from tests.worker.engine_helpers import prompts, random_pair, target_greedy, wait_connected
 
 NEW = 24
 # Generous: these tests check where decisions come from, not latency, on a busy CI box.
@@ -44,18 +44,11 @@ def pair():  # type: ignore[no-untyped-def]
     return random_pair(seed=0, noise=0.3)
 
 
-def _wait_connected(stream, limit_s: float = 15.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + limit_s
-    while not stream.connected:
-        assert time.monotonic() < deadline, "decision stream did not connect"
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def stream(predictor: PredictorServer) -> Iterator[object]:
     client = PredictorClient(predictor.address)
     s = client.decision_stream()
-    _wait_connected(s)
+    wait_connected(s)
     yield s
     s.close()
     client.close()
@@ -128,7 +121,7 @@ def test_kill_predictor_mid_generation_then_restart(pair, model_repo: Path) -> N
     client = PredictorClient(server.address)
     stream = client.decision_stream()
     try:
-        _wait_connected(stream)
+        wait_connected(stream)
         engine = SpeculativeEngine(pair, EngineConfig())
         policy = RemotePolicy(
             stream,
@@ -153,7 +146,7 @@ def test_kill_predictor_mid_generation_then_restart(pair, model_repo: Path) -> N
 
         # Restart on the same port: the same stream object reconnects by itself.
         server = _start_predictor(model_repo, port=port)
-        _wait_connected(stream)
+        wait_connected(stream)
         result = engine.generate(prompt, policy, max_new_tokens=n)
         assert list(result.token_ids) == target_greedy(pair.target, prompt, n)
         assert result.stats.remote_decisions >= result.stats.num_steps - 2
