@@ -199,6 +199,15 @@ def run(args: argparse.Namespace) -> int:
     except PairLoadError as err:
         print(f"speckv-worker serve: {err}", file=sys.stderr)
         return 2
+    # Handlers before the server starts: a SIGTERM that arrives as soon as "listening on" is
+    # printed (or during warm-up) must drain, not kill the process with the default action.
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         server = WorkerServer(config, pair, describe=pair.describe()).start()
     except ConfigError as err:  # e.g. --window does not match the predictor's model
@@ -208,13 +217,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"speckv-worker serve: {err}", file=sys.stderr)
         return 1
     print(f"listening on {server.address}", flush=True)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
     stop.wait()
     logging.getLogger(__name__).info("shutting down (grace %.1f s)", config.shutdown_grace_s)
     server.stop()
