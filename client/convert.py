@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from speckv.draft_plan import DraftPlan, PlanAxis
 from speckv.v1 import common_pb2, decoder_pb2, predictor_pb2
 from speckv_client.types import (
+    ArmStats,
+    ArmStatsReport,
     CandidateScore,
     Compression,
     DecideBatch,
@@ -29,6 +31,9 @@ from speckv_client.types import (
     Prediction,
     RouteWeight,
     Routing,
+    SequenceOutcome,
+    ShadowCalibration,
+    StepOutcome,
     StepStats,
     StepTiming,
     TokenChunk,
@@ -71,6 +76,8 @@ _SOURCE_FROM_PB = {
     decoder_pb2.DECISION_SOURCE_FALLBACK: DecisionSource.FALLBACK,
     decoder_pb2.DECISION_SOURCE_LOCAL: DecisionSource.LOCAL,
 }
+
+_SOURCE_TO_PB = {v: k for k, v in _SOURCE_FROM_PB.items()}
 
 _FINISH_FROM_PB = {
     decoder_pb2.FINISH_REASON_UNSPECIFIED: FinishReason.UNSPECIFIED,
@@ -180,7 +187,97 @@ def decide_request_to_pb(batch: DecideBatch, request_id: int) -> predictor_pb2.D
     selector = selector_to_pb(batch.model)
     if selector is not None:
         req.model.CopyFrom(selector)
+    if batch.outcomes:
+        req.outcomes.extend(outcome_to_pb(o) for o in batch.outcomes)
     return req
+
+
+def outcome_to_pb(o: StepOutcome) -> predictor_pb2.StepOutcome:
+    m = predictor_pb2.StepOutcome(
+        routing_key=o.routing_key,
+        step=o.step,
+        source=_SOURCE_TO_PB[DecisionSource(o.source)],
+        model_name=o.model_name,
+        model_version=o.model_version,
+        arm=o.arm,
+        decision_step=o.decision_step,
+        drafted=o.drafted,
+        accepted=o.accepted,
+        tokens=o.tokens,
+        draft_seconds=o.draft_seconds,
+        verify_seconds=o.verify_seconds,
+        sequence_end=o.sequence_end,
+    )
+    if o.compression is not None:
+        m.compression = _COMPRESSION_TO_PB[Compression(o.compression)]
+    return m
+
+
+def outcome_from_pb(m: predictor_pb2.StepOutcome) -> StepOutcome:
+    return StepOutcome(
+        routing_key=m.routing_key,
+        step=m.step,
+        source=_SOURCE_FROM_PB.get(m.source, DecisionSource.UNSPECIFIED),
+        drafted=m.drafted,
+        accepted=m.accepted,
+        tokens=m.tokens,
+        draft_seconds=m.draft_seconds,
+        verify_seconds=m.verify_seconds,
+        compression=_COMPRESSION_FROM_PB.get(m.compression),
+        model_name=m.model_name,
+        model_version=m.model_version,
+        arm=m.arm,
+        decision_step=m.decision_step,
+        sequence_end=m.sequence_end,
+    )
+
+
+def arm_stats_from_pb(m: predictor_pb2.GetArmStatsResponse) -> ArmStatsReport:
+    return ArmStatsReport(
+        arms=tuple(
+            ArmStats(
+                model_name=a.model_name,
+                model_version=a.model_version,
+                arm=a.arm,
+                sequences=a.sequences,
+                steps=a.steps,
+                drafted=a.drafted,
+                accepted=a.accepted,
+                tokens=a.tokens,
+                draft_seconds=a.draft_seconds,
+                verify_seconds=a.verify_seconds,
+                sequence_outcomes=tuple(
+                    SequenceOutcome(
+                        routing_key=s.routing_key,
+                        steps=s.steps,
+                        drafted=s.drafted,
+                        accepted=s.accepted,
+                        tokens=s.tokens,
+                        seconds=s.seconds,
+                        ended=s.ended,
+                    )
+                    for s in a.sequence_outcomes
+                ),
+            )
+            for a in m.arms
+        ),
+        shadows=tuple(
+            ShadowCalibration(
+                model_name=c.model_name,
+                model_version=c.model_version,
+                steps=c.steps,
+                mean_predicted_acceptance=c.mean_predicted_acceptance,
+                mean_realised_acceptance=c.mean_realised_acceptance,
+                mean_absolute_error=c.mean_absolute_error,
+            )
+            for c in m.shadows
+        ),
+        fallback_steps=m.fallback_steps,
+        local_steps=m.local_steps,
+        rejected_outcomes=m.rejected_outcomes,
+        seconds_since_reset=m.seconds_since_reset,
+        replica=m.replica,
+    )
 
 
 def decision_from_pb(m: predictor_pb2.Decision) -> Decision:

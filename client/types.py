@@ -83,6 +83,8 @@ class DecideBatch:
     objective: Objective | None = None
     timing: StepTiming | None = None
     model: ModelSelector | None = None
+    # Outcomes of earlier decided steps, piggybacked on this message (may carry no rows).
+    outcomes: tuple[StepOutcome, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,9 @@ class Decision:
     arm: str = ""
     # The draft_plan window's answer (`gamma` is then its max_gamma).
     plan: DraftPlan | None = None
+    # Which of a DecisionStream's streams (replica connections) answered; outcomes of
+    # this decision are reported on that stream only (0 = not from a DecisionStream).
+    stream: int = 0
 
 
 # --- Model repository and routing (PredictorService admin and read calls) ---
@@ -246,3 +251,91 @@ class WorkerInfo:
     max_new_tokens_limit: int
     concurrency: str
     version: str
+
+
+# --- Outcomes and A/B statistics (docs/design.md, "Outcomes and A/B tests") ---
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one decode step produced; the worker reports it on the Decide stream."""
+
+    routing_key: str
+    step: int
+    source: DecisionSource
+    drafted: int  # γ verified
+    accepted: int
+    tokens: int  # tokens the step produced
+    draft_seconds: float
+    verify_seconds: float
+    compression: Compression | None = None
+    # The decision that decided the step (source REMOTE only).
+    model_name: str = ""
+    model_version: int = 0
+    arm: str = ""
+    decision_step: int = 0
+    sequence_end: bool = False
+
+
+@dataclass(frozen=True)
+class SequenceOutcome:
+    """One sequence's totals over the steps one arm decided."""
+
+    routing_key: str
+    steps: int
+    drafted: int
+    accepted: int
+    tokens: int
+    seconds: float
+    ended: bool = False
+
+
+@dataclass(frozen=True)
+class ArmStats:
+    model_name: str
+    model_version: int
+    arm: str
+    sequences: int
+    steps: int
+    drafted: int
+    accepted: int
+    tokens: int
+    draft_seconds: float
+    verify_seconds: float
+    sequence_outcomes: tuple[SequenceOutcome, ...] = ()
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        seconds = self.draft_seconds + self.verify_seconds
+        return self.tokens / seconds if seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ShadowCalibration:
+    model_name: str
+    model_version: int
+    steps: int
+    mean_predicted_acceptance: float
+    mean_realised_acceptance: float
+    mean_absolute_error: float
+
+
+@dataclass(frozen=True)
+class ArmStatsReport:
+    """One predictor replica's GetArmStats answer."""
+
+    arms: tuple[ArmStats, ...]
+    shadows: tuple[ShadowCalibration, ...] = ()
+    fallback_steps: int = 0
+    local_steps: int = 0
+    rejected_outcomes: int = 0
+    seconds_since_reset: float = 0.0
+    replica: str = ""

@@ -1,4 +1,5 @@
 from speckv.v1 import common_pb2 as _common_pb2
+from speckv.v1 import decoder_pb2 as _decoder_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -85,7 +86,7 @@ class FeatureRow(_message.Message):
     def __init__(self, routing_key: _Optional[str] = ..., step: _Optional[int] = ..., signals: _Optional[_Union[_common_pb2.DraftSignals, _Mapping]] = ..., compression: _Optional[_Union[_common_pb2.Compression, str]] = ...) -> None: ...
 
 class DecideRequest(_message.Message):
-    __slots__ = ("request_id", "rows", "window", "gamma_candidates", "objective", "timing", "model")
+    __slots__ = ("request_id", "rows", "window", "gamma_candidates", "objective", "timing", "model", "outcomes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +94,7 @@ class DecideRequest(_message.Message):
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     rows: _containers.RepeatedCompositeFieldContainer[FeatureRow]
     window: _common_pb2.DecisionWindow
@@ -100,7 +102,40 @@ class DecideRequest(_message.Message):
     objective: _common_pb2.Objective
     timing: StepTiming
     model: _common_pb2.ModelSelector
-    def __init__(self, request_id: _Optional[int] = ..., rows: _Optional[_Iterable[_Union[FeatureRow, _Mapping]]] = ..., window: _Optional[_Union[_common_pb2.DecisionWindow, str]] = ..., gamma_candidates: _Optional[_Iterable[int]] = ..., objective: _Optional[_Union[_common_pb2.Objective, str]] = ..., timing: _Optional[_Union[StepTiming, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelSelector, _Mapping]] = ...) -> None: ...
+    outcomes: _containers.RepeatedCompositeFieldContainer[StepOutcome]
+    def __init__(self, request_id: _Optional[int] = ..., rows: _Optional[_Iterable[_Union[FeatureRow, _Mapping]]] = ..., window: _Optional[_Union[_common_pb2.DecisionWindow, str]] = ..., gamma_candidates: _Optional[_Iterable[int]] = ..., objective: _Optional[_Union[_common_pb2.Objective, str]] = ..., timing: _Optional[_Union[StepTiming, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelSelector, _Mapping]] = ..., outcomes: _Optional[_Iterable[_Union[StepOutcome, _Mapping]]] = ...) -> None: ...
+
+class StepOutcome(_message.Message):
+    __slots__ = ("routing_key", "step", "source", "model_name", "model_version", "arm", "decision_step", "drafted", "accepted", "tokens", "draft_seconds", "verify_seconds", "sequence_end", "compression")
+    ROUTING_KEY_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    DECISION_STEP_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_END_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    routing_key: str
+    step: int
+    source: _decoder_pb2.DecisionSource
+    model_name: str
+    model_version: int
+    arm: str
+    decision_step: int
+    drafted: int
+    accepted: int
+    tokens: int
+    draft_seconds: float
+    verify_seconds: float
+    sequence_end: bool
+    compression: _common_pb2.Compression
+    def __init__(self, routing_key: _Optional[str] = ..., step: _Optional[int] = ..., source: _Optional[_Union[_decoder_pb2.DecisionSource, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., arm: _Optional[str] = ..., decision_step: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., tokens: _Optional[int] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., sequence_end: _Optional[bool] = ..., compression: _Optional[_Union[_common_pb2.Compression, str]] = ...) -> None: ...
 
 class CandidateScore(_message.Message):
     __slots__ = ("gamma", "predicted_acceptance", "score")
@@ -314,3 +349,101 @@ class SetRoutingResponse(_message.Message):
     ROUTING_FIELD_NUMBER: _ClassVar[int]
     routing: Routing
     def __init__(self, routing: _Optional[_Union[Routing, _Mapping]] = ...) -> None: ...
+
+class GetArmStatsRequest(_message.Message):
+    __slots__ = ("model_name", "window_seconds", "include_sequences")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    window_seconds: float
+    include_sequences: bool
+    def __init__(self, model_name: _Optional[str] = ..., window_seconds: _Optional[float] = ..., include_sequences: _Optional[bool] = ...) -> None: ...
+
+class SequenceOutcome(_message.Message):
+    __slots__ = ("routing_key", "steps", "drafted", "accepted", "tokens", "seconds", "ended")
+    ROUTING_KEY_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    routing_key: str
+    steps: int
+    drafted: int
+    accepted: int
+    tokens: int
+    seconds: float
+    ended: bool
+    def __init__(self, routing_key: _Optional[str] = ..., steps: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., ended: _Optional[bool] = ...) -> None: ...
+
+class ArmStats(_message.Message):
+    __slots__ = ("model_name", "model_version", "arm", "sequences", "steps", "drafted", "accepted", "tokens", "draft_seconds", "verify_seconds", "sequence_outcomes")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: int
+    arm: str
+    sequences: int
+    steps: int
+    drafted: int
+    accepted: int
+    tokens: int
+    draft_seconds: float
+    verify_seconds: float
+    sequence_outcomes: _containers.RepeatedCompositeFieldContainer[SequenceOutcome]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., arm: _Optional[str] = ..., sequences: _Optional[int] = ..., steps: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., tokens: _Optional[int] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., sequence_outcomes: _Optional[_Iterable[_Union[SequenceOutcome, _Mapping]]] = ...) -> None: ...
+
+class ShadowCalibration(_message.Message):
+    __slots__ = ("model_name", "model_version", "steps", "mean_predicted_acceptance", "mean_realised_acceptance", "mean_absolute_error")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_PREDICTED_ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_REALISED_ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABSOLUTE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: int
+    steps: int
+    mean_predicted_acceptance: float
+    mean_realised_acceptance: float
+    mean_absolute_error: float
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., steps: _Optional[int] = ..., mean_predicted_acceptance: _Optional[float] = ..., mean_realised_acceptance: _Optional[float] = ..., mean_absolute_error: _Optional[float] = ...) -> None: ...
+
+class GetArmStatsResponse(_message.Message):
+    __slots__ = ("arms", "shadows", "fallback_steps", "local_steps", "rejected_outcomes", "seconds_since_reset", "replica")
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    SHADOWS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_RESET_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    arms: _containers.RepeatedCompositeFieldContainer[ArmStats]
+    shadows: _containers.RepeatedCompositeFieldContainer[ShadowCalibration]
+    fallback_steps: int
+    local_steps: int
+    rejected_outcomes: int
+    seconds_since_reset: float
+    replica: str
+    def __init__(self, arms: _Optional[_Iterable[_Union[ArmStats, _Mapping]]] = ..., shadows: _Optional[_Iterable[_Union[ShadowCalibration, _Mapping]]] = ..., fallback_steps: _Optional[int] = ..., local_steps: _Optional[int] = ..., rejected_outcomes: _Optional[int] = ..., seconds_since_reset: _Optional[float] = ..., replica: _Optional[str] = ...) -> None: ...
+
+class ResetArmStatsRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class ResetArmStatsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

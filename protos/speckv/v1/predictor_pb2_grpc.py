@@ -75,6 +75,16 @@ class PredictorServiceStub:
                 request_serializer=speckv_dot_v1_dot_predictor__pb2.SetRoutingRequest.SerializeToString,
                 response_deserializer=speckv_dot_v1_dot_predictor__pb2.SetRoutingResponse.FromString,
                 _registered_method=True)
+        self.GetArmStats = channel.unary_unary(
+                '/speckv.v1.PredictorService/GetArmStats',
+                request_serializer=speckv_dot_v1_dot_predictor__pb2.GetArmStatsRequest.SerializeToString,
+                response_deserializer=speckv_dot_v1_dot_predictor__pb2.GetArmStatsResponse.FromString,
+                _registered_method=True)
+        self.ResetArmStats = channel.unary_unary(
+                '/speckv.v1.PredictorService/ResetArmStats',
+                request_serializer=speckv_dot_v1_dot_predictor__pb2.ResetArmStatsRequest.SerializeToString,
+                response_deserializer=speckv_dot_v1_dot_predictor__pb2.ResetArmStatsResponse.FromString,
+                _registered_method=True)
 
 
 class PredictorServiceServicer:
@@ -134,6 +144,21 @@ class PredictorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetArmStats(self, request, context):
+        """What each arm's decisions produced, from the StepOutcomes workers report on
+        the Decide stream (docs/design.md, "Outcomes and A/B tests"). Per replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetArmStats(self, request, context):
+        """Admin: start the "since reset" counts afresh.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PredictorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +201,16 @@ def add_PredictorServiceServicer_to_server(servicer, server):
                     servicer.SetRouting,
                     request_deserializer=speckv_dot_v1_dot_predictor__pb2.SetRoutingRequest.FromString,
                     response_serializer=speckv_dot_v1_dot_predictor__pb2.SetRoutingResponse.SerializeToString,
+            ),
+            'GetArmStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetArmStats,
+                    request_deserializer=speckv_dot_v1_dot_predictor__pb2.GetArmStatsRequest.FromString,
+                    response_serializer=speckv_dot_v1_dot_predictor__pb2.GetArmStatsResponse.SerializeToString,
+            ),
+            'ResetArmStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetArmStats,
+                    request_deserializer=speckv_dot_v1_dot_predictor__pb2.ResetArmStatsRequest.FromString,
+                    response_serializer=speckv_dot_v1_dot_predictor__pb2.ResetArmStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +430,60 @@ class PredictorService:
             '/speckv.v1.PredictorService/SetRouting',
             speckv_dot_v1_dot_predictor__pb2.SetRoutingRequest.SerializeToString,
             speckv_dot_v1_dot_predictor__pb2.SetRoutingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArmStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speckv.v1.PredictorService/GetArmStats',
+            speckv_dot_v1_dot_predictor__pb2.GetArmStatsRequest.SerializeToString,
+            speckv_dot_v1_dot_predictor__pb2.GetArmStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetArmStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speckv.v1.PredictorService/ResetArmStats',
+            speckv_dot_v1_dot_predictor__pb2.ResetArmStatsRequest.SerializeToString,
+            speckv_dot_v1_dot_predictor__pb2.ResetArmStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
