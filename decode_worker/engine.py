@@ -24,7 +24,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 import torch
-from speckv_client.types import DraftSignals
+from speckv_client.types import Compression, DraftSignals, StepOutcome
 from transformers import DynamicCache
 
 from decode_worker.config import EngineConfig
@@ -180,6 +180,30 @@ class GenerationResult:
     @property
     def tokens_per_second(self) -> float:
         return len(self.token_ids) / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+
+def step_outcome(
+    request_id: str, compression: str, r: StepResult, finish: FinishReason | None
+) -> StepOutcome:
+    """The outcome a policy sees (and the remote policy reports) for one step."""
+    d = r.decision
+    remote = d.source == DecisionSource.REMOTE
+    return StepOutcome(
+        routing_key=request_id,
+        step=r.step,
+        source=d.source,
+        drafted=r.gamma,
+        accepted=r.accepted,
+        tokens=len(r.token_ids),
+        draft_seconds=r.draft_seconds,
+        verify_seconds=r.verify_seconds,
+        compression=Compression(compression),
+        model_name=d.model_name if remote else "",
+        model_version=d.model_version if remote else 0,
+        arm=d.arm if remote else "",
+        decision_step=d.decision_step if remote else 0,
+        sequence_end=finish is not None,
+    )
 
 
 class SpeculativeEngine:
@@ -501,6 +525,7 @@ class GenerationRun:
                     target_cache_len=t_cache.get_seq_length(),
                 )
                 self.stats.observe(result)
+                seq_policy.finished(step_outcome(self.request_id, pair.compression, result, finish))
                 if self.recorder is not None and signals is not None:
                     self.recorder.write(
                         StepRecord(

@@ -10,6 +10,9 @@ A `GammaPolicy` is shared by the worker; `start` gives each sequence its own
                                    end drafting and say how many tokens to verify
     drafted(step, gamma, signals)  as soon as drafting ends, before the target verifies
     verified(step, gamma, accepted)
+    finished(outcome)              the step's outcome (tokens produced, timings, the
+                                   decision that decided it); `outcome.sequence_end` on
+                                   the last step
 
 The remote policy (remote_policy.py) uses `drafted` to send step t's signals early so the
 answer for step t+1 arrives while the target is busy.
@@ -21,21 +24,16 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
 
-from speckv_client.types import DraftSignals
+from speckv_client.types import DecisionSource, DraftSignals, StepOutcome
+
+# DecisionSource is defined once, in speckv_client.types (re-exported here).
 
 HEURISTIC_INITIAL_GAMMA = 4
 
 
 class PolicyError(ValueError):
     """An unknown or malformed policy spec; the message lists the valid forms."""
-
-
-class DecisionSource(str, Enum):
-    REMOTE = "remote"
-    FALLBACK = "fallback"
-    LOCAL = "local"
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,8 @@ class GammaDecision:
     arm: str = ""
     # Time the step loop spent waiting for this decision.
     wait_seconds: float = 0.0
+    # The step the remote decision was made for (a draft plan decides many steps).
+    decision_step: int = 0
 
     @property
     def model_key(self) -> str:
@@ -87,6 +87,10 @@ class SequencePolicy(ABC):
 
     def verified(self, step: int, gamma: int, accepted: int) -> None:  # noqa: B027
         """The target verified `step`: `accepted` of `gamma` drafted tokens were kept."""
+
+    def finished(self, outcome: StepOutcome) -> None:  # noqa: B027
+        """What the step produced (the remote policy reports it to the predictor so an A/B
+        test measures every arm; docs/design.md, "Outcomes and A/B tests")."""
 
     def close(self) -> None:  # noqa: B027
         """The sequence ended; drop anything in flight."""
