@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,15 +113,6 @@ def prepare(config: DemoConfig) -> tuple[Path, Path, Path]:
     return pair, repo, staging / MODEL / "2"
 
 
-def publish(version_dir: Path, repo: Path) -> Path:
-    """Copy a finished version into the served repository atomically (copy, then rename)."""
-    dest = repo / MODEL / version_dir.name
-    tmp = repo / MODEL / f".tmp-{version_dir.name}-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(version_dir, tmp)
-    tmp.rename(dest)
-    return dest
-
-
 def table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
@@ -158,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ServiceProcess,
         format_pair_fingerprint,
         pair_fingerprint,
+        publish_version,
         start_predictor,
+        start_worker,
     )
 
     log(format_pair_fingerprint(pair_fingerprint(pair / "draft", pair / "target")))
@@ -183,28 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker: ServiceProcess | None = None
     failures: list[str] = []
     try:
-        worker = ServiceProcess(
-            "speckv-worker",
-            [
-                BIN / "speckv-worker",
-                "serve",
-                "--draft",
-                pair / "draft",
-                "--target",
-                pair / "target",
-                "--compression",
-                config.compression,
-                "--device",
-                "cpu",
-                "--predictor",
-                predictor.address,
-                "--policy",
-                "remote",
-                "--port",
-                "0",
-                "--shutdown-grace-s",
-                "2",
-            ],
+        worker = start_worker(
+            pair,
+            predictor.address,
+            compression=config.compression,
+            shutdown_grace_s=2.0,
             log_path=logs / "worker.log",
         )
         log(
@@ -277,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         runner = threading.Thread(target=long_generation)
         runner.start()
-        published = publish(staged_v2, repo)
+        published = publish_version(staged_v2, repo, MODEL)
         log(f"published {published.relative_to(config.cache)}; loading it")
         loaded = pc.load_model(MODEL, 2)
         log(f"{MODEL} v{loaded.version}: {loaded.state.value}")

@@ -8,11 +8,13 @@ blocks on a full pipe, and stops the child with SIGTERM (SIGKILL after a grace).
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -105,6 +107,40 @@ def start_predictor(
     return ServiceProcess(
         "speckv-predictor", [*cmd, *extra_args], log_path=log_path, timeout_s=timeout_s
     )
+
+
+def start_worker(
+    pair: Path,
+    predictor: str,
+    *,
+    compression: str = "fp16",
+    policy: str = "remote",
+    threads: int | None = None,
+    shutdown_grace_s: float = 5.0,
+    extra_args: Sequence[str | Path] = (),
+    log_path: Path | None = None,
+    timeout_s: float = 180.0,
+) -> ServiceProcess:
+    """`speckv-worker serve` on the pair at `pair` (draft/, target/), on loopback, CPU."""
+    cmd: list[str | Path] = [BIN / "speckv-worker", "serve", "--draft", pair / "draft"]
+    cmd += ["--target", pair / "target", "--compression", compression, "--device", "cpu"]
+    cmd += ["--predictor", predictor, "--policy", policy, "--port", "0"]
+    cmd += ["--shutdown-grace-s", str(shutdown_grace_s)]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    return ServiceProcess(
+        "speckv-worker", [*cmd, *extra_args], log_path=log_path, timeout_s=timeout_s
+    )
+
+
+def publish_version(version_dir: Path, repo: Path, model: str) -> Path:
+    """Copy a finished version into a served repository atomically (copy, then rename), as
+    a CI job publishes next to a running server; returns the published folder."""
+    dest = repo / model / version_dir.name
+    tmp = repo / model / f".tmp-{version_dir.name}-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(version_dir, tmp)
+    tmp.rename(dest)
+    return dest
 
 
 def pair_fingerprint(draft: str | Path, target: str | Path) -> dict[str, object]:
