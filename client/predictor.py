@@ -1,9 +1,9 @@
 """Typed sync client for `speckv.v1.PredictorService`.
 
 Every unary call has a deadline; the read-only ones (Predict, ListModels, GetModel,
-GetRouting) are retried on UNAVAILABLE by gRPC itself through the channel's service
-config. Admin calls (LoadModel, UnloadModel, SetRouting) carry the admin token and
-are never retried: the caller sees exactly what happened.
+GetRouting, GetArmStats) are retried on UNAVAILABLE by gRPC itself through the channel's
+service config. Admin calls (LoadModel, UnloadModel, SetRouting, ResetArmStats) carry the
+admin token and are never retried: the caller sees exactly what happened.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from speckv_client.errors import (
     from_rpc_error,
 )
 from speckv_client.types import (
+    ArmStatsReport,
     DecideBatch,
     Decision,
     ModelInfo,
@@ -35,7 +36,7 @@ from speckv_client.types import (
 )
 
 SERVICE = "speckv.v1.PredictorService"
-IDEMPOTENT_METHODS = ("Predict", "ListModels", "GetModel", "GetRouting")
+IDEMPOTENT_METHODS = ("Predict", "ListModels", "GetModel", "GetRouting", "GetArmStats")
 STABLE_ALIAS = "stable"
 
 _T = TypeVar("_T")
@@ -159,6 +160,37 @@ class PredictorClient:
             )
         )
         return convert.routing_from_pb(response.routing)
+
+    # --- outcomes and arm statistics (one replica per call) ---
+
+    def arm_stats(
+        self, model_name: str = "", window_seconds: float = 0.0, include_sequences: bool = True
+    ) -> ArmStatsReport:
+        """What each arm's decisions produced, as counted by the ONE replica that answers.
+
+        `model_name` "" = every model; `window_seconds` 0 = since the last reset, else only
+        sequences with an outcome in the last that-many seconds; `include_sequences` fills
+        each arm's per-sequence totals (at most --arm-stats-max-sequences, the most recent).
+        `report.replica` names the replica (hostname:pid:port): to cover a Service with
+        several replicas, call each address and sum (docs/predictor.md).
+        """
+        request = predictor_pb2.GetArmStatsRequest(
+            model_name=model_name,
+            window_seconds=window_seconds,
+            include_sequences=include_sequences,
+        )
+        response = self._call(lambda: self._stub.GetArmStats(request, timeout=self.timeout_s))
+        return convert.arm_stats_from_pb(response)
+
+    def reset_arm_stats(self, model_name: str = "") -> None:
+        """Admin: start this replica's since-reset counts afresh ("" = every model)."""
+        self._call(
+            lambda: self._stub.ResetArmStats(
+                predictor_pb2.ResetArmStatsRequest(model_name=model_name),
+                timeout=self.timeout_s,
+                metadata=self._admin_metadata,
+            )
+        )
 
     # --- admin ---
 

@@ -11,7 +11,9 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 SERVICE = "speckv.v1.PredictorService"
-ADMIN_METHODS = frozenset(f"/{SERVICE}/{m}" for m in ("LoadModel", "UnloadModel", "SetRouting"))
+ADMIN_METHODS = frozenset(
+    f"/{SERVICE}/{m}" for m in ("LoadModel", "UnloadModel", "SetRouting", "ResetArmStats")
+)
 
 
 class AdminTokenInterceptor(grpc.aio.ServerInterceptor):

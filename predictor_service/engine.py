@@ -168,6 +168,9 @@ class DecideResult:
     table_model: str
     # The draft_plan window's answers, one per row (choice.gamma is each plan's max_gamma).
     plans: list[DraftPlan] | None = None
+    # The rows' routing keys and steps (what a shadow's predictions are remembered by).
+    keys: Sequence[str] = ()
+    steps: Sequence[int] = ()
 
 
 def check_choice(choice: Choice, timing: StepTiming | None) -> None:
@@ -491,6 +494,8 @@ class PredictorEngine:
             objective=resolved,
             timing=inp.timing,
             table_model=table.model,
+            keys=inp.keys,
+            steps=inp.steps,
         )
 
     def _decide_plans(
@@ -539,11 +544,12 @@ class PredictorEngine:
     def _record(self, model: str, g: Group, gammas: np.ndarray, seconds: float) -> None:
         self.metrics.record_decisions(model, g.version.version, g.arm, gammas, seconds)
 
-    def score_shadow(self, result: DecideResult) -> None:
-        """Score the shadow version on the rows just answered; only metrics see the result."""
+    def score_shadow(self, result: DecideResult) -> Choice | None:
+        """Score the shadow version on the rows just answered; only metrics and the shadow's
+        calibration (outcomes.py) see the result, which is returned for the latter."""
         shadow = result.shadow
         if shadow is None:
-            return
+            return None
         c = decide(
             shadow.predict,
             result.signals,
@@ -557,6 +563,7 @@ class PredictorEngine:
         self.metrics.record_shadow(
             result.table_model, shadow.version, int(c.gamma.shape[0]), disagree, diff
         )
+        return c
 
     def predict(
         self, sel: Selector, routing_key: str, rows: Sequence[Sequence[float]]

@@ -6,8 +6,20 @@ test process and each reports only its own traffic.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    generate_latest,
+)
+
+if TYPE_CHECKING:
+    from predictor_service.outcomes import RecordSummary
 
 ArmKey = tuple[str, int, str]
 
@@ -31,6 +43,19 @@ class ArmMetrics:
         if child is None:
             child = self._gamma[value] = self._gamma_metric.labels(*self.labels, str(value))
         return child
+
+
+class ArmOutcomeMetrics:
+    """The outcome counters' children of one (model, version, arm), resolved once."""
+
+    def __init__(self, metrics: PredictorMetrics, model: str, version: int, arm: str) -> None:
+        labels = (model, str(version), arm)
+        self.steps = metrics.arm_outcome_steps.labels(*labels)
+        self.drafted = metrics.arm_outcome_drafted.labels(*labels)
+        self.accepted = metrics.arm_outcome_accepted.labels(*labels)
+        self.tokens = metrics.arm_outcome_tokens.labels(*labels)
+        self.seconds = metrics.arm_outcome_seconds.labels(*labels)
+        self.sequences = metrics.arm_outcome_sequences.labels(*labels)
 
 
 PREFIX = "speckv_predictor"
@@ -122,10 +147,94 @@ class PredictorMetrics:
             registry=r,
         )
         self.open_streams = Gauge(f"{PREFIX}_open_streams", "Open Decide streams", registry=r)
+        # Outcomes workers report for decided steps (docs/predictor.md, "Outcomes and arm
+        # statistics"); never reset (ResetArmStats resets GetArmStats only).
+        self.arm_outcome_steps = Counter(
+            f"{PREFIX}_arm_outcome_steps",
+            "Steps an arm decided whose outcome a worker reported (REMOTE outcomes only)",
+            mva,
+            registry=r,
+        )
+        self.arm_outcome_drafted = Counter(
+            f"{PREFIX}_arm_outcome_drafted_tokens",
+            "Tokens drafted and verified in the steps an arm decided",
+            mva,
+            registry=r,
+        )
+        self.arm_outcome_accepted = Counter(
+            f"{PREFIX}_arm_outcome_accepted_tokens",
+            "Drafted tokens the target accepted in the steps an arm decided",
+            mva,
+            registry=r,
+        )
+        self.arm_outcome_tokens = Counter(
+            f"{PREFIX}_arm_outcome_tokens",
+            "Tokens produced by the steps an arm decided (accepted + 1 per step, fewer at a stop)",
+            mva,
+            registry=r,
+        )
+        self.arm_outcome_seconds = Counter(
+            f"{PREFIX}_arm_outcome_step_seconds",
+            "Draft plus verify seconds of the steps an arm decided (tokens / this = tokens/s)",
+            mva,
+            registry=r,
+        )
+        self.arm_outcome_sequences = Counter(
+            f"{PREFIX}_arm_outcome_sequences",
+            "Sequences with a first reported outcome for an arm",
+            mva,
+            registry=r,
+        )
+        self.outcomes_unattributed = Counter(
+            f"{PREFIX}_outcomes_unattributed",
+            "Reported steps no arm decided (fallback or local gamma), never credited to an arm",
+            ["source"],
+            registry=r,
+        )
+        self.outcomes_rejected = Counter(
+            f"{PREFIX}_outcomes_rejected",
+            "Reported step outcomes refused: invalid (malformed) or unknown_arm (an arm this "
+            "server never served)",
+            ["reason"],
+            registry=r,
+        )
+        self.shadow_calibration_steps = Counter(
+            f"{PREFIX}_shadow_calibration_steps",
+            "Shadowed steps whose outcome was compared with the shadow's prediction",
+            ["model", "version"],
+            registry=r,
+        )
+        self.shadow_calibration_abs_error = Summary(
+            f"{PREFIX}_shadow_calibration_abs_error",
+            "|shadow predicted - realised acceptance| at the drafted gamma, per shadowed step",
+            ["model", "version"],
+            registry=r,
+        )
+        self.shadow_calibration_predicted = Summary(
+            f"{PREFIX}_shadow_calibration_predicted_acceptance",
+            "The shadow's predicted acceptance at the drafted gamma, per shadowed step",
+            ["model", "version"],
+            registry=r,
+        )
+        self.shadow_calibration_realised = Summary(
+            f"{PREFIX}_shadow_calibration_realised_acceptance",
+            "Realised acceptance (accepted / drafted), per shadowed step",
+            ["model", "version"],
+            registry=r,
+        )
+        self._unattributed = {
+            "fallback": self.outcomes_unattributed.labels("fallback"),
+            "local": self.outcomes_unattributed.labels("local"),
+        }
+        # Both reasons exist from the start (0), so an alert on their rate has a series.
+        self._rejected = {
+            reason: self.outcomes_rejected.labels(reason) for reason in ("invalid", "unknown_arm")
+        }
         # Hot-path children, resolved once (see ArmMetrics).
         self.decide_messages = self.messages.labels("Decide")
         self.decide_batch_rows = self.batch_rows.labels("Decide")
         self._arms: dict[ArmKey, ArmMetrics] = {}
+        self._outcome_arms: dict[ArmKey, ArmOutcomeMetrics] = {}
 
     def arm(self, model: str, version: int, arm: str) -> ArmMetrics:
         key = (model, version, arm)
@@ -133,6 +242,39 @@ class PredictorMetrics:
         if m is None:
             m = self._arms[key] = ArmMetrics(self, model, version, arm)
         return m
+
+    def has_arm(self, key: ArmKey) -> bool:
+        """Whether this server decided anything through (model, version, arm)."""
+        return key in self._arms
+
+    def record_outcomes(self, summary: RecordSummary) -> None:
+        """One Decide message's outcomes, already aggregated per arm by the tracker."""
+        for key, d in summary.arms.items():
+            m = self._outcome_arms.get(key)
+            if m is None:
+                m = self._outcome_arms[key] = ArmOutcomeMetrics(self, *key)
+            m.steps.inc(d.steps)
+            m.drafted.inc(d.drafted)
+            m.accepted.inc(d.accepted)
+            m.tokens.inc(d.tokens)
+            m.seconds.inc(d.seconds)
+            if d.sequences:
+                m.sequences.inc(d.sequences)
+        if summary.fallback:
+            self._unattributed["fallback"].inc(summary.fallback)
+        if summary.local:
+            self._unattributed["local"].inc(summary.local)
+        for reason, n in summary.rejected.items():
+            child = self._rejected.get(reason)
+            if child is None:
+                child = self._rejected[reason] = self.outcomes_rejected.labels(reason)
+            child.inc(n)
+        for model, version, predicted, realised in summary.shadow:
+            labels = (model, str(version))
+            self.shadow_calibration_steps.labels(*labels).inc()
+            self.shadow_calibration_abs_error.labels(*labels).observe(abs(predicted - realised))
+            self.shadow_calibration_predicted.labels(*labels).observe(predicted)
+            self.shadow_calibration_realised.labels(*labels).observe(realised)
 
     def record_decisions(
         self, model: str, version: int, arm: str, gammas: np.ndarray, seconds: float

@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--admin-token",
         default=os.environ.get("SPECKV_ADMIN_TOKEN") or None,
-        help="bearer token the admin calls (LoadModel, UnloadModel, SetRouting) need; "
+        help="bearer token the admin calls (LoadModel, UnloadModel, SetRouting, "
+        "ResetArmStats) need; "
         "default: $SPECKV_ADMIN_TOKEN; unset = admin calls are open",
     )
     p.add_argument(
@@ -102,6 +103,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1024,
         help="open Decide streams allowed; more are refused (RESOURCE_EXHAUSTED), health never",
     )
+    p.add_argument(
+        "--arm-stats-max-sequences",
+        type=flags.int_range(0, 1 << 24),
+        default=20_000,
+        help="per-sequence records kept per arm for GetArmStats (the oldest are dropped from "
+        "the list; since-reset totals keep counting them)",
+    )
+    p.add_argument(
+        "--max-outcomes-per-message",
+        type=flags.int_range(1, 1 << 20),
+        default=4096,
+        help="step outcomes one Decide message may carry; more: that message is refused "
+        "(RESOURCE_EXHAUSTED, field outcomes)",
+    )
 
 
 class JsonFormatter(logging.Formatter):
@@ -147,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         max_routing_key_bytes=args.max_routing_key_bytes,
         max_decide_streams=args.max_decide_streams,
+        arm_stats_max_sequences=args.arm_stats_max_sequences,
+        max_outcomes_per_message=args.max_outcomes_per_message,
     )
     try:
         config.check()

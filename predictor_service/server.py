@@ -26,8 +26,9 @@ from speckv.v1 import predictor_pb2_grpc as pb_grpc
 from predictor_service.auth import SERVICE, AdminTokenInterceptor
 from predictor_service.engine import EngineConfig, PredictorEngine
 from predictor_service.metrics import PredictorMetrics
+from predictor_service.outcomes import OutcomeConfig
 from predictor_service.router import read_routing_file
-from predictor_service.servicer import PredictorServicer
+from predictor_service.servicer import PredictorServicer, default_replica
 from predictor_service.wire import (
     MAX_MESSAGE_BYTES,
     MAX_NAME_BYTES,
@@ -66,6 +67,9 @@ class ServerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_routing_key_bytes: int = MAX_ROUTING_KEY_BYTES
     max_decide_streams: int = 1024
+    # Outcomes and arm statistics (docs/predictor.md, "Outcomes and arm statistics").
+    arm_stats_max_sequences: int = 20_000
+    max_outcomes_per_message: int = 4096
     switch_interval_s: float | None = 0.0005
 
     def engine_config(self) -> EngineConfig:
@@ -85,12 +89,23 @@ class ServerConfig:
             max_decide_streams=self.max_decide_streams,
         )
 
+    def outcome_config(self) -> OutcomeConfig:
+        return OutcomeConfig(
+            max_sequences=self.arm_stats_max_sequences,
+            max_outcomes_per_message=self.max_outcomes_per_message,
+            max_routing_key_bytes=self.max_routing_key_bytes,
+            max_name_bytes=MAX_NAME_BYTES,
+            max_gamma=self.max_gamma,
+        )
+
     def check(self) -> None:
         """Refuse configurations that cannot work, with the flag to fix."""
         for flag, value, low, high in (
             ("--max-message-bytes", self.max_message_bytes, 1024, 1 << 30),
             ("--max-routing-key-bytes", self.max_routing_key_bytes, 1, 1 << 20),
             ("--max-decide-streams", self.max_decide_streams, 1, 1 << 20),
+            ("--arm-stats-max-sequences", self.arm_stats_max_sequences, 0, 1 << 24),
+            ("--max-outcomes-per-message", self.max_outcomes_per_message, 1, 1 << 20),
         ):
             if not low <= value <= high:
                 raise ValueError(f"{flag} must be in [{low}, {high}], got {value}")
@@ -173,7 +188,7 @@ class PredictorServer:
         self.config = config
         self.metrics = PredictorMetrics()
         self.engine = PredictorEngine(config.engine_config(), self.metrics)
-        self.servicer = PredictorServicer(self.engine, config.limits())
+        self.servicer = PredictorServicer(self.engine, config.limits(), config.outcome_config())
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -222,6 +237,7 @@ class PredictorServer:
             self.port = server.add_insecure_port(target)
         if self.port == 0:
             raise OSError(f"cannot bind {target}; is the port in use?")
+        self.servicer.replica = default_replica(self.port)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server

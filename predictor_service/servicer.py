@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -18,7 +21,8 @@ from speckv.draft_plan import WINDOW_DRAFT_PLAN
 from speckv.v1 import common_pb2 as cpb
 from speckv.v1 import predictor_pb2 as pb
 from speckv.v1 import predictor_pb2_grpc as pb_grpc
-from speckv_client.convert import plan_to_pb
+from speckv_client.convert import outcome_from_pb, plan_to_pb
+from speckv_client.types import ArmStatsReport
 
 from predictor_service.decisions import Objective, StepTiming
 from predictor_service.engine import (
@@ -32,12 +36,19 @@ from predictor_service.engine import (
     VersionState,
     VersionStatus,
 )
+from predictor_service.outcomes import ArmKey, ArmStatsTracker, OutcomeConfig
 from predictor_service.router import Routing
 from predictor_service.wire import BadMessage, StreamLimits, check_selector, check_strings
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# How many cells (rows x candidates) one reported outcome weighs when choosing the lane:
+# a message whose cells plus OUTCOME_CELLS x outcomes exceed big_message_cells runs on the
+# big-message lane, off the event loop (measured: docs/predictor.md, "Outcomes and arm
+# statistics").
+OUTCOME_CELLS = 4
 
 WINDOWS = {
     cpb.DECISION_WINDOW_SAME_STEP: "same_step",
@@ -250,6 +261,61 @@ def model_to_pb(v: ModelView) -> pb.ModelInfo:
     return info
 
 
+def arm_stats_to_pb(r: ArmStatsReport) -> pb.GetArmStatsResponse:
+    return pb.GetArmStatsResponse(
+        arms=[
+            pb.ArmStats(
+                model_name=a.model_name,
+                model_version=a.model_version,
+                arm=a.arm,
+                sequences=a.sequences,
+                steps=a.steps,
+                drafted=a.drafted,
+                accepted=a.accepted,
+                tokens=a.tokens,
+                draft_seconds=a.draft_seconds,
+                verify_seconds=a.verify_seconds,
+                sequence_outcomes=[
+                    pb.SequenceOutcome(
+                        routing_key=q.routing_key,
+                        steps=q.steps,
+                        drafted=q.drafted,
+                        accepted=q.accepted,
+                        tokens=q.tokens,
+                        seconds=q.seconds,
+                        ended=q.ended,
+                    )
+                    for q in a.sequence_outcomes
+                ],
+            )
+            for a in r.arms
+        ],
+        shadows=[
+            pb.ShadowCalibration(
+                model_name=c.model_name,
+                model_version=c.model_version,
+                steps=c.steps,
+                mean_predicted_acceptance=c.mean_predicted_acceptance,
+                mean_realised_acceptance=c.mean_realised_acceptance,
+                mean_absolute_error=c.mean_absolute_error,
+            )
+            for c in r.shadows
+        ],
+        fallback_steps=r.fallback_steps,
+        local_steps=r.local_steps,
+        rejected_outcomes=r.rejected_outcomes,
+        seconds_since_reset=r.seconds_since_reset,
+        replica=r.replica,
+    )
+
+
+def default_replica(port: int = 0) -> str:
+    """This process's identity in GetArmStats: hostname:pid, plus :port when known (two
+    servers in one process, as in tests, are still told apart)."""
+    base = f"{socket.gethostname()}:{os.getpid()}"
+    return f"{base}:{port}" if port else base
+
+
 class DecideStream:
     """One open Decide stream; the lock keeps a drain notice from interleaving with a write."""
 
@@ -259,9 +325,17 @@ class DecideStream:
 
 
 class PredictorServicer(pb_grpc.PredictorServiceServicer):
-    def __init__(self, engine: PredictorEngine, limits: StreamLimits | None = None) -> None:
+    def __init__(
+        self,
+        engine: PredictorEngine,
+        limits: StreamLimits | None = None,
+        outcomes: OutcomeConfig | None = None,
+    ) -> None:
         self.engine = engine
         self.limits = limits or StreamLimits()
+        self.tracker = ArmStatsTracker(outcomes, arm_known=self.arm_known)
+        # Set by the server once its port is bound.
+        self.replica = default_replica()
         self.streams: set[DecideStream] = set()
         self.draining = False
         # Large messages are decided, built and serialised here, one at a time in arrival
@@ -296,7 +370,11 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
                 answer: pb.DecideResponse | bytes
                 if isinstance(req, BadMessage):
                     answer, result = self._refused(req.request_id, req.error, ""), None
-                elif len(req.rows) * max(1, len(req.gamma_candidates)) > big:
+                elif (
+                    len(req.rows) * max(1, len(req.gamma_candidates))
+                    + OUTCOME_CELLS * len(req.outcomes)
+                    > big
+                ):
                     answer, result = await loop.run_in_executor(
                         self.big_lane, self._decide_serialized, req
                     )
@@ -307,16 +385,71 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
                 if result is not None and result.shadow is not None:
                     try:
                         if isinstance(answer, bytes):  # a big message: off the loop too
-                            await loop.run_in_executor(
-                                self.big_lane, self.engine.score_shadow, result
-                            )
+                            await loop.run_in_executor(self.big_lane, self._shadow, result)
                         else:
-                            self.engine.score_shadow(result)
+                            self._shadow(result)
                     except Exception:
                         log.exception("shadow scoring failed (the answer was already sent)")
         finally:
             self.streams.discard(stream)
             metrics.open_streams.dec()
+
+    def _shadow(self, result: DecideResult) -> None:
+        """Score the shadow and remember its predictions until the steps' outcomes arrive."""
+        c = self.engine.score_shadow(result)
+        if c is None or result.shadow is None:
+            return
+        self.tracker.remember_shadow(
+            result.table_model,
+            result.shadow.version,
+            result.keys,
+            result.steps,
+            result.candidates,
+            c.acceptance.tolist(),
+        )
+
+    def arm_known(self, key: ArmKey) -> bool:
+        """May an outcome be credited to (model, version, arm)? Yes when this server decided
+        through it, or when the model's version is loaded and the arm is one its routing can
+        name (`pinned`, `v<N>`, a current alias): outcomes of a replica that restarted or of
+        a stream that moved here still count, while made-up names never become series."""
+        if self.engine.metrics.has_arm(key):
+            return True
+        model, version, arm = key
+        try:
+            table = self.engine.table(model)
+        except RequestError:
+            return False
+        if version not in table.versions:
+            return False
+        return arm in ("pinned", f"v{version}") or arm in table.aliases
+
+    def _take_outcomes(self, req: pb.DecideRequest) -> pb.DecideResponse | None:
+        """Count the outcomes a message carries; a refusal only when there are too many.
+
+        A malformed outcome is counted as rejected and dropped here, never an error for the
+        message: the rows beside it are decided as usual.
+        """
+        outcomes = req.outcomes
+        cap = self.tracker.config.max_outcomes_per_message
+        if len(outcomes) > cap:
+            return self._refused(
+                req.request_id,
+                RequestError(
+                    ErrorKind.RESOURCE_EXHAUSTED,
+                    "outcomes",
+                    f"has {len(outcomes)} outcomes; at most {cap} per message "
+                    "(--max-outcomes-per-message); send them over several messages "
+                    "(none of these were counted)",
+                ),
+                req.model.name,
+            )
+        try:
+            summary = self.tracker.record([outcome_from_pb(o) for o in outcomes])
+            self.engine.metrics.record_outcomes(summary)
+        except Exception:  # counting outcomes never costs the rows their decisions
+            log.exception("counting the outcomes of Decide request %d failed", req.request_id)
+        return None
 
     def _refused(self, request_id: int, e: RequestError, model: str) -> pb.DecideResponse:
         self.engine.metrics.errors.labels("Decide", e.kind.value, model).inc()
@@ -331,6 +464,12 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
     def _decide_one(self, req: pb.DecideRequest) -> tuple[pb.DecideResponse, DecideResult | None]:
         metrics = self.engine.metrics
         metrics.decide_messages.inc()
+        if req.outcomes:
+            refused = self._take_outcomes(req)
+            if refused is not None:
+                return refused, None
+            if not req.rows:  # outcomes only: an empty answer, no decisions, no error
+                return pb.DecideResponse(request_id=req.request_id, reconnect=self.draining), None
         metrics.decide_batch_rows.observe(len(req.rows))
         try:
             limits = self.limits
@@ -473,3 +612,59 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
             return pb.SetRoutingResponse(routing=routing_to_pb(r))
 
         return await self._unary(context, "SetRouting", run)
+
+    # ----- outcomes and arm statistics ---------------------------------------------------
+
+    def _check_model_name(self, name: str) -> None:
+        """'' (every model) or a model this server knows, else NOT_FOUND naming the choices."""
+        if not name:
+            return
+        limit = self.limits.max_name_bytes
+        if len(name) > limit // 4 and len(name.encode()) > limit:
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT,
+                "model_name",
+                f"is {len(name.encode())} bytes; at most {limit}",
+            )
+        known = [m.name for m in self.engine.models()]
+        if name not in known:
+            raise RequestError(
+                ErrorKind.NOT_FOUND,
+                "model_name",
+                f"unknown model {name!r}; this server has {known or 'no models'}",
+            )
+
+    async def GetArmStats(
+        self, request: pb.GetArmStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetArmStatsResponse:
+        async def run() -> pb.GetArmStatsResponse:
+            window = request.window_seconds
+            if not (math.isfinite(window) and window >= 0):
+                raise RequestError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "window_seconds",
+                    f"is {window}; send a finite number of seconds >= 0 (0 = since reset)",
+                )
+            self._check_model_name(request.model_name)
+
+            def build() -> pb.GetArmStatsResponse:
+                report = self.tracker.report(
+                    request.model_name, window, request.include_sequences, self.replica
+                )
+                return arm_stats_to_pb(report)
+
+            # Up to --arm-stats-max-sequences records per arm: built off the event loop.
+            return await asyncio.get_running_loop().run_in_executor(None, build)
+
+        return await self._unary(context, "GetArmStats", run)
+
+    async def ResetArmStats(
+        self, request: pb.ResetArmStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResetArmStatsResponse:
+        async def run() -> pb.ResetArmStatsResponse:
+            self._check_model_name(request.model_name)
+            self.tracker.reset(request.model_name)
+            log.info("arm statistics reset for %s", request.model_name or "every model")
+            return pb.ResetArmStatsResponse()
+
+        return await self._unary(context, "ResetArmStats", run)
