@@ -6,6 +6,11 @@ request_id and put on a queue that gRPC's request iterator drains; one reader th
 matches responses to futures by request_id. When the stream breaks, the futures in
 flight fail with `PredictorUnavailable` (the worker falls back to its own gamma) and a
 background thread opens a new stream with exponential backoff and jitter.
+
+Step outcomes (`report`) wait in a bounded outbox and ride on the next `submit`; a
+background flusher sends what no submit took within `outcome_flush_s` (at once when a
+sequence ended) as an outcomes-only message whose answer nobody waits for
+(docs/worker.md, "Outcome reporting").
 """
 
 from __future__ import annotations
@@ -16,16 +21,19 @@ import logging
 import queue
 import random
 import threading
+import time
+from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field, replace
 
 import grpc
 from speckv.v1 import predictor_pb2, predictor_pb2_grpc
 from speckv_client import convert
 from speckv_client.channel import ReconnectBackoff
 from speckv_client.errors import InvalidArgument, PredictorRequestError, PredictorUnavailable
-from speckv_client.types import DecideBatch, Decision
+from speckv_client.types import DecideBatch, Decision, StepOutcome
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,14 @@ A larger batch fails its own future with `InvalidArgument` before anything is se
 can never cost the other sequences on the shared stream their decisions.
 """
 _REQUEST_ID_BYTES = 11  # field 1 tag + a uint64 varint, set after the size check
+_OUTCOME_FIELD_BYTES = 4  # field 8 tag + the length varint of one StepOutcome (< 2 MiB)
+
+OUTCOME_FLUSH_S = 0.05
+"""How long a reported outcome waits for a `submit` to ride on before it is sent alone."""
+OUTBOX_LIMIT = 8192
+"""Outcomes queued at most; one more is dropped (and counted), so memory stays bounded."""
+MAX_OUTCOMES_PER_MESSAGE = 512
+"""Outcomes carried by one message at most (and never more than fit max_message_bytes)."""
 
 
 @dataclass
@@ -51,6 +67,39 @@ class DecisionStreamStats:
     unavailable: int = 0
     streams_opened: int = 0
     reconnect_requests: int = 0
+    # Step outcomes (`report`). Once nothing is queued or in flight:
+    # outcomes_reported == outcomes_sent + outcomes_dropped.
+    outcomes_reported: int = 0
+    # Put on the wire, piggybacked on a submit or in an outcomes-only message.
+    outcomes_sent: int = 0
+    # Never sent: reported for a stream that is no longer current (its replica did not
+    # make the decision's successor), queued on a stream that broke, the outbox full, the
+    # stream closed, or not encodable.
+    outcomes_dropped: int = 0
+    # Outcomes-only messages sent (piggybacked outcomes cost no message).
+    outcome_messages: int = 0
+    # Outcomes-only messages answered with an error (an old predictor refuses a message
+    # without rows) or lost with their stream before the answer.
+    outcome_errors: int = 0
+
+
+@dataclass(slots=True)
+class _Queued:
+    """One reported outcome in the outbox, encoded once when reported."""
+
+    stream: int  # the stream whose decision it reports; 0: any (fallback/local)
+    message: predictor_pb2.StepOutcome
+    size: int  # bytes it adds to a DecideRequest
+    at: float  # time.monotonic() when reported
+
+
+@dataclass(slots=True)
+class _Carrying:
+    """A message in flight that carries outcomes; `done` is set when its answer came."""
+
+    count: int
+    outcomes_only: bool
+    done: Future[bool] = field(default_factory=Future)
 
 
 class _Stream:
@@ -60,6 +109,12 @@ class _Stream:
         self.number = number
         self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.pending: dict[int, Future[list[Decision]]] = {}
+        # Messages carrying outcomes, by request_id (a subset of `pending`'s ids plus the
+        # outcomes-only ones, which have a future in `pending` too).
+        self.carrying: dict[int, _Carrying] = {}
+        # The server answered an outcomes-only message with an error (an old predictor):
+        # outcomes then ride only on submits, except when `flush` is asked for.
+        self.outcomes_refused = False
         self.draining = False
         self.answered = False
         self.ended = False
@@ -92,6 +147,11 @@ class DecisionStream:
       to a new stream at once; the old stream is half-closed when its last answer arrives.
     - There is no deadline on the stream itself (it is meant to live for hours); the
       caller bounds each decision with `future.result(timeout)` and falls back.
+    - Each Decision carries `stream`, the number of the stream (replica connection) that
+      answered. `report(outcome, stream=n)` queues a step's outcome for that stream; it
+      rides on the next `submit` on it, or goes alone after `outcome_flush_s` (at once for
+      `sequence_end`). An outcome for a stream that is no longer current is dropped and
+      counted (the replica that made the decision is not the one listening now).
     """
 
     def __init__(
@@ -102,8 +162,21 @@ class DecisionStream:
         backoff: ReconnectBackoff | None = None,
         seed: int | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        outcome_flush_s: float = OUTCOME_FLUSH_S,
+        outbox_limit: int = OUTBOX_LIMIT,
+        max_outcomes_per_message: int = MAX_OUTCOMES_PER_MESSAGE,
     ) -> None:
+        if not 0.0 < outcome_flush_s <= 60.0:
+            raise ValueError(f"outcome_flush_s must be in (0, 60] s, got {outcome_flush_s}")
+        if outbox_limit < 1 or max_outcomes_per_message < 1:
+            raise ValueError(
+                f"outbox_limit ({outbox_limit}) and max_outcomes_per_message "
+                f"({max_outcomes_per_message}) must be ≥ 1"
+            )
         self._max_message_bytes = max_message_bytes
+        self._outcome_flush_s = outcome_flush_s
+        self._outbox_limit = outbox_limit
+        self._max_outcomes = max_outcomes_per_message
         self._stub = predictor_pb2_grpc.PredictorServiceStub(channel)
         self._channel = channel
         self._target = target
@@ -111,6 +184,12 @@ class DecisionStream:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        # Wakes the outcome flusher: an outbox that became non-empty, a sequence end, a
+        # new stream, close.
+        self._flush_wake = threading.Condition(self._lock)
+        self._outbox: deque[_Queued] = deque()
+        self._flush_urgent = False
+        self._outcome_log_budget = 3
         self._closed_event = threading.Event()
         self._closed = False
         self._current: _Stream | None = None
@@ -131,6 +210,10 @@ class DecisionStream:
             target=self._connect_loop, name="speckv-decide-connect", daemon=True
         )
         self._connector.start()
+        self._flusher = threading.Thread(
+            target=self._flush_loop, name="speckv-decide-outcomes", daemon=True
+        )
+        self._flusher.start()
 
     # --- public ---
 
@@ -171,9 +254,65 @@ class DecisionStream:
                 return future
             request_id = next(self._ids)
             stream.pending[request_id] = future
-        request.request_id = request_id
-        stream.queue.put(request)
+            request.request_id = request_id
+            if self._outbox:
+                self._attach_locked(stream, request, self._max_message_bytes - size, False)
+            # Under the lock: outcomes reach the wire in the order they were reported.
+            stream.queue.put(request)
         return future
+
+    def report(self, outcome: StepOutcome, stream: int = 0) -> None:
+        """Queue one step's outcome; never blocks, never raises.
+
+        `stream` is the `Decision.stream` of the decision that decided the step (0 for a
+        fallback or local step: any stream may carry it). An outcome for a stream that is
+        not the current one is dropped and counted (`stats.outcomes_dropped`).
+        """
+        try:
+            message = convert.outcome_to_pb(outcome)
+            size = message.ByteSize() + _OUTCOME_FIELD_BYTES
+        except (KeyError, ValueError, TypeError) as exc:
+            with self._lock:
+                self.stats.outcomes_reported += 1
+                self.stats.outcomes_dropped += 1
+                self._log_outcome_problem(f"cannot encode StepOutcome: {exc!r}")
+            return
+        with self._lock:
+            self.stats.outcomes_reported += 1
+            current = self._current
+            if self._closed or (stream and (current is None or current.number != stream)):
+                self.stats.outcomes_dropped += 1
+                return
+            if len(self._outbox) >= self._outbox_limit:
+                self.stats.outcomes_dropped += 1
+                self._log_outcome_problem(
+                    f"outcome outbox full ({self._outbox_limit}); dropping outcomes"
+                )
+                return
+            self._outbox.append(_Queued(stream, message, size, time.monotonic()))
+            if outcome.sequence_end:
+                self._flush_urgent = True
+                self._flush_wake.notify()
+            elif len(self._outbox) == 1:  # the flusher times the oldest outcome
+                self._flush_wake.notify()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Send every queued outcome now and wait for the answers of every message in
+        flight that carries outcomes. True when all of them were answered without an
+        error within `timeout`; False otherwise (no stream, a refusal, a timeout)."""
+        waits: list[Future[bool]] = []
+        with self._lock:
+            stream = self._current
+            if stream is not None and not self._closed:
+                while self._outbox:
+                    self._send_outcomes_locked(stream)
+            sendable = not self._outbox
+            for s in self._streams:
+                waits.extend(c.done for c in s.carrying.values())
+        if not waits:
+            return sendable
+        done, not_done = wait_futures(waits, timeout=timeout)
+        return sendable and not not_done and all(f.result() for f in done)
 
     def decide(self, batch: DecideBatch, timeout_s: float) -> list[Decision]:
         """Blocking `submit(batch).result(timeout_s)`; a timeout is a PredictorUnavailable."""
@@ -186,15 +325,23 @@ class DecisionStream:
                 f"no decision from {self._target} within {timeout_s:g} s"
             ) from exc
 
-    def close(self) -> None:
-        """Stop reconnecting, cancel the open streams, fail what is still in flight."""
+    def close(self, flush_timeout_s: float = 2.0) -> None:
+        """Send queued outcomes (waiting at most `flush_timeout_s` for their answers), then
+        stop reconnecting, cancel the open streams and fail what is still in flight."""
+        if self._closed:
+            return
+        if flush_timeout_s > 0:
+            self.flush(flush_timeout_s)
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             streams = list(self._streams)
             self._current = None
+            self.stats.outcomes_dropped += len(self._outbox)
+            self._outbox.clear()
             self._wake.notify_all()
+            self._flush_wake.notify_all()
         self._closed_event.set()
         for stream in streams:
             stream.half_close()
@@ -202,6 +349,7 @@ class DecisionStream:
         for reader in list(self._readers):
             reader.join(timeout=2.0)
         self._connector.join(timeout=2.0)
+        self._flusher.join(timeout=2.0)
         with contextlib.suppress(ValueError):
             self._channel.unsubscribe(self._on_connectivity)
 
@@ -253,6 +401,8 @@ class DecisionStream:
             self._readers = [r for r in self._readers if r.is_alive()]
             self._readers.append(reader)
             self.stats.streams_opened += 1
+            self._purge_locked(keep=number)
+            self._flush_wake.notify()
         log.debug("decide stream %d to %s opened", number, self._target)
         reader.start()
         return True
@@ -270,11 +420,26 @@ class DecisionStream:
 
     def _on_response(self, stream: _Stream, response: predictor_pb2.DecideResponse) -> None:
         close_now = False
+        refused = response.HasField("error")
         with self._lock:
             future = stream.pending.pop(response.request_id, None)
             if future is not None and not stream.answered:
                 stream.answered = True
                 self._failures = 0
+            carrying = stream.carrying.pop(response.request_id, None)
+            if carrying is not None and carrying.outcomes_only and refused:
+                self.stats.outcome_errors += 1
+                if not stream.outcomes_refused:
+                    stream.outcomes_refused = True
+                    err = response.error
+                    log.info(
+                        "predictor %s refused an outcomes-only message (%s %s: %s); "
+                        "outcomes ride on decision requests only on this stream",
+                        self._target,
+                        convert.error_code_name(err.code),
+                        err.field,
+                        err.message,
+                    )
             if response.reconnect and not stream.draining:
                 stream.draining = True
                 self.stats.reconnect_requests += 1
@@ -287,10 +452,21 @@ class DecisionStream:
                     else:
                         self._failures += 1
                     self._wake.notify_all()
+                    # The draining replica made these decisions and still listens: send
+                    # their outcomes to it before the stream half-closes.
+                    if not stream.outcomes_refused:
+                        while self._outbox:
+                            self._send_outcomes_locked(stream)
+                    self._purge_locked(keep=0)
             close_now = stream.draining and not stream.pending
+        if carrying is not None:
+            # A refused decision request still delivered its piggybacked outcomes (the
+            # predictor takes them whatever it answers the rows); only a refused
+            # outcomes-only message means they were not taken.
+            _resolve_done(carrying.done, not (refused and carrying.outcomes_only))
         if close_now:
             stream.half_close()
-        if future is None:
+        if future is None or (carrying is not None and carrying.outcomes_only):
             return
         if response.HasField("error"):
             self.stats.request_errors += 1
@@ -303,7 +479,85 @@ class DecisionStream:
             )
         else:
             self.stats.answered += 1
-            _resolve(future, result=convert.decisions_from_pb(response))
+            decisions = [
+                replace(d, stream=stream.number) for d in convert.decisions_from_pb(response)
+            ]
+            _resolve(future, result=decisions)
+
+    # --- outcomes (callers hold self._lock) ---
+
+    def _attach_locked(
+        self,
+        stream: _Stream,
+        request: predictor_pb2.DecideRequest,
+        budget: int,
+        outcomes_only: bool,
+    ) -> int:
+        """Move outcomes from the front of the outbox onto `request` (at most
+        `max_outcomes_per_message`, at most `budget` bytes); record the message as
+        carrying them. Returns how many it took."""
+        taken: list[predictor_pb2.StepOutcome] = []
+        outbox = self._outbox
+        while outbox and len(taken) < self._max_outcomes and outbox[0].size <= budget:
+            item = outbox.popleft()
+            budget -= item.size
+            taken.append(item.message)
+        if not taken and outcomes_only and outbox:
+            # One outcome larger than a whole message (an absurd routing key): never sent.
+            outbox.popleft()
+            self.stats.outcomes_dropped += 1
+            self._log_outcome_problem("a StepOutcome larger than max_message_bytes was dropped")
+            return 0
+        if taken:
+            request.outcomes.extend(taken)
+            stream.carrying[request.request_id] = _Carrying(len(taken), outcomes_only)
+            self.stats.outcomes_sent += len(taken)
+        if not outbox:
+            self._flush_urgent = False
+        return len(taken)
+
+    def _send_outcomes_locked(self, stream: _Stream) -> None:
+        """Send one outcomes-only message (a future nobody waits on) on `stream`."""
+        request = predictor_pb2.DecideRequest(request_id=next(self._ids))
+        budget = self._max_message_bytes - _REQUEST_ID_BYTES
+        if self._attach_locked(stream, request, budget, True) == 0:
+            return
+        stream.pending[request.request_id] = Future()
+        self.stats.outcome_messages += 1
+        stream.queue.put(request)
+
+    def _purge_locked(self, keep: int) -> None:
+        """Drop queued outcomes of streams other than `keep` (stream-0 outcomes stay)."""
+        if not any(q.stream not in (0, keep) for q in self._outbox):
+            return
+        kept = deque(q for q in self._outbox if q.stream in (0, keep))
+        self.stats.outcomes_dropped += len(self._outbox) - len(kept)
+        self._outbox = kept
+
+    def _log_outcome_problem(self, message: str) -> None:
+        if self._outcome_log_budget > 0:
+            self._outcome_log_budget -= 1
+            log.warning("decision stream to %s: %s", self._target, message)
+
+    def _flush_loop(self) -> None:
+        """Send outcomes no submit took within outcome_flush_s (at once after a sequence
+        end) as outcomes-only messages."""
+        with self._lock:
+            while not self._closed:
+                stream = self._current
+                if not self._outbox or stream is None or stream.outcomes_refused:
+                    # Nothing to send, or nowhere to send it alone: a submit, a new
+                    # stream or close wakes us.
+                    self._flush_wake.wait()
+                    continue
+                if not self._flush_urgent:
+                    due = self._outbox[0].at + self._outcome_flush_s - time.monotonic()
+                    if due > 0:
+                        self._flush_wake.wait(due)
+                        continue
+                while self._outbox:
+                    self._send_outcomes_locked(stream)
+                self._flush_urgent = False
 
     def _on_end(self, stream: _Stream, error: BaseException | None) -> None:
         with self._lock:
@@ -317,7 +571,18 @@ class DecisionStream:
                 else:
                     self._failures += 1
                 self._wake.notify_all()
+                self._purge_locked(keep=0)
+            carrying, stream.carrying = stream.carrying, {}
+            lost = sum(1 for c in carrying.values() if c.outcomes_only)
+            self.stats.outcome_errors += lost
+            pending = {
+                i: f
+                for i, f in pending.items()
+                if i not in carrying or not carrying[i].outcomes_only
+            }
             closed = self._closed
+        for c in carrying.values():
+            _resolve_done(c.done, False)
         stream.half_close()  # releases gRPC's request iterator thread
         if closed:
             reason = "the client closed the stream"
@@ -338,6 +603,11 @@ class DecisionStream:
                         f"decision stream to {self._target} ended before the answer ({reason})"
                     ),
                 )
+
+
+def _resolve_done(future: Future[bool], ok: bool) -> None:
+    with contextlib.suppress(InvalidStateError):
+        future.set_result(ok)
 
 
 def _resolve(
