@@ -79,6 +79,9 @@ class RemotePolicyConfig:
     # The largest draft a plan may ask for, in the draft_plan window (the engine's
     # --max-gamma; the model's manifest may cap it lower).
     plan_max_gamma: int = 16
+    # Report every step's outcome on the Decide stream, so the predictor measures each
+    # A/B arm (docs/worker.md, "Outcome reporting"); --no-report-outcomes turns it off.
+    report_outcomes: bool = True
 
     def __post_init__(self) -> None:
         if self.window not in (Window.PREVIOUS_STEP, Window.PREFIX, Window.DRAFT_PLAN):
@@ -105,6 +108,32 @@ class RemotePolicyConfig:
 
 
 @dataclass(frozen=True)
+class RecordConfig:
+    """Production step recording (`--record-steps DIR`, docs/worker.md "Step recording"):
+    rotating CSV files in `directory`, each complete or absent."""
+
+    directory: str
+    # A file is closed (and becomes readable) before it would grow past this many bytes...
+    max_bytes: int = 64 << 20
+    # ...or once it is this old, so records are readable within this delay.
+    max_seconds: float = 300.0
+    # Complete files kept in `directory`; the oldest are deleted beyond this.
+    max_files: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.directory:
+            raise ConfigError("--record-steps needs a directory")
+        if self.max_bytes < 4096:
+            raise ConfigError(
+                f"--record-max-bytes must be ≥ 4096 (a header and some rows), got {self.max_bytes}"
+            )
+        if not 0.0 < self.max_seconds <= 86400.0:
+            raise ConfigError(f"--record-max-seconds must be in (0, 86400], got {self.max_seconds}")
+        if self.max_files < 1:
+            raise ConfigError(f"--record-max-files must be ≥ 1, got {self.max_files}")
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """Everything `speckv-worker serve` runs with; built by serve_cli from its flags."""
 
@@ -117,6 +146,10 @@ class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     log_steps: str = ""
+    # Rotating step-record files (`--record-steps DIR`); None: off.
+    record: RecordConfig | None = None
+    # Prometheus /metrics port (`--metrics-port`); None: off, 0: a free port.
+    metrics_port: int | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     remote: RemotePolicyConfig = field(default_factory=RemotePolicyConfig)
     # Seconds in-flight generations get to finish on shutdown.
@@ -143,6 +176,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics port must be in [0, 65535], got {self.metrics_port}")
         if self.max_concurrent_requests < 1:
             raise ConfigError(
                 f"max_concurrent_requests must be ≥ 1, got {self.max_concurrent_requests}"

@@ -43,7 +43,7 @@ from decode_worker.policies import (
     SequenceInfo,
     SequencePolicy,
 )
-from decode_worker.records import StepRecord, StepRecorder, TokenRecord, TokenRecorder
+from decode_worker.records import StepRecord, StepSink, TokenRecord, TokenRecorder
 from decode_worker.sampling import (
     SamplingParams,
     Verdict,
@@ -219,7 +219,7 @@ class SpeculativeEngine:
         config: EngineConfig | None = None,
         *,
         timing: TimingModel | None = None,
-        recorder: StepRecorder | None = None,
+        recorder: StepSink | None = None,
         token_recorder: TokenRecorder | None = None,
     ) -> None:
         self.pair = pair
@@ -336,7 +336,7 @@ class GenerationRun:
         stop: tuple[str, ...],
         request_id: str,
         cancelled: Callable[[], bool],
-        recorder: StepRecorder | None,
+        recorder: StepSink | None,
         token_recorder: TokenRecorder | None = None,
     ) -> None:
         self.engine = engine
@@ -373,6 +373,7 @@ class GenerationRun:
         # Per-sequence history and context n-grams (docs/design.md, "Draft plans"); the
         # n-gram index is kept only when a policy or the token log reads it.
         history = SequenceHistory()
+        history_before = history.values()  # what the step about to run knows (step records)
         context = ContextIndex() if seq_policy.in_step or self.token_recorder is not None else None
         if context is not None:
             context.add(seq)
@@ -526,22 +527,19 @@ class GenerationRun:
                 )
                 self.stats.observe(result)
                 seq_policy.finished(step_outcome(self.request_id, pair.compression, result, finish))
-                if self.recorder is not None and signals is not None:
+                if self.recorder is not None:
                     self.recorder.write(
                         StepRecord(
                             sequence_id=self.request_id,
                             task=eng.config.record_task,
                             compression=pair.compression,
-                            step=step,
-                            gamma=gamma,
-                            accepted=n,
-                            tokens_produced=len(kept),
-                            signals=signals,
+                            result=result,
                             prev_signals=prev_signals,
-                            draft_seconds=draft_seconds,
-                            verify_seconds=verify_seconds,
+                            prev_full=history_before["prev_full"],
+                            accept_ema=history_before["accept_ema"],
                         )
                     )
+                    history_before = history.values()
                 if signals is not None:
                     prev_signals = signals
                 steps.append(result)
