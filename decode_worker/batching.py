@@ -1,0 +1,965 @@
+"""Continuous batching: one scheduler thread owns the device and runs every admitted
+sequence's speculative step in the same batched draft and verify forwards.
+
+Requests join and leave the running batch at step boundaries (a bounded admission queue in
+front, `QueueFull` beyond it). Each row keeps its own `SequencePolicy` and calls its hooks
+in the order `GenerationRun` does (decide, after_token, drafted, verified, finished, close);
+its output is its own solo output (docs/worker.md, "Batching").
+
+KV layout (`BatchedKV`): one DynamicCache per model with batch dimension B; row i is
+LEFT-ALIGNED and owns columns [0, L_i). A forward feeds k positions to every row (rows that
+need fewer get dummy tokens); the model appends them at columns [W, W + k), W the current
+width, each row attends to [0, L_i) ∪ its new columns (2-D attention mask, per-row
+position ids L_i + j, so RoPE sees each row's own positions). Afterwards row i keeps the
+first m_i new columns (accepted tokens): they are moved down to [L_i, L_i + m_i) by one
+gather over the columns [min L_i, max L_i') only, and the cache is cropped to max L_i'.
+Rejected positions therefore never accumulate; a row shorter than the widest one has a
+masked hole after its end, never inside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from speckv_client.types import DecideBatch, Decision, Window
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from decode_worker.engine import (
+    FinishReason,
+    GenerationResult,
+    GenerationRun,
+    SpeculativeEngine,
+    StepResult,
+    step_outcome,
+)
+from decode_worker.features import (
+    ContextIndex,
+    SequenceHistory,
+    TokenSignals,
+    aggregate,
+    token_features,
+    token_signals,
+)
+from decode_worker.policies import GammaDecision, GammaPolicy, SequenceInfo, SequencePolicy
+from decode_worker.records import StepRecord
+from decode_worker.sampling import SamplingParams, make_generator, sample, warp
+
+log = logging.getLogger(__name__)
+
+# The retry hint sent with a refusal for a full queue (gRPC's retry-pushback trailer).
+QUEUE_RETRY_MS = 500
+
+
+class QueueFull(RuntimeError):
+    """The batch and the admission queue are full (or the scheduler is draining)."""
+
+    def __init__(self, message: str, retry_ms: int = QUEUE_RETRY_MS) -> None:
+        super().__init__(message)
+        self.retry_ms = retry_ms
+
+
+# ---------------------------------------------------------------------------- KV cache
+
+
+class _BufferLayer(DynamicLayer):
+    """A cache layer over preallocated buffers [B, H, capacity, D]: `update` writes the new
+    positions in place and returns views, so a forward copies no cached positions (the
+    stock DynamicLayer concatenates, copying the whole cache on every forward)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
+        super().__init__()
+        self.bk, self.bv, self.width = keys, values, width
+        self.device = keys.device
+        self.is_initialized = True
+        self._sync()
+
+    def _sync(self) -> None:
+        self.keys = self.bk[:, :, : self.width]
+        self.values = self.bv[:, :, : self.width]
+
+    def reserve(self, need: int) -> None:
+        cap = self.bk.shape[2]
+        if need <= cap:
+            return
+        cap = max(need, 2 * cap)
+        shape = (self.bk.shape[0], self.bk.shape[1], cap, self.bk.shape[3])
+        bk, bv = self.bk.new_zeros(shape), self.bv.new_zeros(shape)
+        bk[:, :, : self.width] = self.bk[:, :, : self.width]
+        bv[:, :, : self.width] = self.bv[:, :, : self.width]
+        self.bk, self.bv = bk, bv
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        need = self.width + key_states.shape[-2]
+        self.reserve(need)
+        self.bk[:, :, self.width : need] = key_states
+        self.bv[:, :, self.width : need] = value_states
+        self.width = need
+        self._sync()
+        return self.bk[:, :, :need], self.bv[:, :, :need]
+
+    def get_seq_length(self) -> int:
+        return self.width
+
+
+def _buffers(tensors: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> list[_BufferLayer]:
+    out = []
+    for k, v in tensors:
+        shape = (k.shape[0], k.shape[1], width + _HEADROOM, k.shape[3])
+        bk, bv = k.new_zeros(shape), v.new_zeros(shape)
+        n = min(width, k.shape[2])
+        bk[:, :, :n] = k[:, :, :n]
+        bv[:, :, :n] = v[:, :, :n]
+        out.append(_BufferLayer(bk, bv, width))
+    return out
+
+
+def _cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """A stock DynamicCache's (keys, values) per layer; None while it holds nothing."""
+    layers = cache.layers
+    if not layers or not layers[0].is_initialized or layers[0].keys.numel() == 0:
+        return None
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+# Spare positions allocated beyond the widest row when buffers are (re)built.
+_HEADROOM = 64
+
+
+class BatchedKV:
+    """A model's KV cache for the rows of a batch (left-aligned rows, per-row lengths)."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.layers: list[_BufferLayer] | None = None
+        self.lengths: list[int] = []
+        self._pending: tuple[int, int] | None = None  # (width, k) of the last forward
+
+    @property
+    def width(self) -> int:
+        return self.layers[0].width if self.layers else 0
+
+    def _tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        if not self.layers:
+            return None
+        return [
+            (layer.bk[:, :, : layer.width], layer.bv[:, :, : layer.width]) for layer in self.layers
+        ]
+
+    def add(self, row_cache: DynamicCache, length: int) -> None:
+        """Append a row whose solo cache (batch 1) holds `length` positions (a copy of the
+        batch's buffers: joins happen at step boundaries only)."""
+        mine = self._tensors()
+        rows = _cache_tensors(row_cache)
+        self.lengths.append(length)
+        if rows is None and mine is None:
+            return  # nothing cached anywhere yet (one-token prompts): the forward creates it
+        ref = mine if mine is not None else rows
+        assert ref is not None
+        width = max(self.width, length)
+        b_old = len(self.lengths) - 1
+        out = []
+        for li, (k_ref, _) in enumerate(ref):
+            heads, dim = k_ref.shape[1], k_ref.shape[3]
+            shape = (b_old + 1, heads, width + _HEADROOM, dim)
+            bk, bv = k_ref.new_zeros(shape), k_ref.new_zeros(shape)
+            if mine is not None:
+                w = mine[li][0].shape[2]
+                bk[:b_old, :, :w] = mine[li][0]
+                bv[:b_old, :, :w] = mine[li][1]
+            if rows is not None:
+                bk[b_old, :, :length] = rows[li][0][0, :, :length]
+                bv[b_old, :, :length] = rows[li][1][0, :, :length]
+            out.append(_BufferLayer(bk, bv, width))
+        self.layers = out
+
+    def keep_rows(self, keep: Sequence[int]) -> None:
+        """Drop every row not in `keep` (indices, in order)."""
+        self.lengths = [self.lengths[i] for i in keep]
+        mine = self._tensors()
+        if mine is None:
+            return
+        if not keep:
+            self.layers = None
+            return
+        idx = torch.tensor(list(keep), dtype=torch.long, device=mine[0][0].device)
+        width = max(self.lengths)
+        self.layers = _buffers(
+            [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in mine], width
+        )
+
+    def forward(self, model: Any, feeds: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+        """Feed row i its tokens `feeds[i]` (may be empty) in one forward; return the logits
+        [B, k, vocab] of every fed position (k = the longest feed). Call `commit` next."""
+        assert len(feeds) == len(self.lengths) and self._pending is None
+        device = next(model.parameters()).device
+        k = max(1, max(len(f) for f in feeds))
+        width = self.width
+        ids = torch.full((len(feeds), k), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(feeds), width + k), dtype=torch.long)
+        mask[:, width:] = 1
+        for i, f in enumerate(feeds):
+            if f:
+                ids[i, : len(f)] = torch.tensor(list(f), dtype=torch.long)
+            mask[i, : self.lengths[i]] = 1
+        lengths = torch.tensor(self.lengths, dtype=torch.long)
+        positions = lengths.unsqueeze(1) + torch.arange(k).unsqueeze(0)
+        cache = DynamicCache()
+        if self.layers is not None:
+            cache.layers = list(self.layers)
+        out = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=k,
+        )
+        if self.layers is None:  # the first forward of rows with nothing cached
+            first = _cache_tensors(cache)
+            assert first is not None
+            self.layers = _buffers(first, k)
+        self._pending = (width, k)
+        return out.logits
+
+    def commit(self, keep: Sequence[int]) -> None:
+        """Row i keeps the first keep[i] positions of the last forward's feed: they move
+        down to the end of the row (a copy of those positions only), the rest is cut."""
+        assert self._pending is not None and self.layers is not None
+        width = self._pending[0]
+        self._pending = None
+        old = list(self.lengths)
+        self.lengths = [n + m for n, m in zip(old, keep, strict=True)]
+        rows: list[int] = []
+        src: list[int] = []
+        dst: list[int] = []
+        for i, (n, m) in enumerate(zip(old, keep, strict=True)):
+            if m and n < width:
+                rows += [i] * m
+                src += range(width, width + m)
+                dst += range(n, n + m)
+        if rows:
+            dev = self.layers[0].bk.device
+            r = torch.tensor(rows, device=dev)
+            s = torch.tensor(src, device=dev)
+            d = torch.tensor(dst, device=dev)
+            for layer in self.layers:  # advanced indexing copies: [positions, H, D]
+                layer.bk[r, :, d] = layer.bk[r, :, s]
+                layer.bv[r, :, d] = layer.bv[r, :, s]
+        self.trim()
+
+    def truncate(self, row: int, length: int) -> None:
+        """Forget row `row`'s positions from `length` on (its columns beyond become a hole)."""
+        self.lengths[row] = min(self.lengths[row], length)
+
+    def trim(self) -> None:
+        """Crop columns that no row uses (no copy: the buffers stay)."""
+        if self.layers is None:
+            return
+        target = max(self.lengths) if self.lengths else 0
+        for layer in self.layers:
+            layer.width = target
+            layer._sync()
+
+
+# ------------------------------------------------------------------- remote coalescing
+
+
+class DecisionCoalescer:
+    """Wraps the worker's DecisionStream: while the scheduler thread holds it, rows'
+    `submit` calls are collected and `flush` sends them as one Decide message per group
+    of equal (window, candidates, objective, timing, model) — in practice one per batch
+    step. Other threads, the prefix window (which waits for its answer at once) and an
+    unheld coalescer pass straight through."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._holder: int | None = None
+        self._held: list[tuple[DecideBatch, Future[list[Decision]]]] = []
+        self.messages = 0  # Decide messages sent through flush
+        self.rows = 0
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.stream.connected)
+
+    def __getattr__(self, name: str) -> Any:  # close(), stats ... of the real stream
+        return getattr(self.stream, name)
+
+    def hold(self) -> None:
+        self._holder = threading.get_ident()
+
+    def release(self) -> None:
+        self.flush()
+        self._holder = None
+
+    def submit(self, batch: DecideBatch) -> Future[list[Decision]]:
+        if self._holder != threading.get_ident() or batch.window == Window.PREFIX:
+            return self.stream.submit(batch)  # type: ignore[no-any-return]
+        future: Future[list[Decision]] = Future()
+        self._held.append((batch, future))
+        return future
+
+    def flush(self) -> int:
+        """Send what was held; returns the number of messages sent."""
+        held, self._held = self._held, []
+        groups: dict[tuple[Any, ...], list[tuple[DecideBatch, Future[list[Decision]]]]] = {}
+        for batch, fut in held:
+            key = (batch.window, batch.gamma_candidates, batch.objective, batch.timing, batch.model)
+            groups.setdefault(key, []).append((batch, fut))
+        for parts in groups.values():
+            rows = tuple(r for b, _ in parts for r in b.rows)
+            outcomes = tuple(o for b, _ in parts for o in getattr(b, "outcomes", ()))
+            merged = replace(parts[0][0], rows=rows)
+            if outcomes:
+                merged = replace(merged, outcomes=outcomes)
+            try:
+                combined = self.stream.submit(merged)
+            except Exception as err:  # the stream refused: every part fails alike
+                for _, fut in parts:
+                    fut.set_exception(err)
+                continue
+            self.messages += 1
+            self.rows += len(rows)
+            spans, start = [], 0
+            for b, fut in parts:
+                spans.append((start, start + len(b.rows), fut))
+                start += len(b.rows)
+            combined.add_done_callback(_splitter(spans, len(rows)))
+        return len(groups)
+
+
+def _splitter(
+    spans: list[tuple[int, int, Future[list[Decision]]]], total: int
+) -> Callable[[Future[list[Decision]]], None]:
+    def done(combined: Future[list[Decision]]) -> None:
+        err = combined.exception()
+        if err is not None:
+            for _, _, fut in spans:
+                fut.set_exception(err)
+            return
+        decisions = combined.result()
+        for lo, hi, fut in spans:
+            # One decision per row, in row order; otherwise give every part the whole answer
+            # (the policy picks its row by routing key and step).
+            fut.set_result(decisions[lo:hi] if len(decisions) == total else list(decisions))
+
+    return done
+
+
+# ------------------------------------------------------------------------- rows
+
+
+_PREFIX, _MAIN, _DONE = 0, 1, 2
+
+
+@dataclass
+class _Row:
+    """One sequence in the batch: the validated GenerationRun (its fields, stats and text
+    tracker) plus the loop state `GenerationRun._run` keeps in locals."""
+
+    run: GenerationRun
+    handle: BatchedRun
+    policy: SequencePolicy
+    generator: torch.Generator | None
+    seq: list[int]
+    started: float
+    context: ContextIndex | None
+    history: SequenceHistory = field(default_factory=SequenceHistory)
+    new: list[int] = field(default_factory=list)
+    steps: list[StepResult] = field(default_factory=list)
+    step: int = 0
+    prev_signals: Any = None
+    finish: FinishReason | None = None
+    # per-step state
+    phase: int = _DONE
+    want: int = 0
+    cap: int = 0
+    gamma: int = 0
+    decision: GammaDecision | None = None
+    drafts: list[int] = field(default_factory=list)
+    draft_logits: list[torch.Tensor] = field(default_factory=list)
+    draft_probs: list[torch.Tensor] = field(default_factory=list)
+    step_signals: list[TokenSignals] | None = None
+    hist: dict[str, float] | None = None
+    draft_fed: int = 0
+
+    def reset_step(self) -> None:
+        self.phase, self.want, self.gamma, self.decision = _DONE, 0, 0, None
+        self.drafts, self.draft_logits, self.draft_probs = [], [], []
+        self.step_signals, self.hist, self.draft_fed = None, None, 0
+
+
+_END = object()
+
+
+class BatchedRun:
+    """A request in the batch: iterate it for its `StepResult`s (as they are produced by
+    the scheduler thread), then read `result`. Leaving the loop early cancels the row."""
+
+    def __init__(self, run: GenerationRun, scheduler: BatchScheduler) -> None:
+        self.run = run
+        self.request_id = run.request_id
+        self.result: GenerationResult | None = None
+        self._scheduler = scheduler
+        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.abandoned = threading.Event()
+
+    def cancelled(self) -> bool:
+        return self.abandoned.is_set() or self.run.cancelled()
+
+    def cancel(self) -> None:
+        self.abandoned.set()
+        self._scheduler.wake()
+
+    def _put(self, item: Any) -> None:
+        self._events.put(item)
+
+    def __iter__(self) -> Iterator[StepResult]:
+        try:
+            while True:
+                item = self._events.get()
+                if isinstance(item, StepResult):
+                    yield item
+                elif isinstance(item, GenerationResult):
+                    self.result = item
+                    return
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    return
+        finally:
+            if self.result is None:
+                self.cancel()
+
+
+# --------------------------------------------------------------------- scheduler
+
+
+@dataclass
+class BatchStats:
+    """What the scheduler did (for GetInfo, benchmarks and tests)."""
+
+    steps: int = 0
+    row_steps: int = 0  # sum over steps of the batch size
+    max_batch: int = 0
+    joined: int = 0
+    left: int = 0
+    decide_messages: int = 0  # Decide messages sent by the coalescer
+    decide_rows: int = 0
+    draft_forwards: int = 0
+    verify_forwards: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # batch size -> steps
+    gammas: dict[int, dict[int, int]] = field(default_factory=dict)  # batch size -> γ -> rows
+
+    @property
+    def mean_batch(self) -> float:
+        return self.row_steps / self.steps if self.steps else 0.0
+
+
+class BatchScheduler:
+    """Owns the device: one thread runs the continuous batch (docs/worker.md, "Batching")."""
+
+    def __init__(
+        self,
+        engine: SpeculativeEngine,
+        *,
+        max_batch_size: int = 8,
+        max_queue: int = 16,
+        coalescer: DecisionCoalescer | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.coalescer = coalescer
+        self.stats = BatchStats()
+        self.concurrency = (
+            f"continuous batching: up to {max_batch_size} sequences per batched draft/verify "
+            f"forward, {max_queue} more queued"
+        )
+        pair = engine.pair
+        self._tkv = BatchedKV(pair.target.config)
+        self._dkv = BatchedKV(pair.draft.config)
+        pad = getattr(pair.target.config, "pad_token_id", None)
+        self._pad = int(pad) if isinstance(pad, int) else 0
+        self._rows: list[_Row] = []
+        self._waiting: list[BatchedRun] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="speckv-batch", daemon=True)
+        self._thread.start()
+
+    # -- admission
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        policy: GammaPolicy,
+        *,
+        sampling: SamplingParams | None = None,
+        max_new_tokens: int = 0,
+        stop: Sequence[str] = (),
+        request_id: str = "",
+        cancelled: Callable[[], bool] | None = None,
+        record: bool = True,
+    ) -> BatchedRun:
+        """Validate (RequestError as `engine.start`) and queue a request; QueueFull when the
+        batch and the queue are full or the worker drains."""
+        run = self.engine.start(
+            prompt_ids,
+            policy,
+            sampling=sampling,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            request_id=request_id,
+            cancelled=cancelled,
+            record=record,
+        )
+        handle = BatchedRun(run, self)
+        with self._cond:
+            if self._closing:
+                raise QueueFull("worker is draining (shutting down); use another worker")
+            if len(self._rows) + len(self._waiting) >= self.max_batch_size + self.max_queue:
+                raise QueueFull(
+                    f"worker busy: {self.max_batch_size} sequences in the batch "
+                    f"(--max-batch-size) and {self.max_queue} queued (--max-queue); retry "
+                    f"after about {QUEUE_RETRY_MS} ms with backoff, or use another worker"
+                )
+            self._waiting.append(handle)
+            self._cond.notify_all()
+        return handle
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drain: admit nothing new, finish the batch and the queue (rows whose clients
+        went away cancel at their next step), then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            for row in list(self._rows):
+                row.handle.abandoned.set()
+            for handle in list(self._waiting):
+                handle.abandoned.set()
+            self.wake()
+            self._thread.join(5.0)
+
+    # -- the loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._rows and not self._waiting and not self._closing:
+                    self._cond.wait()
+                if self._closing and not self._rows and not self._waiting:
+                    return
+                room = self.max_batch_size - len(self._rows)
+                joining, self._waiting = self._waiting[:room], self._waiting[room:]
+            try:
+                held = self._hold()
+                for handle in joining:
+                    self._join(handle)
+                if held:
+                    self._flush()
+                if self._rows:
+                    self._step()
+            except Exception as err:  # a batched forward failed: every row fails alike
+                log.exception("batch step failed; failing %d rows", len(self._rows))
+                for row in self._rows:
+                    self._end(row, err)
+                self._rows = []
+                self._tkv = BatchedKV(self.engine.pair.target.config)
+                self._dkv = BatchedKV(self.engine.pair.draft.config)
+            finally:
+                self._release()
+
+    def _hold(self) -> bool:
+        if self.coalescer is None:
+            return False
+        self.coalescer.hold()
+        return True
+
+    def _flush(self) -> None:
+        if self.coalescer is not None:
+            sent = self.coalescer.flush()
+            self.stats.decide_messages += sent
+            self.stats.decide_rows = self.coalescer.rows
+
+    def _release(self) -> None:
+        if self.coalescer is not None:
+            self._flush()
+            self.coalescer._holder = None
+
+    def _join(self, handle: BatchedRun) -> None:
+        run = handle.run
+        eng = self.engine
+        pair = eng.pair
+        if handle.cancelled():
+            handle._put(_END)
+            return
+        try:
+            policy = run.policy.start(SequenceInfo(run.request_id, pair.compression))
+        except Exception as err:
+            handle._put(err)
+            return
+        seq = list(run.prompt_ids)
+        context = ContextIndex() if policy.in_step or run.token_recorder is not None else None
+        if context is not None:
+            context.add(seq)
+        generator = None if run.sampling.greedy else make_generator(run.sampling.seed)
+        row = _Row(run, handle, policy, generator, seq, time.perf_counter(), context)
+        t_cache = DynamicCache(config=pair.target.config)
+        d_cache = DynamicCache(config=pair.draft.config)
+        with eng.device_lock, torch.inference_mode():
+            t0 = time.perf_counter()
+            if len(seq) > 1:
+                eng.forward(pair.target, t_cache, seq[:-1], 1)
+                eng.forward(pair.draft, d_cache, seq[:-1], 1)
+            run.stats.prefill_seconds = time.perf_counter() - t0
+        run.stats.target_tokens_processed += len(seq) - 1
+        run.stats.draft_tokens_processed += len(seq) - 1
+        self._tkv.add(t_cache, len(seq) - 1)
+        self._dkv.add(d_cache, len(seq) - 1)
+        self._rows.append(row)
+        self.stats.joined += 1
+
+    def _step(self) -> None:
+        eng = self.engine
+        pair = eng.pair
+        rows = self._rows
+        # Rows cancelled before the step leave without one (as GenerationRun does).
+        for row in rows:
+            if row.run.cancelled():
+                row.finish = FinishReason.CANCELLED
+        if any(r.finish is not None for r in rows):
+            self._remove_finished()
+            rows = self._rows
+            if not rows:
+                return
+        b = len(rows)
+        failed: dict[int, BaseException] = {}
+        # --- decide (rows without a prefix window decide before drafting)
+        for i, row in enumerate(rows):
+            row.reset_step()
+            remaining = row.run.max_new_tokens - len(row.new)
+            row.cap = min(eng.config.max_gamma, remaining - 1)
+            try:
+                if row.policy.prefix_tokens == 0:
+                    row.decision = row.policy.decide(row.step, None)
+                    self._enter_main(row, row.decision.gamma)
+                else:
+                    row.phase, row.want = _PREFIX, min(row.policy.prefix_tokens, row.cap)
+            except Exception as err:
+                failed[i] = err
+                row.phase = _DONE
+        self._flush()
+        with eng.device_lock, torch.inference_mode():
+            # --- draft: batched forwards until every row has drafted what it wants
+            draft_seconds = 0.0
+            draft_forwards = 0
+            while True:
+                for i, row in enumerate(rows):
+                    if i in failed:
+                        row.phase = _DONE
+                        continue
+                    try:
+                        self._advance(row)
+                    except Exception as err:
+                        failed[i] = err
+                        row.phase = _DONE
+                active = [i for i, r in enumerate(rows) if r.phase != _DONE]
+                if not active:
+                    break
+                t0 = time.perf_counter()
+                feeds: list[list[int]] = [[] for _ in rows]
+                for i in active:
+                    r = rows[i]
+                    feeds[i] = (r.seq + r.drafts)[self._dkv.lengths[i] :]
+                logits = self._dkv.forward(pair.draft, feeds, self._pad)
+                self._dkv.commit([len(f) for f in feeds])
+                for i in active:
+                    r = rows[i]
+                    r.draft_fed += len(feeds[i])
+                    last = logits[i, len(feeds[i]) - 1].float()
+                    r.draft_logits.append(last)
+                    if r.generator is None:
+                        token = int(last.argmax().item())
+                    else:
+                        q = warp(last.unsqueeze(0), r.run.sampling)[0]
+                        r.draft_probs.append(q)
+                        token = sample(q, r.generator)
+                    r.drafts.append(token)
+                draft_seconds += time.perf_counter() - t0
+                draft_forwards += 1
+                for i in active:
+                    r = rows[i]
+                    if r.phase == _MAIN and r.step_signals is not None:
+                        try:
+                            self._after_token(r)
+                        except Exception as err:
+                            failed[i] = err
+                            r.phase = _DONE
+            # --- the drafted hook (submissions coalesce into one message, sent before verify)
+            sigs: list[Any] = [None] * b
+            for i, r in enumerate(rows):
+                if i in failed:
+                    continue
+                try:
+                    sigs[i] = self._drafted(r)
+                except Exception as err:
+                    failed[i] = err
+            self._flush()
+            # --- verify: one batched target forward over every row's γ_i + 1 positions
+            t0 = time.perf_counter()
+            fed = [[r.seq[-1], *r.drafts[: r.gamma]] if i not in failed else []
+                   for i, r in enumerate(rows)]  # fmt: skip
+            logits = self._tkv.forward(pair.target, fed, self._pad)
+            verdicts: list[Any] = [None] * b
+            keep = [0] * b
+            for i, r in enumerate(rows):
+                if i in failed:
+                    continue
+                g = r.gamma
+                try:
+                    verdicts[i] = r.run._verify(
+                        r.drafts[:g], logits[i, : g + 1], r.draft_probs[:g], r.generator
+                    )
+                except Exception as err:
+                    failed[i] = err
+                    continue
+                keep[i] = verdicts[i].accepted + 1
+            self._tkv.commit(keep)
+            for i, r in enumerate(rows):
+                if verdicts[i] is None:
+                    continue
+                n = verdicts[i].accepted
+                valid = len(r.seq) + min(n, max(len(r.drafts) - 1, 0))
+                self._dkv.truncate(i, valid)
+            self._dkv.trim()
+            verify_seconds = time.perf_counter() - t0
+        width = max((r.gamma for i, r in enumerate(rows) if i not in failed), default=0)
+        drafted_max = max((len(r.drafts) for i, r in enumerate(rows) if i not in failed), default=0)
+        if drafted_max:
+            eng.timing.add_draft(drafted_max, draft_seconds)
+        eng.timing.add_verify(width, verify_seconds)
+        st = self.stats
+        st.steps += 1
+        st.row_steps += b
+        st.max_batch = max(st.max_batch, b)
+        st.batch_sizes[b] = st.batch_sizes.get(b, 0) + 1
+        st.draft_forwards += draft_forwards
+        st.verify_forwards += 1
+        per_size = st.gammas.setdefault(b, {})
+        # --- per-row bookkeeping and the remaining hooks, in GenerationRun's order
+        for i, r in enumerate(rows):
+            if i in failed:
+                continue
+            per_size[r.gamma] = per_size.get(r.gamma, 0) + 1
+            try:
+                self._finish_step(
+                    r, verdicts[i], sigs[i], draft_seconds, verify_seconds, len(fed[i])
+                )
+            except Exception as err:
+                failed[i] = err
+        for i, error in failed.items():
+            rows[i].finish = FinishReason.CANCELLED
+            rows[i].handle._put(error)
+            rows[i].handle.abandoned.set()
+        self._flush()
+        self._remove_finished(errors=set(failed))
+
+    # -- per-row pieces of a step
+
+    def _enter_main(self, row: _Row, gamma: int) -> None:
+        row.gamma = max(0, min(gamma, row.cap))
+        row.phase, row.want = _MAIN, row.gamma
+        if row.policy.in_step and row.gamma > len(row.drafts):
+            assert row.context is not None
+            row.step_signals = []
+            row.hist = row.history.values()
+
+    def _advance(self, row: _Row) -> None:
+        """Move a row's drafting phase on when it has drafted what the phase wants."""
+        if row.phase == _PREFIX and len(row.drafts) >= row.want:
+            prefix = aggregate(token_signals(torch.stack(row.draft_logits))) if row.drafts else None
+            row.decision = row.policy.decide(row.step, prefix)
+            self._enter_main(row, row.decision.gamma)
+        if row.phase == _MAIN and len(row.drafts) >= row.want:
+            row.phase = _DONE
+
+    def _after_token(self, row: _Row) -> None:
+        """The in-step hook after a drafted token (GenerationRun._draft_in_step)."""
+        assert row.step_signals is not None and row.context is not None and row.hist is not None
+        sig = token_signals(row.draft_logits[-1].unsqueeze(0))[0]
+        row.step_signals.append(sig)
+        j = len(row.drafts)
+        features = token_features(row.context, row.drafts[:-1], row.drafts[-1], sig, row.hist)
+        keep = row.policy.after_token(row.step, j, features, row.gamma)
+        if keep is not None:
+            row.gamma = max(0, min(keep, j))
+            row.phase = _DONE
+        elif j >= row.gamma:
+            row.gamma = j
+            row.phase = _DONE
+
+    def _drafted(self, row: _Row) -> Any:
+        g = row.gamma
+        if row.step_signals is not None:
+            tok = row.step_signals[:g]
+        else:
+            tok = token_signals(torch.stack(row.draft_logits[:g])) if g else []
+        signals = aggregate(tok) if tok else None
+        row.policy.drafted(row.step, g, signals)
+        return (tuple(tok), signals)
+
+    def _finish_step(
+        self,
+        row: _Row,
+        verdict: Any,
+        sig: Any,
+        draft_seconds: float,
+        verify_seconds: float,
+        target_fed: int,
+    ) -> None:
+        run = row.run
+        pair = self.engine.pair
+        tok_signals, signals = sig
+        g, n = row.gamma, verdict.accepted
+        drafted_count = len(row.drafts)
+        if run.token_recorder is not None and drafted_count:
+            run._record_tokens(
+                row.step,
+                row.drafts,
+                row.step_signals,
+                row.draft_logits,
+                g,
+                n,
+                verdict.next_token,
+                row.context,
+                row.history,
+            )
+        history_before = row.history.values()  # what this step knew (step records)
+        row.history.observe(row.drafts, g, n, verdict.next_token)
+        row.policy.verified(row.step, g, n)
+        produced = [*row.drafts[:n], verdict.next_token]
+        row.seq.extend(produced)
+        if row.context is not None:
+            row.context.add(produced)
+        kept, finish = run._finish(row.new, produced)
+        before = len(row.new)
+        row.new.extend(kept)
+        text = run._text.update(row.new, final=finish is not None)
+        if run._text.stopped_at is not None:
+            del row.new[max(run._text.stopped_at, before) :]
+            kept = row.new[before:]
+            finish = FinishReason.STOP_STRING
+        i = self._rows.index(row)
+        result = StepResult(
+            step=row.step,
+            gamma=g,
+            accepted=n,
+            token_ids=tuple(kept),
+            text=text,
+            decision=row.decision if row.decision is not None else GammaDecision(0, _local()),
+            signals=signals,
+            token_signals=tok_signals,
+            drafted=drafted_count,
+            draft_seconds=draft_seconds,
+            verify_seconds=verify_seconds,
+            draft_tokens_processed=row.draft_fed,
+            target_tokens_processed=target_fed,
+            draft_cache_len=self._dkv.lengths[i],
+            target_cache_len=self._tkv.lengths[i],
+        )
+        run.stats.observe(result)
+        row.policy.finished(step_outcome(run.request_id, pair.compression, result, finish))
+        if run.recorder is not None:
+            run.recorder.write(
+                StepRecord(
+                    sequence_id=run.request_id,
+                    task=self.engine.config.record_task,
+                    compression=pair.compression,
+                    result=result,
+                    prev_signals=row.prev_signals,
+                    prev_full=history_before["prev_full"],
+                    accept_ema=history_before["accept_ema"],
+                )
+            )
+        if signals is not None:
+            row.prev_signals = signals
+        row.steps.append(result)
+        row.handle._put(result)
+        row.step += 1
+        row.finish = finish
+
+    def _remove_finished(self, errors: set[int] | None = None) -> None:
+        keep = []
+        for i, row in enumerate(self._rows):
+            if row.finish is None:
+                keep.append(i)
+                continue
+            if errors is None or i not in errors:
+                self._end(row, None)
+            else:
+                _close(row)
+            self.stats.left += 1
+        if len(keep) != len(self._rows):
+            self._rows = [self._rows[i] for i in keep]
+            self._tkv.keep_rows(keep)
+            self._dkv.keep_rows(keep)
+
+    def _end(self, row: _Row, err: BaseException | None) -> None:
+        _close(row)
+        if err is not None:
+            row.handle._put(err)
+            return
+        run = row.run
+        assert row.finish is not None
+        run.result = GenerationResult(
+            request_id=run.request_id,
+            prompt_ids=tuple(run.prompt_ids),
+            token_ids=tuple(row.new),
+            text=run._text.final_text(row.new),
+            finish_reason=row.finish,
+            steps=tuple(row.steps),
+            stats=run.stats,
+            wall_seconds=time.perf_counter() - row.started,
+        )
+        row.handle._put(run.result)
+
+
+def _close(row: _Row) -> None:
+    try:
+        row.policy.close()
+    except Exception:  # a policy that fails to close must not stop the batch
+        log.exception("policy close failed for %s", row.run.request_id)
+
+
+def _local() -> Any:
+    from decode_worker.policies import DecisionSource
+
+    return DecisionSource.LOCAL
