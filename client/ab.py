@@ -470,9 +470,7 @@ def analyze(
     def result(base: ArmSummary | None, comps: Sequence[Comparison], verdict: str) -> ABResult:
         return ABResult(model, merged, summaries, base, tuple(comps), verdict, seed, resamples)
 
-    if not summaries:
-        if baseline:
-            choose_baseline(summaries, baseline)  # raises: nothing to match
+    if not summaries:  # whatever --baseline names: there is nothing yet to compare
         return result(None, (), f"cannot tell yet — no arm of {model} has reported outcomes")
     base = choose_baseline(summaries, baseline)
     if len(summaries) == 1:

@@ -12,6 +12,7 @@ import enum
 import json
 import math
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, NoReturn, TextIO
 # the one-line error below says the same; it reads this when it loads, so set it first.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from speckv_client import flags
+from speckv_client import ab, flags
 from speckv_client.channel import TlsConfig
 from speckv_client.errors import (
     AdminAuthError,
@@ -33,6 +34,7 @@ from speckv_client.errors import (
     WorkerUnavailable,
 )
 from speckv_client.types import (
+    ArmStatsReport,
     Compression,
     DecideBatch,
     DraftSignals,
@@ -40,6 +42,7 @@ from speckv_client.types import (
     GenerationSummary,
     ModelInfo,
     ModelSelector,
+    ModelState,
     Objective,
     RouteWeight,
     Routing,
@@ -47,6 +50,8 @@ from speckv_client.types import (
     TokenChunk,
     Window,
 )
+
+STABLE_ARM = "stable"
 
 
 class ExitCode(enum.IntEnum):
@@ -255,6 +260,11 @@ def _predictor(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     )
 
 
+def _predictor_at(args: argparse.Namespace, address: str):  # type: ignore[no-untyped-def]
+    """A client for one of several addresses (the global flags, another target)."""
+    return _predictor(argparse.Namespace(**{**vars(args), "predictor": address}))
+
+
 def cmd_generate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from speckv_client.decoder import DecoderClient
 
@@ -420,6 +430,200 @@ def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return ExitCode.OK
 
 
+def cmd_promote(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Alias stable -> VERSION, every weight on stable (the others kept at 0)."""
+    version = _positive_version(args.version)
+    with _predictor(args) as client:
+        info = client.get_model(args.model)
+        known = {v.version: v for v in info.versions}
+        if version not in known:
+            raise NotFound(
+                f"model {args.model!r} has no version {version} "
+                f"(versions: {', '.join(f'v{v}' for v in sorted(known)) or 'none'}); "
+                f"load it first with `speckv models load {args.model} {version}`"
+            )
+        state = known[version].state
+        if state is not ModelState.READY:
+            why = f": {known[version].error}" if known[version].error else ""
+            raise InvalidArgument(
+                f"model {args.model!r} v{version} is {state.value}{why}; "
+                "only a ready version can be promoted"
+            )
+        current = client.get_routing(args.model)
+        previous = current.aliases.get(STABLE_ARM)
+        others = [w.target for w in current.weights if w.target != STABLE_ARM]
+        routing = client.set_routing(
+            args.model,
+            Routing(
+                weights=(
+                    RouteWeight(target=STABLE_ARM, weight=100.0),
+                    *(RouteWeight(target=t, weight=0.0) for t in dict.fromkeys(others)),
+                ),
+                salt=current.salt,
+                # A shadow of the version now serving would only score it against itself.
+                shadow_version=0 if current.shadow_version == version else current.shadow_version,
+                aliases={**current.aliases, STABLE_ARM: version},
+            ),
+        )
+    if args.json:
+        _print_json(routing, out)
+    else:
+        was = f"v{previous}" if previous is not None else "no stable alias"
+        err.write(f"promoted {args.model} v{version} to {STABLE_ARM} (was {was})\n")
+        out.write(f"{args.model}: {format_routing(routing)}\n")
+    return ExitCode.OK
+
+
+def _replica_addresses(target: str) -> tuple[list[str], str | None]:
+    """Every address a --predictor names: a host name resolves (getaddrinfo) to all its
+    addresses, as a Kubernetes headless Service name resolves to every replica pod.
+
+    Returns (addresses, None), or ([], why) when the name does not resolve.
+    """
+    for scheme in ("unix:", "unix-abstract:", "vsock:"):
+        if target.startswith(scheme):
+            return [target], None
+    for scheme in ("ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            return [scheme + a for a in target[len(scheme) :].split(",") if a], None
+    rest = target
+    if rest.startswith("dns:"):
+        rest = rest[len("dns:") :]
+        if rest.startswith("//"):
+            rest = rest[2:].partition("/")[2]
+    host, _, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        return [f"{host}:{port}"], None
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        return [], f"cannot resolve {host!r} ({exc})"
+    addresses: list[str] = []
+    for family, _, _, _, sockaddr in infos:
+        ip = str(sockaddr[0])
+        addresses.append(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+    return list(dict.fromkeys(addresses)), None
+
+
+def _host_of(target: str) -> str:
+    rest = target.removeprefix("dns:")
+    if rest.startswith("//"):
+        rest = rest[2:].partition("/")[2]
+    return rest.rpartition(":")[0].strip("[]")
+
+
+def cmd_ab(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from speckv_client.predictor import PredictorClient
+
+    tls = _tls(args)
+    dials: dict[str, str] = {}  # address -> the --predictor it came from
+    failed: list[tuple[str, str, str]] = []  # (address, from, why)
+    for target in dict.fromkeys(args.predictor):
+        addresses, why = _replica_addresses(target)
+        if why is not None:
+            failed.append((target, target, why))
+        for a in addresses:
+            dials.setdefault(a, target)
+    tried = len(dials) + len(failed)  # every address, and every name that did not resolve
+    reports: list[ArmStatsReport] = []
+    answered: list[str] = []
+    for address, origin in dials.items():
+        # A resolved IP still presents the certificate of the name it was resolved from.
+        dial_tls = tls
+        if tls is not None and not tls.server_name and address != origin:
+            dial_tls = dataclasses.replace(tls, server_name=_host_of(origin))
+        try:
+            with PredictorClient(address, tls=dial_tls, timeout_s=args.timeout) as client:
+                report = client.arm_stats(
+                    model_name=args.model,
+                    window_seconds=args.window_seconds,
+                    include_sequences=True,
+                )
+        except PredictorUnavailable as exc:
+            failed.append((address, origin, exc.details or str(exc)))
+            continue
+        if not report.replica:
+            report = dataclasses.replace(report, replica=f"{address} (no replica id)")
+        reports.append(report)
+        answered.append(address)
+    if failed and (not args.allow_partial or not reports):
+        listing = "; ".join(f"{a}{f' (from {o})' if o != a else ''}: {why}" for a, o, why in failed)
+        if not reports:
+            raise PredictorUnavailable(f"no predictor answered: {listing}")
+        raise PredictorUnavailable(
+            f"{len(failed)} of {tried} predictor address(es) did not answer, so the "
+            f"{len(reports)} that did are not the whole: {listing}; pass --allow-partial "
+            "to sum only those (the output says it is partial)"
+        )
+    merged = ab.merge_reports(reports)
+    if not merged.arms:
+        # No outcomes at all: make sure the model exists (exit 5 when it does not).
+        with _predictor_at(args, answered[0]) as client:
+            client.get_model(args.model)
+    result = ab.analyze(
+        args.model, merged, baseline=args.baseline, seed=args.seed, resamples=args.resamples
+    )
+    replicas: dict[str, object] = {
+        "summed": len(merged.replicas),
+        "identities": list(merged.replicas),
+        "addresses": answered,
+        "duplicates": list(merged.duplicates),
+        "failed": [{"address": a, "from": o, "error": why} for a, o, why in failed],
+        "partial": bool(failed),
+        "window_seconds": args.window_seconds,
+        "fallback_steps": merged.fallback_steps,
+        "local_steps": merged.local_steps,
+        "rejected_outcomes": merged.rejected_outcomes,
+    }
+    partial = ""
+    if failed:
+        partial = (
+            f"PARTIAL: {len(failed)} address(es) did not answer and are not counted: "
+            + "; ".join(f"{a}: {why}" for a, _, why in failed)
+        )
+        err.write(f"speckv: warning: {partial}\n")
+    if args.json:
+        _print_json(ab.result_to_json(result, replicas), out)
+        return ExitCode.OK
+    window = f"the last {args.window_seconds:g} s" if args.window_seconds > 0 else "since reset"
+    summed = (
+        f"summed {len(merged.replicas)} replica(s) ({', '.join(merged.replicas)}) "
+        f"over {len(answered)} address(es)"
+    )
+    if merged.duplicates:
+        summed += f"; {', '.join(merged.duplicates)} answered more than once, counted once"
+    out.write(f"{args.model}: {summed}; outcomes {window}\n")
+    if partial:
+        out.write(partial + "\n")
+    if result.arms:
+        out.write("\n".join(ab.format_table(result)) + "\n")
+    uncredited = merged.fallback_steps + merged.local_steps
+    if uncredited or merged.rejected_outcomes:
+        out.write(
+            f"not credited to any arm: {merged.fallback_steps} fallback and "
+            f"{merged.local_steps} local step(s); {merged.rejected_outcomes} outcome(s) "
+            "rejected\n"
+        )
+    if result.baseline is not None and result.comparisons:
+        for c in result.comparisons:
+            if c.relative_difference is None or c.ci is None:
+                continue
+            step = ""
+            if c.tokens_per_step_difference is not None and c.tokens_per_step_ci is not None:
+                step = (
+                    f"; tokens/step {100 * c.tokens_per_step_difference:+.1f} % "
+                    f"(95 % CI {100 * c.tokens_per_step_ci.low:+.1f} % to "
+                    f"{100 * c.tokens_per_step_ci.high:+.1f} %)"
+                )
+            out.write(
+                f"{c.candidate.label} vs {c.baseline.label}: tokens/s "
+                f"{100 * c.relative_difference:+.1f} % (95 % CI {100 * c.ci.low:+.1f} % to "
+                f"{100 * c.ci.high:+.1f} %){step}\n"
+            )
+    out.write(f"verdict: {result.verdict}\n")
+    return ExitCode.OK
+
+
 # --- parser ---
 
 
@@ -555,6 +759,63 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("model")
     rollback.add_argument("--predictor", required=True, metavar="HOST:PORT", type=flags.target())
     rollback.set_defaults(run=cmd_rollback)
+
+    promote = sub.add_parser(
+        "promote",
+        parents=[common],
+        help="point the `stable` alias at VERSION and put every weight on it (admin)",
+    )
+    promote.add_argument("model")
+    promote.add_argument("version")
+    promote.add_argument("--predictor", required=True, metavar="HOST:PORT", type=flags.target())
+    promote.set_defaults(run=cmd_promote)
+
+    abp = sub.add_parser(
+        "ab",
+        parents=[common],
+        help="compare a model's arms: tokens/s with 95%% intervals over sequences, a verdict",
+    )
+    abp.add_argument("model")
+    abp.add_argument(
+        "--predictor",
+        required=True,
+        action="append",
+        metavar="HOST:PORT",
+        type=flags.target(),
+        help="repeatable; a name is resolved to ALL its addresses (a headless Service: "
+        "every replica), and every one is asked and summed",
+    )
+    abp.add_argument(
+        "--window-seconds",
+        type=flags.float_range(0.0, None),
+        default=0.0,
+        help="only sequences with an outcome in the last S seconds (default 0: since reset)",
+    )
+    abp.add_argument(
+        "--baseline",
+        metavar="ARM",
+        help="the arm (or vN) the others are compared with (default: stable, else the arm "
+        "with the most sequences)",
+    )
+    abp.add_argument(
+        "--seed",
+        type=flags.int_range(0, flags.UINT64_MAX),
+        default=ab.DEFAULT_SEED,
+        help=f"bootstrap seed (default {ab.DEFAULT_SEED}); the same seed, the same numbers",
+    )
+    abp.add_argument(
+        "--resamples",
+        type=flags.int_range(100, 100_000),
+        default=ab.DEFAULT_RESAMPLES,
+        help=f"bootstrap resamples (default {ab.DEFAULT_RESAMPLES})",
+    )
+    abp.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="when some addresses do not answer, sum the others and say it is partial "
+        "(default: exit 3)",
+    )
+    abp.set_defaults(run=cmd_ab)
     return parser
 
 
