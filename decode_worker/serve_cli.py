@@ -20,6 +20,7 @@ from decode_worker.config import (
     MAX_ROUTING_KEY_BYTES,
     ConfigError,
     EngineConfig,
+    RecordConfig,
     RemotePolicyConfig,
     WorkerConfig,
 )
@@ -75,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--predictor-model", default="", help="pin a predictor model name")
     parser.add_argument(
+        "--no-report-outcomes",
+        action="store_true",
+        help="do not report step outcomes to the predictor (its A/B arm statistics then "
+        "miss this worker's steps)",
+    )
+    parser.add_argument(
         "--max-new-tokens-limit", type=flags.int_range(1, flags.UINT32_MAX), default=1024
     )
     parser.add_argument(
@@ -108,7 +115,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=128,
         help="UTF-8 bytes of a request_id (it is the predictor's routing key)",
     )
-    parser.add_argument("--log-steps", default="", help="append step records to this CSV")
+    parser.add_argument(
+        "--log-steps",
+        default="",
+        help="append drafted steps' records to this one CSV (evaluation; see --record-steps)",
+    )
+    parser.add_argument(
+        "--record-steps",
+        default="",
+        metavar="DIR",
+        help="write every step's record to rotating CSV files in DIR, each complete or absent "
+        "(speckv-predictor train --data DIR reads them)",
+    )
+    parser.add_argument(
+        "--record-max-bytes",
+        type=flags.int_range(4096, 1 << 40),
+        default=64 << 20,
+        help="close a record file before it grows past this (default 64 MiB)",
+    )
+    parser.add_argument(
+        "--record-max-seconds",
+        type=flags.float_range(0.0, 86400.0, lo_open=True),
+        default=300.0,
+        help="close a record file this old, so its records become readable (default 300)",
+    )
+    parser.add_argument(
+        "--record-max-files",
+        type=flags.int_range(1, 1_000_000),
+        default=64,
+        help="complete record files kept in DIR; the oldest are deleted beyond this",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=flags.port(allow_zero=True),
+        default=None,
+        help="serve Prometheus /metrics on this port (0: a free port; default: off)",
+    )
     parser.add_argument("--record-task", default="live", help="task label in step records")
     parser.add_argument(
         "--shutdown-grace-s", type=flags.float_range(0.0, flags.MAX_SECONDS), default=5.0
@@ -142,6 +184,7 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         decision_timeout_s=args.decision_timeout_ms / 1000.0,
         model=ModelSelector(name=args.predictor_model) if args.predictor_model else None,
         plan_max_gamma=args.max_gamma,
+        report_outcomes=not args.no_report_outcomes,
     )
     engine = EngineConfig(
         default_max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens_limit),
@@ -159,6 +202,8 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         host=args.host,
         port=args.port,
         log_steps=args.log_steps,
+        record=_record_config(args),
+        metrics_port=args.metrics_port,
         engine=engine,
         remote=remote,
         shutdown_grace_s=args.shutdown_grace_s,
@@ -170,6 +215,22 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         warmup=not args.no_warmup,
         learn_window=bool(args.predictor) and not args.window,
         check_window=bool(args.predictor) and bool(args.window),
+    )
+
+
+def _record_config(args: argparse.Namespace) -> RecordConfig | None:
+    if not args.record_steps:
+        return None
+    if args.log_steps:
+        raise ConfigError(
+            "--log-steps and --record-steps both record steps; give one (--record-steps DIR "
+            "is the production one: rotating files, every step)"
+        )
+    return RecordConfig(
+        directory=args.record_steps,
+        max_bytes=args.record_max_bytes,
+        max_seconds=args.record_max_seconds,
+        max_files=args.record_max_files,
     )
 
 
@@ -217,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"speckv-worker serve: {err}", file=sys.stderr)
         return 1
     print(f"listening on {server.address}", flush=True)
+    if server.metrics_url:
+        print(f"metrics on {server.metrics_url}", flush=True)
     stop.wait()
     logging.getLogger(__name__).info("shutting down (grace %.1f s)", config.shutdown_grace_s)
     server.stop()

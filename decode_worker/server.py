@@ -3,7 +3,8 @@
 `WorkerServer` is used both by `speckv-worker serve` and in-process (tests, evaluation):
 it takes an already loaded pair, so a test loads the tiny pair once and starts as many
 servers over it as it needs. Shutdown: health flips to NOT_SERVING, in-flight
-generations get `shutdown_grace_s` to finish, then the predictor stream closes.
+generations get `shutdown_grace_s` to finish, then the predictor stream closes, the step
+recorder publishes its open file and the metrics endpoint stops.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from speckv.v1 import decoder_pb2, decoder_pb2_grpc
 
 from decode_worker.config import WorkerConfig
 from decode_worker.engine import PairLike, SpeculativeEngine
-from decode_worker.records import StepRecorder
+from decode_worker.metrics import WorkerMetrics
+from decode_worker.records import RotatingStepRecorder, StepRecorder, StepSink
 from decode_worker.remote_policy import RemotePolicy
 from decode_worker.servicer import DecoderServicer, Policies, RequestLimits, ServiceInfo
 
@@ -45,8 +47,23 @@ class WorkerServer:
     ) -> None:
         self.config = config
         self.pair = pair
-        self.recorder = StepRecorder(config.log_steps) if config.log_steps else None
-        self.engine = SpeculativeEngine(pair, config.engine, recorder=self.recorder)
+        self.metrics = WorkerMetrics()
+        if config.log_steps and config.record is not None:
+            raise ValueError(
+                "--log-steps and --record-steps both record steps; give one (--record-steps "
+                "DIR is the production one: rotating files, every step)"
+            )
+        recorder: StepSink | None = None
+        self.rotating_recorder: RotatingStepRecorder | None = None
+        if config.record is not None:
+            self.rotating_recorder = RotatingStepRecorder(config.record)
+            recorder = self.rotating_recorder
+        elif config.log_steps:
+            recorder = StepRecorder(config.log_steps)
+        rotating = self.rotating_recorder
+        self.metrics.read_records_dropped(lambda: rotating.dropped if rotating else 0)
+        self.recorder = recorder
+        self.engine = SpeculativeEngine(pair, config.engine, recorder=recorder)
         self._predictor: _Predictor | None = None
         remote = None
         if config.predictor:
@@ -73,6 +90,12 @@ class WorkerServer:
                 log.info("remote policy: %s", how)
             stream = client.decision_stream()
             self._predictor = _Predictor(client, stream)
+            self.metrics.read_stream_stats(lambda: stream.stats)
+            self.metrics.read_gauge(
+                "predictor_connected",
+                "1 while the Decide stream to the predictor is open",
+                lambda: 1.0 if stream.connected else 0.0,
+            )
             remote = RemotePolicy(stream, remote_config, self.engine.timing)
         self.policies = Policies(config.policy, remote)
         desc = describe or {}
@@ -84,7 +107,10 @@ class WorkerServer:
             predictor_address=config.predictor,
         )
         self.limits = RequestLimits.of(config, self.engine.max_positions)
-        self.servicer = DecoderServicer(self.engine, self.policies, info, self.limits)
+        self.metrics.finish_wiring()
+        self.servicer = DecoderServicer(
+            self.engine, self.policies, info, self.limits, metrics=self.metrics
+        )
         self.health = health.HealthServicer()
         # No maximum_concurrent_rpcs: gRPC would count health checks and GetInfo against it
         # and refuse them under load. Generate admits `max_concurrent_requests` itself;
@@ -100,6 +126,8 @@ class WorkerServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         _add_reflection(self._server)
         self.port = 0
+        self.metrics_port: int | None = None
+        self._metrics_http: Any = None
 
     @property
     def address(self) -> str:
@@ -112,12 +140,30 @@ class WorkerServer:
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}; is it in use?")
+        if self.config.metrics_port is not None:
+            self._start_metrics(self.config.host, self.config.metrics_port)
         self._server.start()
         if self.config.warmup:
             self.engine.warmup()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self
+
+    def _start_metrics(self, host: str, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        try:
+            httpd, _ = start_http_server(port, addr=host, registry=self.metrics.registry)
+        except OSError as err:
+            raise OSError(
+                f"could not serve metrics on {host}:{port} (--metrics-port): {err}"
+            ) from err
+        self._metrics_http = httpd
+        self.metrics_port = int(httpd.server_address[1])
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config.host}:{self.metrics_port}/metrics" if self.metrics_port else ""
 
     def wait(self) -> None:
         self._server.wait_for_termination()
@@ -132,6 +178,10 @@ class WorkerServer:
             self._predictor.client.close()
         if self.recorder is not None:
             self.recorder.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
 
     def __enter__(self) -> WorkerServer:
         return self.start()

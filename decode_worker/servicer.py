@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import decode_worker
 from decode_worker.config import WorkerConfig
 from decode_worker.engine import FinishReason, GenerationResult, RequestError, SpeculativeEngine
 from decode_worker.engine import StepResult as EngineStep
+from decode_worker.metrics import WorkerMetrics
 from decode_worker.policies import DecisionSource, GammaPolicy, PolicyError, parse_local_policy
 from decode_worker.remote_policy import RemotePolicy
 from decode_worker.sampling import SamplingParams
@@ -137,7 +139,9 @@ class Policies:
 
 class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
     """Generate admits at most `limits.max_concurrent_requests` generations (a counter on
-    Generate only: GetInfo and health are never refused for load)."""
+    Generate only: GetInfo and health are never refused for load). Every streamed step and
+    finished generation is observed in `metrics` (docs/worker.md, "Metrics"); an admitted
+    generation counts as queued until its first step, then as active."""
 
     def __init__(
         self,
@@ -145,11 +149,13 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         policies: Policies,
         info: ServiceInfo,
         limits: RequestLimits,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.engine = engine
         self.policies = policies
         self.info = info
         self.limits = limits
+        self.metrics = metrics or WorkerMetrics()
         self._admitted = 0
         self._admit_lock = threading.Lock()
 
@@ -176,9 +182,12 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                 "with backoff, or use another worker",
             )
             return
+        self.metrics.queued.inc()
+        started = [False]
         try:
-            yield from self._generate(request, context)
+            yield from self._generate(request, context, started)
         finally:
+            (self.metrics.active if started[0] else self.metrics.queued).dec()
             with self._admit_lock:
                 self._admitted -= 1
 
@@ -190,7 +199,10 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             return True
 
     def _generate(
-        self, request: decoder_pb2.GenerateRequest, context: grpc.ServicerContext
+        self,
+        request: decoder_pb2.GenerateRequest,
+        context: grpc.ServicerContext,
+        started: list[bool],
     ) -> Iterator[decoder_pb2.GenerateResponse]:
         cancelled = threading.Event()
         context.add_callback(cancelled.set)
@@ -199,10 +211,25 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         except (RequestError, PolicyError, ValueError) as err:
             _refuse(context, str(err))
             return
+        metrics = self.metrics
+        counted = 0.0  # generation seconds already added to the metrics
+        last = time.perf_counter()
         for step in run:
+            if not started[0]:
+                started[0] = True
+                metrics.queued.dec()
+                metrics.active.inc()
+            now = time.perf_counter()
+            metrics.observe_step(step, now - last)
+            counted += now - last
+            last = now
             if cancelled.is_set():
                 break
             yield decoder_pb2.GenerateResponse(chunk=_chunk_to_pb(step))
+        if run.result is not None:
+            metrics.observe_generation(run.result, counted)
+        elif cancelled.is_set():
+            metrics.generations.labels(FinishReason.CANCELLED.value).inc()
         if run.result is not None and not cancelled.is_set():
             yield decoder_pb2.GenerateResponse(summary=_summary_to_pb(run.result))
 
