@@ -27,7 +27,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
-	$(VENV)/bin/mypy predictor_service decode_worker client benchmarks/speckv_eval benchmarks/*.py
+	$(VENV)/bin/mypy predictor_service decode_worker client benchmarks/speckv_eval benchmarks/speckv_tinypair benchmarks/*.py
 
 pytest: venv
 	$(VENV)/bin/pytest -ra --durations=15 $(PYTEST_ARGS)

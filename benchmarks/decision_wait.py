@@ -107,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from speckv_client.predictor import PredictorClient
+    from speckv_tinypair.builder import TinyPairConfig, ensure_tiny_pair
 
     from decode_worker.config import EngineConfig
     from decode_worker.engine import SpeculativeEngine
     from decode_worker.pair import PairConfig, load_pair
-    from decode_worker.tiny_pair import TinyPairConfig, ensure_tiny_pair
 
     torch.set_num_threads(args.threads)
     pair_root = ensure_tiny_pair(TinyPairConfig(out=PAIR_CACHE, size="test", seed=0)).root

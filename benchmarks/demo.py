@@ -61,8 +61,7 @@ def prepare(config: DemoConfig) -> tuple[Path, Path, Path]:
     pair = config.cache / "tiny-pair" / f"{config.pair_size}-seed{config.seed}"
     run(
         [
-            BIN / "speckv-worker",
-            "tiny-pair",
+            BIN / "speckv-tiny-pair",
             "--out",
             pair,
             "--size",

@@ -361,9 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for sub in ("draft", "target"):
         if not (args.pair / sub).is_dir():
-            parser.error(
-                f"--pair {args.pair}: no {sub}/ inside; build it with speckv-worker tiny-pair"
-            )
+            parser.error(f"--pair {args.pair}: no {sub}/ inside; build it with speckv-tiny-pair")
     if args.reps < 1:
         parser.error("--reps must be ≥ 1")
 

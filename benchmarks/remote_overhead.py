@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     if not (PAIR / "target").is_dir():
-        print(f"no demo pair at {PAIR}: run `speckv-worker tiny-pair --size demo` first")
+        print(f"no demo pair at {PAIR}: run `speckv-tiny-pair --size demo` first")
         return 2
     pair = load_pair(
         PairConfig(

@@ -1,7 +1,7 @@
 """`make selector`: train the in-step selector on the demo pair and register it.
 
 Steps (each reused when its output exists; `--fresh` redoes all):
-1. build or reuse the demo tiny pair (`speckv-worker tiny-pair --size demo`);
+1. build or reuse the demo tiny pair (`speckv-tiny-pair --size demo`);
 2. log token records on the *training* prompts only (`speckv-eval log-steps --tokens-out`,
    random γ per step so every draft length and history state is seen; evaluation prompts
    are refused by log-steps);
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     pair = args.cache / "tiny-pair" / f"{args.pair_size}-seed{args.seed}"
     run(
         [
-            BIN / "speckv-worker",
-            "tiny-pair",
+            BIN / "speckv-tiny-pair",
             "--out",
             pair,
             "--size",

@@ -1,4 +1,8 @@
-"""`speckv-worker`: build the tiny model pair, or serve a draft/target pair over gRPC."""
+"""`speckv-worker`: serve a draft/target pair over gRPC.
+
+The tiny-pair builder is not part of the worker: it is `speckv-tiny-pair` (the `tinypair`
+extra, docs/tiny-pair.md), so the worker package and image carry no training code.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,21 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+MOVED = {
+    "tiny-pair": "the tiny-pair builder is now its own command: `speckv-tiny-pair` (same flags; "
+    "install the `tinypair` extra), e.g. `speckv-tiny-pair --size demo`",
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from decode_worker import serve_cli, tiny_pair_cli
+    from decode_worker import serve_cli
 
     parser = argparse.ArgumentParser(
         prog="speckv-worker",
         description="Speculative decoding worker for SpecKV.",
+        epilog="The tiny draft/target pair is built by `speckv-tiny-pair`, not by this command.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    tiny = sub.add_parser("tiny-pair", help="build (or reuse) the embedded tiny draft/target pair")
-    tiny_pair_cli.add_arguments(tiny)
-    tiny.set_defaults(run=tiny_pair_cli.run)
     serve = sub.add_parser("serve", help="load a pair once and serve Generate over gRPC")
     serve_cli.add_arguments(serve)
     serve.set_defaults(run=serve_cli.run)
@@ -25,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in MOVED:
+        print(f"speckv-worker: error: no command {argv[0]!r}: {MOVED[argv[0]]}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     return int(args.run(args))
 

@@ -122,7 +122,7 @@ def _check_source(role: str, name: str) -> str:
         raise PairLoadError(
             f"{role} model directory {name!r} does not exist or is not a directory; "
             "give a directory written by save_pretrained (e.g. built by "
-            "`speckv-worker tiny-pair --out DIR`, then DIR/target and DIR/draft) or a hub name"
+            "`speckv-tiny-pair --out DIR`, then DIR/target and DIR/draft) or a hub name"
         )
     return name
 

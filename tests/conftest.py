@@ -82,7 +82,7 @@ def model_repo(model_repo_template: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pair_dir() -> Path:
     """The `test`-size pair (DIR/draft, DIR/target); built on first use, then reused."""
-    from decode_worker.tiny_pair import TinyPairConfig, ensure_tiny_pair
+    from speckv_tinypair.builder import TinyPairConfig, ensure_tiny_pair
 
     pair = ensure_tiny_pair(
         TinyPairConfig(out=TINY_PAIR_CACHE, size="test", seed=0, progress=False)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from decode_worker.pair_manifest import read_manifest
 from speckv_eval.replay_run import Prompt, load_prompts
 from speckv_eval.services import pair_fingerprint
 
@@ -52,7 +53,11 @@ class LogConfig:
 def corpus_snippets(n: int, code_chars: int, chars: int = 240) -> list[Prompt]:
     """`n` prompts cut from the tiny pair's *held-out* corpus documents (the pair never
     trained on them), alternating code and prose, each starting at a line boundary."""
-    from decode_worker.corpus import load_corpus
+    if n <= 0:
+        return []
+    # The builder's corpus (speckv_tinypair, not in the worker image): only asked-for snippets
+    # need it.
+    from speckv_tinypair.corpus import load_corpus
 
     docs = load_corpus(code_chars).heldout
     code = [d for d in docs if d.name.startswith("code:")]
@@ -221,9 +226,9 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens_out is not None and args.tokens_out.exists():
         raise SystemExit(f"--tokens-out {args.tokens_out} exists; give a new file")
     code_chars = 2_000_000
-    manifest = args.pair / "manifest.json"
-    if manifest.is_file():
-        code_chars = int(json.loads(manifest.read_text())["spec"]["code_chars"])
+    manifest = read_manifest(args.pair)  # tiny-pair.json, or an older pair's manifest.json
+    if manifest is not None:
+        code_chars = int(manifest.spec["code_chars"])
     cfg = LogConfig(
         draft=str(args.pair / "draft"),
         target=str(args.pair / "target"),

@@ -58,7 +58,7 @@ def config_from_args(args: argparse.Namespace) -> ReplayConfig:
         if not (args.pair / "draft").is_dir() or not (args.pair / "target").is_dir():
             raise SystemExit(
                 f"--pair {args.pair}: expected draft/ and target/ inside; build the tiny pair "
-                "with `speckv-worker tiny-pair --out DIR --size demo`"
+                "with `speckv-tiny-pair --out DIR --size demo`"
             )
     elif args.draft and args.target:
         draft, target = args.draft, args.target

@@ -148,13 +148,13 @@ def pair_fingerprint(draft: str | Path, target: str | Path) -> dict[str, object]
     a weights id computed from the files, and the tiny-pair manifest's agreement, cost
     ratio, torch and CPU when that manifest describes those very files. Record it in every
     results JSON; weights are byte-identical only on the same CPU and torch."""
-    from decode_worker.tiny_pair import pair_fingerprint as fingerprint
+    from decode_worker.pair_manifest import pair_fingerprint as fingerprint
 
     return fingerprint(draft, target)
 
 
 def format_pair_fingerprint(fingerprint: dict[str, object]) -> str:
     """The fingerprint as one line (`pair 1a2b...: agreement ... / ..., cost ratio ...`)."""
-    from decode_worker.tiny_pair import format_fingerprint
+    from decode_worker.pair_manifest import format_fingerprint
 
     return format_fingerprint(dict(fingerprint))

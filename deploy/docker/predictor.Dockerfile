@@ -20,6 +20,7 @@ COPY predictor_service/ predictor_service/
 COPY decode_worker/ decode_worker/
 COPY client/ client/
 COPY benchmarks/speckv_eval/ benchmarks/speckv_eval/
+COPY benchmarks/speckv_tinypair/ benchmarks/speckv_tinypair/
 RUN /opt/venv/bin/pip install ".[${EXTRAS}]" \
     && if /opt/venv/bin/python -c "import torch" 2>/dev/null; then \
          echo "torch must not be in the predictor image" >&2; exit 1; fi

@@ -35,6 +35,7 @@ COPY predictor_service/ predictor_service/
 COPY decode_worker/ decode_worker/
 COPY client/ client/
 COPY benchmarks/speckv_eval/ benchmarks/speckv_eval/
+COPY benchmarks/speckv_tinypair/ benchmarks/speckv_tinypair/
 RUN /opt/venv/bin/pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}" \
     && /opt/venv/bin/pip install ".[worker]" \
     && rm -rf /src
@@ -47,7 +48,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TRITON_CACHE_DIR=/tmp/triton
 # Built as root into a read-only path; deterministic for its seed, so the layer caches.
 RUN if [ -n "${TINY_PAIR_SIZE}" ]; then \
-      speckv-worker tiny-pair --out /opt/speckv/tiny-pair --size "${TINY_PAIR_SIZE}"; \
+      speckv-tiny-pair --out /opt/speckv/tiny-pair --size "${TINY_PAIR_SIZE}"; \
     fi
 RUN groupadd --gid 10001 speckv \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin speckv

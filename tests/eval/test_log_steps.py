@@ -32,7 +32,7 @@ def test_evaluation_prompt_is_refused() -> None:
 
 
 def test_corpus_snippets_come_from_heldout_documents() -> None:
-    from decode_worker.corpus import load_corpus
+    from speckv_tinypair.corpus import load_corpus
 
     heldout = {d.name for d in load_corpus(400_000).heldout}
     snippets = corpus_snippets(4, 400_000)

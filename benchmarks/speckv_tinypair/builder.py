@@ -7,11 +7,14 @@ aligns it with the target far better than training it separately (docs/tiny-pair
 saved with `save_pretrained` and read back through `load_pair`, the production code path.
 
 Layout of DIR: `target/` and `draft/` (each a model plus the shared tokenizer) and
-`manifest.json`, written last, so a directory with a manifest is a finished pair.
+`tiny-pair.json` (`decode_worker.pair_manifest`), written last, so a directory with it is a
+finished pair. Folders built before that name hold the same content as `manifest.json`; they
+are reused as they are, and `tiny-pair.json` is written beside them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,10 +30,23 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from decode_worker.corpus import Corpus, load_corpus, read_snapshot
+from decode_worker.pair_manifest import (
+    LEGACY_MANIFEST_NAME,
+    MANIFEST_NAME,
+    ManifestError,
+    PairKey,
+    PairMetrics,
+    ParameterCounts,
+    TinyPairManifest,
+    WeightsSha256,
+    read_manifest,
+    write_manifest,
+)
+from speckv_tinypair.corpus import SNAPSHOT, Corpus, load_corpus, read_snapshot
 
+# Part of every pair's key: bump it only when the same spec and corpus would give other
+# weights (a change to training), never for a change to the manifest's format.
 BUILDER_VERSION = 1
-MANIFEST = "manifest.json"
 SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 
 
@@ -128,7 +144,7 @@ class TinyPair:
     """A built (or reused) pair: where it is and what its manifest says."""
 
     root: Path
-    manifest: dict[str, Any]
+    manifest: TinyPairManifest
     reused: bool
 
     @property
@@ -140,22 +156,14 @@ class TinyPair:
         return self.root / "target"
 
 
-def cache_key(config: TinyPairConfig, corpus_digest: str) -> dict[str, Any]:
-    return {
-        "builder_version": BUILDER_VERSION,
-        "size": config.size,
-        "seed": config.seed,
-        "spec_hash": config.spec.digest(),
-        "corpus_hash": corpus_digest,
-    }
-
-
-def read_manifest(root: Path) -> dict[str, Any] | None:
-    try:
-        data: dict[str, Any] = json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return data
+def cache_key(config: TinyPairConfig, corpus_digest: str) -> PairKey:
+    return PairKey(
+        builder_version=BUILDER_VERSION,
+        size=config.size,
+        seed=config.seed,
+        spec_hash=config.spec.digest(),
+        corpus_hash=corpus_digest,
+    )
 
 
 def _is_complete(root: Path) -> bool:
@@ -177,24 +185,33 @@ def _remove_abandoned_staging(root: Path) -> None:
             pass  # alive, owned by someone else
 
 
+def _reuse(root: Path, manifest: TinyPairManifest) -> TinyPair:
+    """A matching pair as it is; a legacy folder (`manifest.json` only) also gets its
+    `tiny-pair.json`, when the folder is writable (a read-only image keeps reading the old)."""
+    if not (root / MANIFEST_NAME).is_file():
+        with contextlib.suppress(OSError):
+            write_manifest(root, manifest)
+    return TinyPair(root=root, manifest=manifest, reused=True)
+
+
 def ensure_tiny_pair(config: TinyPairConfig) -> TinyPair:
-    """Reuse the pair in `config.out` when its manifest matches; otherwise build it there."""
+    """Reuse the pair in `config.out` when its manifest's key matches; otherwise build it there.
+
+    The manifest is `tiny-pair.json`, or `manifest.json` in a folder built before that name
+    (same content, reused the same way). An invalid manifest is an error, never a rebuild.
+    """
     spec = config.spec
     corpus = load_corpus(spec.code_chars)
     key = cache_key(config, corpus.digest())
     root = Path(config.out)
     existing = read_manifest(root)
-    if (
-        not config.force
-        and existing is not None
-        and existing.get("key") == key
-        and _is_complete(root)
-    ):
-        return TinyPair(root=root, manifest=existing, reused=True)
+    if not config.force and existing is not None and existing.key == key and _is_complete(root):
+        return _reuse(root, existing)
     if root.exists() and any(root.iterdir()) and existing is None:
         raise FileExistsError(
-            f"{root} exists, is not empty and holds no tiny-pair {MANIFEST}; "
-            "refusing to overwrite it: pass an empty or new --out directory"
+            f"{root} exists, is not empty and holds no {MANIFEST_NAME} (nor a legacy "
+            f"{LEGACY_MANIFEST_NAME}); refusing to overwrite it: pass an empty or new --out "
+            "directory"
         )
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(root)
@@ -205,14 +222,12 @@ def ensure_tiny_pair(config: TinyPairConfig) -> TinyPair:
         manifest = _build(config, spec, corpus, key, staging)
         # Another process (a parallel test session) may have finished the same pair first:
         # keep its files rather than deleting a directory someone may be loading.
-        finished = read_manifest(root)
-        if (
-            not config.force
-            and finished is not None
-            and finished.get("key") == key
-            and _is_complete(root)
-        ):
-            return TinyPair(root=root, manifest=finished, reused=True)
+        try:
+            finished = read_manifest(root)
+        except ManifestError:
+            finished = None
+        if not config.force and finished is not None and finished.key == key and _is_complete(root):
+            return _reuse(root, finished)
         if root.exists():
             shutil.rmtree(root)
         staging.rename(root)
@@ -384,77 +399,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-# --------------------------------------------------------------------------- fingerprint
-
-
-def weights_id(target_sha256: str, draft_sha256: str) -> str:
-    """16 hex digits naming one pair of weights files (sha256 over both files' sha256)."""
-    blob = f"target {target_sha256}\ndraft {draft_sha256}\n".encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def fingerprint_from_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What tells one built pair from another: weights, its measured quality and cost, and
-    what it was built with. Pairs built before fingerprints existed have no CPU recorded."""
-    weights = manifest["weights_sha256"]
-    metrics = manifest["metrics"]
-    build = manifest.get("build", {})
-    return {
-        "weights": weights_id(weights["target"], weights["draft"]),
-        "agreement_teacher_forced_heldout": metrics["agreement_teacher_forced_heldout"],
-        "agreement_target_generated": metrics["agreement_target_generated"],
-        "cost_ratio_draft_over_target": metrics["cost_ratio_draft_over_target"],
-        "torch": build.get("torch"),
-        "cpu": build.get("cpu"),
-        "cpu_capability": build.get("cpu_capability"),
-        "size": manifest.get("size"),
-        "seed": manifest.get("seed"),
-        "corpus_hash": manifest.get("key", {}).get("corpus_hash"),
-    }
-
-
-def pair_fingerprint(draft: str | Path, target: str | Path) -> dict[str, Any]:
-    """The fingerprint of the pair a run used, for its results file.
-
-    The weights id is computed from the files themselves; the measured numbers come from
-    the tiny-pair manifest beside them and are left out when that manifest is missing or
-    describes other weights (a hub model, a pair rebuilt by hand).
-    """
-    d, t = Path(draft), Path(target)
-    files = (t / "model.safetensors", d / "model.safetensors")
-    if not all(f.is_file() for f in files):
-        return {"weights": None, "note": f"no local model.safetensors for {target} / {draft}"}
-    actual = weights_id(_sha256(files[0]), _sha256(files[1]))
-    manifest = read_manifest(d.parent) if d.parent.resolve() == t.parent.resolve() else None
-    if manifest is None or "weights_sha256" not in manifest:
-        return {"weights": actual, "note": "no tiny-pair manifest beside the models"}
-    fingerprint = fingerprint_from_manifest(manifest)
-    if fingerprint["weights"] != actual:
-        return {"weights": actual, "note": "the manifest describes other weights; not used"}
-    return fingerprint
-
-
-def format_fingerprint(fp: dict[str, Any]) -> str:
-    """One line: `pair 1a2b...: agreement 0.634 held-out / 0.739 generated, ...`."""
-    if "agreement_target_generated" not in fp:
-        return f"pair {fp.get('weights') or 'unknown'}: {fp.get('note', 'no fingerprint')}"
-    return (
-        f"pair {fp['weights']}: agreement {fp['agreement_teacher_forced_heldout']:.3f} held-out"
-        f" / {fp['agreement_target_generated']:.3f} generated, cost ratio "
-        f"{fp['cost_ratio_draft_over_target']:.3f}, torch {fp['torch']}, "
-        f"CPU {fp['cpu'] or 'not recorded'}"
-        + (f" ({fp['cpu_capability']})" if fp.get("cpu_capability") else "")
-    )
-
-
 def _build(
-    config: TinyPairConfig, spec: TinyPairSpec, corpus: Corpus, key: dict[str, Any], root: Path
-) -> dict[str, Any]:
+    config: TinyPairConfig, spec: TinyPairSpec, corpus: Corpus, key: PairKey, root: Path
+) -> TinyPairManifest:
     import tokenizers
     import transformers
 
-    from decode_worker.pair_metrics import generated_agreement, measure_cost
-    from decode_worker.pair_metrics import teacher_forced_agreement as tf_agreement
+    from speckv_tinypair.pair_metrics import generated_agreement, measure_cost
+    from speckv_tinypair.pair_metrics import teacher_forced_agreement as tf_agreement
 
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
@@ -524,16 +476,26 @@ def _build(
             model.generation_config.eos_token_id = 2
             model.save_pretrained(root / role)
             tokenizer.save_pretrained(root / role)
-        manifest: dict[str, Any] = {
-            "format": 1,
-            "key": key,
-            "size": config.size,
-            "seed": config.seed,
-            "spec": dataclasses.asdict(spec),
-            "corpus": {
+        metrics = PairMetrics(
+            agreement_teacher_forced_heldout=round(agree_tf, 4),
+            agreement_target_generated=round(agree_gen, 4),
+            draft_ms_per_token=round(cost.draft_ms_per_token, 3),
+            target_ms_per_token=round(cost.target_ms_per_token, 3),
+            target_ms_verify_5_tokens=round(cost.target_ms_verify, 3),
+            cost_ratio_draft_over_target=round(cost.ratio, 4),
+            measured_with="KV-cached forwards at 32 tokens of context, median, "
+            f"torch threads {config.threads}, float32 CPU",
+        )
+        manifest = TinyPairManifest(
+            key=key,
+            size=config.size,
+            seed=config.seed,
+            spec=dataclasses.asdict(spec),
+            corpus={
                 "source": "Python stdlib *.py (name order) + pydoc_data.topics, from the "
-                "snapshot shipped in decode_worker/data; every 10th document held out",
-                "snapshot": "decode_worker/data/python-3.11.7-corpus.json.gz",
+                "snapshot shipped in benchmarks/speckv_tinypair/data; every 10th document "
+                "held out",
+                "snapshot": f"benchmarks/speckv_tinypair/data/{SNAPSHOT.name}",
                 "python": read_snapshot()["python"],
                 "train_documents": len(corpus.train),
                 "heldout_documents": len(corpus.heldout),
@@ -542,28 +504,18 @@ def _build(
                 "train_tokens": int(train_stream.numel()),
                 "heldout_tokens": int(heldout_stream.numel()),
             },
-            "tokenizer": {"vocab_size": vocab, "pad": 0, "bos": 1, "eos": 2},
-            "parameters": {
-                "target": int(target.num_parameters()),
-                "draft": int(draft.num_parameters()),
-            },
-            "training": {
+            tokenizer={"vocab_size": vocab, "pad": 0, "bos": 1, "eos": 2},
+            parameters=ParameterCounts(
+                target=int(target.num_parameters()), draft=int(draft.num_parameters())
+            ),
+            training={
                 "target_final_loss": round(target_loss, 4),
                 "draft_final_kl": round(draft_kl, 4),
                 "target_heldout_loss": round(_heldout_loss(target, eval_w), 4),
                 "draft_heldout_loss": round(_heldout_loss(draft, eval_w), 4),
             },
-            "metrics": {
-                "agreement_teacher_forced_heldout": round(agree_tf, 4),
-                "agreement_target_generated": round(agree_gen, 4),
-                "draft_ms_per_token": round(cost.draft_ms_per_token, 3),
-                "target_ms_per_token": round(cost.target_ms_per_token, 3),
-                "target_ms_verify_5_tokens": round(cost.target_ms_verify, 3),
-                "cost_ratio_draft_over_target": round(cost.ratio, 4),
-                "measured_with": "KV-cached forwards at 32 tokens of context, median, "
-                f"torch threads {config.threads}, float32 CPU",
-            },
-            "build": {
+            metrics=metrics,
+            build={
                 "seconds_total": round(time.perf_counter() - started, 1),
                 "seconds_tokenizer_and_data": round(t_tok, 1),
                 "seconds_target": round(t_target, 1),
@@ -583,12 +535,15 @@ def _build(
                 "transformers": transformers.__version__,
                 "tokenizers": tokenizers.__version__,
             },
-            "weights_sha256": {
-                role: _sha256(root / role / "model.safetensors") for role in ("target", "draft")
-            },
-        }
-        manifest["fingerprint"] = fingerprint_from_manifest(manifest)
-        (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            weights_sha256=WeightsSha256(
+                target=_sha256(root / "target" / "model.safetensors"),
+                draft=_sha256(root / "draft" / "model.safetensors"),
+            ),
+        )
+        write_manifest(root, manifest)
+        # Read back through the validating reader, so an invalid manifest never caches.
+        written = read_manifest(root)
+        assert written == manifest, "tiny-pair.json does not read back as written"
         return manifest
     finally:
         torch.set_num_threads(prev_threads)

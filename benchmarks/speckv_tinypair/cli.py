@@ -1,19 +1,18 @@
-"""`speckv-worker tiny-pair`: build (or reuse) the tiny draft/target pair and print its numbers."""
+"""`speckv-tiny-pair`: build (or reuse) the tiny draft/target pair and print its numbers.
+
+Not part of the worker (nor its image): the worker serves any pair folder; this builds one.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from decode_worker.tiny_pair import (
-    SIZES,
-    TinyPairConfig,
-    ensure_tiny_pair,
-    fingerprint_from_manifest,
-    format_fingerprint,
-)
+from decode_worker.pair_manifest import ManifestError, format_fingerprint
+from speckv_tinypair.builder import SIZES, TinyPairConfig, ensure_tiny_pair
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,33 +54,33 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         pair = ensure_tiny_pair(config)
-    except FileExistsError as err:
+    except (FileExistsError, ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     m = pair.manifest
     if args.json:
-        print(json.dumps(m, indent=2, sort_keys=True))
+        print(json.dumps(m.to_json(), indent=2, sort_keys=True))
         return 0
-    metrics, build, params = m["metrics"], m["build"], m["parameters"]
+    metrics, build = m.metrics, m.build
     state = "reused cached pair" if pair.reused else "built"
-    print(f"{state}: {pair.root} (size {m['size']}, seed {m['seed']})")
-    print(f"  target {pair.target_dir}  ({params['target']:,} parameters)")
-    print(f"  draft  {pair.draft_dir}  ({params['draft']:,} parameters)")
+    print(f"{state}: {pair.root} (size {m.size}, seed {m.seed})")
+    print(f"  target {pair.target_dir}  ({m.parameters.target:,} parameters)")
+    print(f"  draft  {pair.draft_dir}  ({m.parameters.draft:,} parameters)")
     print(
         "  greedy agreement: held-out teacher-forced "
-        f"{metrics['agreement_teacher_forced_heldout']:.3f}, "
-        f"target-generated {metrics['agreement_target_generated']:.3f}"
+        f"{metrics.agreement_teacher_forced_heldout:.3f}, "
+        f"target-generated {metrics.agreement_target_generated:.3f}"
     )
     print(
-        f"  per-token cost: draft {metrics['draft_ms_per_token']:.2f} ms, "
-        f"target {metrics['target_ms_per_token']:.2f} ms, "
-        f"ratio {metrics['cost_ratio_draft_over_target']:.3f}"
+        f"  per-token cost: draft {metrics.draft_ms_per_token:.2f} ms, "
+        f"target {metrics.target_ms_per_token:.2f} ms, "
+        f"ratio {metrics.cost_ratio_draft_over_target:.3f}"
     )
     print(
         f"  build {build['seconds_total']:.0f} s on {build['threads']} threads "
         f"(load average {build['load_average_at_start']} -> {build['load_average_at_end']})"
     )
-    print(f"  fingerprint: {format_fingerprint(fingerprint_from_manifest(m))}")
+    print(f"  fingerprint: {format_fingerprint(m.fingerprint)}")
     print(f"  serve: speckv-worker serve --draft {pair.draft_dir} --target {pair.target_dir}")
     if args.measure_compressions:
         _measure_compressions(pair.draft_dir, pair.target_dir, args.threads)
@@ -98,7 +97,7 @@ def _measure_compressions(draft: Path, target: Path, threads: int) -> None:
     import torch
 
     from decode_worker.pair import COMPRESSIONS, PairConfig, load_pair
-    from decode_worker.pair_metrics import measure_cost
+    from speckv_tinypair.pair_metrics import measure_cost
 
     torch.set_num_threads(threads)
     for compression in COMPRESSIONS:
@@ -111,3 +110,21 @@ def _measure_compressions(draft: Path, target: Path, threads: int) -> None:
             f"{cost.target_ms_verify:.2f} ms, ratio {cost.ratio:.3f} "
             f"(load average {os.getloadavg()[0]:.2f})"
         )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speckv-tiny-pair",
+        description="Build (or reuse) the project's tiny draft/target pair on CPU, "
+        "deterministically for a seed, and print its measured numbers (docs/tiny-pair.md).",
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
