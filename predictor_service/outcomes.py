@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 from speckv_client.types import (
     ArmStats,
@@ -29,7 +30,6 @@ from speckv_client.types import (
     DecisionSource,
     SequenceOutcome,
     ShadowCalibration,
-    StepOutcome,
 )
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,57 @@ ShadowKey = tuple[str, int]  # (model, shadow version)
 INVALID = "invalid"  # malformed: counts that cannot be, non-finite seconds, missing names
 UNKNOWN_ARM = "unknown_arm"  # names a (model, version, arm) this server never served
 REJECT_REASONS = (INVALID, UNKNOWN_ARM)
+
+
+class Outcome(Protocol):
+    """What the tracker reads of an outcome: a `StepOutcome` or an `OutcomeValues`."""
+
+    @property
+    def routing_key(self) -> str: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def source(self) -> DecisionSource: ...
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def model_version(self) -> int: ...
+    @property
+    def arm(self) -> str: ...
+    @property
+    def decision_step(self) -> int: ...
+    @property
+    def drafted(self) -> int: ...
+    @property
+    def accepted(self) -> int: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def draft_seconds(self) -> float: ...
+    @property
+    def verify_seconds(self) -> float: ...
+    @property
+    def sequence_end(self) -> bool: ...
+
+
+class OutcomeValues(NamedTuple):
+    """The fields of a `StepOutcome` the tracker reads, as a tuple: what the servicer builds
+    per outcome on the Decide hot path (measured 1.6 us per outcome against 4.4 us for the
+    frozen `StepOutcome` of speckv_client.convert.outcome_from_pb)."""
+
+    routing_key: str
+    step: int
+    source: DecisionSource
+    model_name: str
+    model_version: int
+    arm: str
+    decision_step: int
+    drafted: int
+    accepted: int
+    tokens: int
+    draft_seconds: float
+    verify_seconds: float
+    sequence_end: bool
 
 
 @dataclass(frozen=True)
@@ -109,7 +160,7 @@ class _Calibration:
         self.predicted = self.realised = self.abs_error = 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class ArmDelta:
     """What one `record()` call added to one arm (for the Prometheus counters)."""
 
@@ -121,7 +172,7 @@ class ArmDelta:
     sequences: int = 0  # sequences this arm saw for the first time (since its record)
 
 
-@dataclass
+@dataclass(slots=True)
 class RecordSummary:
     """What one batch of outcomes changed; the servicer feeds it to the metrics."""
 
@@ -170,7 +221,7 @@ class ArmStatsTracker:
 
     # ----- writes ------------------------------------------------------------------------
 
-    def record(self, outcomes: Sequence[StepOutcome]) -> RecordSummary:
+    def record(self, outcomes: Sequence[Outcome]) -> RecordSummary:
         """Count a batch of outcomes (one Decide message's); never raises on bad input."""
         summary = RecordSummary()
         first_problem: str | None = None
@@ -264,7 +315,7 @@ class ArmStatsTracker:
             self._log_rejected(rejected, first_problem, now)
         return summary
 
-    def _problem(self, o: StepOutcome) -> str | None:
+    def _problem(self, o: Outcome) -> str | None:
         """`field: why` for an outcome that cannot be counted, else None."""
         cfg = self.config
         source = o.source
@@ -274,6 +325,8 @@ class ArmStatsTracker:
             return "routing_key: is empty; send the row's routing_key"
         if _too_long(o.routing_key, cfg.max_routing_key_bytes):
             return f"routing_key: longer than {cfg.max_routing_key_bytes} bytes"
+        if min(o.step, o.drafted, o.accepted, o.tokens) < 0:
+            return "step, drafted, accepted and tokens must be >= 0"
         if o.accepted > o.drafted:
             return f"accepted: {o.accepted} > drafted {o.drafted}"
         if o.tokens > o.drafted + 1:
@@ -315,7 +368,7 @@ class ArmStatsTracker:
             example,
         )
 
-    def _calibrate(self, o: StepOutcome, summary: RecordSummary) -> None:
+    def _calibrate(self, o: Outcome, summary: RecordSummary) -> None:
         """Compare the shadow's prediction for this step with what it realised (lock held)."""
         if o.decision_step not in (0, o.step):
             return  # a draft-plan step: plans make no per-step predictions

@@ -19,10 +19,11 @@ import grpc
 import numpy as np
 from speckv.draft_plan import WINDOW_DRAFT_PLAN
 from speckv.v1 import common_pb2 as cpb
+from speckv.v1 import decoder_pb2 as dpb
 from speckv.v1 import predictor_pb2 as pb
 from speckv.v1 import predictor_pb2_grpc as pb_grpc
-from speckv_client.convert import outcome_from_pb, plan_to_pb
-from speckv_client.types import ArmStatsReport
+from speckv_client.convert import plan_to_pb
+from speckv_client.types import ArmStatsReport, DecisionSource
 
 from predictor_service.decisions import Objective, StepTiming
 from predictor_service.engine import (
@@ -36,13 +37,19 @@ from predictor_service.engine import (
     VersionState,
     VersionStatus,
 )
-from predictor_service.outcomes import ArmKey, ArmStatsTracker, OutcomeConfig
+from predictor_service.outcomes import ArmKey, ArmStatsTracker, OutcomeConfig, OutcomeValues
 from predictor_service.router import Routing
 from predictor_service.wire import BadMessage, StreamLimits, check_selector, check_strings
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+SOURCES = {
+    dpb.DECISION_SOURCE_REMOTE: DecisionSource.REMOTE,
+    dpb.DECISION_SOURCE_FALLBACK: DecisionSource.FALLBACK,
+    dpb.DECISION_SOURCE_LOCAL: DecisionSource.LOCAL,
+}
 
 # How many cells (rows x candidates) one reported outcome weighs when choosing the lane:
 # a message whose cells plus OUTCOME_CELLS x outcomes exceed big_message_cells runs on the
@@ -261,6 +268,31 @@ def model_to_pb(v: ModelView) -> pb.ModelInfo:
     return info
 
 
+def outcome_values(req: pb.DecideRequest) -> list[OutcomeValues]:
+    """A message's outcomes as the tuples the tracker reads (the fields of
+    speckv_client.convert.outcome_from_pb without building frozen dataclasses: the hot path)."""
+    unspecified = DecisionSource.UNSPECIFIED
+    get = SOURCES.get
+    return [
+        OutcomeValues(
+            o.routing_key,
+            o.step,
+            get(o.source, unspecified),
+            o.model_name,
+            o.model_version,
+            o.arm,
+            o.decision_step,
+            o.drafted,
+            o.accepted,
+            o.tokens,
+            o.draft_seconds,
+            o.verify_seconds,
+            o.sequence_end,
+        )
+        for o in req.outcomes
+    ]
+
+
 def arm_stats_to_pb(r: ArmStatsReport) -> pb.GetArmStatsResponse:
     return pb.GetArmStatsResponse(
         arms=[
@@ -445,7 +477,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
                 req.model.name,
             )
         try:
-            summary = self.tracker.record([outcome_from_pb(o) for o in outcomes])
+            summary = self.tracker.record(outcome_values(req))
             self.engine.metrics.record_outcomes(summary)
         except Exception:  # counting outcomes never costs the rows their decisions
             log.exception("counting the outcomes of Decide request %d failed", req.request_id)
