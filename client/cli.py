@@ -260,11 +260,6 @@ def _predictor(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     )
 
 
-def _predictor_at(args: argparse.Namespace, address: str):  # type: ignore[no-untyped-def]
-    """A client for one of several addresses (the global flags, another target)."""
-    return _predictor(argparse.Namespace(**{**vars(args), "predictor": address}))
-
-
 def cmd_generate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from speckv_client.decoder import DecoderClient
 
@@ -527,13 +522,17 @@ def cmd_ab(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     tried = len(dials) + len(failed)  # every address, and every name that did not resolve
     reports: list[ArmStatsReport] = []
     answered: list[str] = []
-    for address, origin in dials.items():
+
+    def client_for(address: str) -> PredictorClient:
         # A resolved IP still presents the certificate of the name it was resolved from.
         dial_tls = tls
-        if tls is not None and not tls.server_name and address != origin:
-            dial_tls = dataclasses.replace(tls, server_name=_host_of(origin))
+        if tls is not None and not tls.server_name and address != dials[address]:
+            dial_tls = dataclasses.replace(tls, server_name=_host_of(dials[address]))
+        return PredictorClient(address, tls=dial_tls, timeout_s=args.timeout)
+
+    for address, origin in dials.items():
         try:
-            with PredictorClient(address, tls=dial_tls, timeout_s=args.timeout) as client:
+            with client_for(address) as client:
                 report = client.arm_stats(
                     model_name=args.model,
                     window_seconds=args.window_seconds,
@@ -558,7 +557,7 @@ def cmd_ab(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     merged = ab.merge_reports(reports)
     if not merged.arms:
         # No outcomes at all: make sure the model exists (exit 5 when it does not).
-        with _predictor_at(args, answered[0]) as client:
+        with client_for(answered[0]) as client:
             client.get_model(args.model)
     result = ab.analyze(
         args.model, merged, baseline=args.baseline, seed=args.seed, resamples=args.resamples
