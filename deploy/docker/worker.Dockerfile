@@ -12,22 +12,27 @@
 # met and pip does not pull another build from PyPI. Pin TORCH_SPEC (e.g. torch==2.13.0) to
 # a version that the chosen index publishes for the chosen CUDA (cu128 = CUDA 12.8 wheels,
 # which need a host driver that supports CUDA 12.8).
+# Stages: `build` makes the worker's virtual environment; `tiny-pair` builds the pair with
+# `speckv-tiny-pair` (the `tinypair` extra); the image (`worker`, last) gets only that venv and
+# the pair's folder, so neither the builder's code nor the sources are in any of its layers.
 
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
-FROM ${BASE_IMAGE}
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-ARG TORCH_SPEC=torch
-# test (about 2 min on 2 cores) or demo (about 10 min); empty = no tiny pair in the image.
-ARG TINY_PAIR_SIZE=
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+FROM ${BASE_IMAGE} AS runtime-base
+ENV DEBIAN_FRONTEND=noninteractive
 # The base decides the distribution (Ubuntu for CUDA, Debian for the CPU variant), so apt
 # versions cannot be pinned here; the base image tag pins them.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/venv
+    && rm -rf /var/lib/apt/lists/*
+
+FROM runtime-base AS build
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG TORCH_SPEC=torch
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos/ protos/
@@ -35,10 +40,30 @@ COPY predictor_service/ predictor_service/
 COPY decode_worker/ decode_worker/
 COPY client/ client/
 COPY benchmarks/speckv_eval/ benchmarks/speckv_eval/
+# `pip install .` needs every package folder pyproject.toml names, the builder's too; it is
+# removed from the installed environment right away (the RUN fails if it is still importable).
 COPY benchmarks/speckv_tinypair/ benchmarks/speckv_tinypair/
-RUN /opt/venv/bin/pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}" \
-    && /opt/venv/bin/pip install ".[worker]" \
-    && rm -rf /src
+RUN /opt/venv/bin/pip install ".[worker]" \
+    && rm -rf /opt/venv/lib/python3*/site-packages/speckv_tinypair /opt/venv/bin/speckv-tiny-pair \
+    && if /opt/venv/bin/python -c "import speckv_tinypair" 2>/dev/null; then \
+         echo "the tiny-pair builder must not be in the worker image" >&2; exit 1; fi
+
+# The tiny pair, built as root into the folder the image serves it from; deterministic for
+# its seed, so the layer caches. An empty TINY_PAIR_SIZE leaves the folder empty.
+FROM build AS tiny-pair
+# test (about 2 min on 2 cores) or demo (about 10 min); empty = no tiny pair in the image.
+ARG TINY_PAIR_SIZE=
+RUN mkdir -p /opt/speckv/tiny-pair \
+    && if [ -n "${TINY_PAIR_SIZE}" ]; then \
+         /opt/venv/bin/pip install ".[tinypair]" \
+         && /opt/venv/bin/speckv-tiny-pair --out /opt/speckv/tiny-pair \
+              --size "${TINY_PAIR_SIZE}" --quiet; \
+       fi
+
+# Last stage = the default target.
+FROM runtime-base AS worker
+COPY --from=build /opt/venv /opt/venv
+COPY --from=tiny-pair /opt/speckv/tiny-pair /opt/speckv/tiny-pair
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -46,10 +71,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/tmp/hf \
     HF_HUB_OFFLINE=1 \
     TRITON_CACHE_DIR=/tmp/triton
-# Built as root into a read-only path; deterministic for its seed, so the layer caches.
-RUN if [ -n "${TINY_PAIR_SIZE}" ]; then \
-      speckv-tiny-pair --out /opt/speckv/tiny-pair --size "${TINY_PAIR_SIZE}"; \
-    fi
 RUN groupadd --gid 10001 speckv \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin speckv
 WORKDIR /tmp

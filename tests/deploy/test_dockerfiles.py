@@ -205,3 +205,37 @@ def test_hadolint(dockerfile: str) -> None:
         check=False,
     )
     assert done.returncode == 0, f"hadolint {dockerfile}:\n{done.stdout}{done.stderr}"
+
+
+def test_worker_image_gets_the_tiny_pair_but_not_its_builder() -> None:
+    """The builder (`speckv_tinypair`, issue 13) runs in its own stage. The image's layers are
+    its last stage and that stage's FROM ancestors plus what they COPY --from other stages:
+    that must be the worker's venv (the builder removed from it) and the pair's folder only."""
+    stages = parse(DOCKER / "worker.Dockerfile")
+    by_name = {s.name: s for s in stages}
+    final = stages[-1]
+    layers = [final]
+    while layers[-1].base in by_name:
+        layers.append(by_name[layers[-1].base])
+    for stage in layers:
+        for keyword, arg in stage.instructions:
+            if keyword == "COPY":
+                assert "--from=" in arg, f"stage {stage.name} copies sources into the image: {arg}"
+            else:
+                assert "tinypair" not in arg and "tiny-pair" not in arg, (stage.name, arg)
+    copied = {
+        arg.split("--from=")[1].split()[0]: arg.split()[-2:]
+        for keyword, arg in final.instructions
+        if keyword == "COPY"
+    }
+    assert copied == {
+        "build": ["/opt/venv", "/opt/venv"],
+        "tiny-pair": ["/opt/speckv/tiny-pair", "/opt/speckv/tiny-pair"],
+    }
+    build = " ".join(arg for kw, arg in by_name["build"].instructions if kw == "RUN")
+    assert 'pip install ".[worker]"' in build
+    assert "rm -rf /opt/venv/lib/python3*/site-packages/speckv_tinypair" in build
+    assert 'python -c "import speckv_tinypair"' in build  # the build fails if it is still there
+    pair = " ".join(arg for kw, arg in by_name["tiny-pair"].instructions if kw == "RUN")
+    assert 'pip install ".[tinypair]"' in pair
+    assert "speckv-tiny-pair --out /opt/speckv/tiny-pair" in pair
