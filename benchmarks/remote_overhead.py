@@ -113,6 +113,9 @@ class _AioPrototype:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, request)
         return future
 
+    def report(self, outcome: Any, stream: int = 0) -> None:
+        """The prototype measures decision latency only; outcomes are not sent."""
+
     def close(self) -> None:
         import asyncio
 

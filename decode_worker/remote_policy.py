@@ -15,6 +15,11 @@ Windows (docs/design.md, "Decision windows"):
 An answer that has not arrived `decision_timeout_s` after the loop needs it, a broken
 stream (the client library reconnects in the background) or a refused message all give
 the fallback gamma; decoding never waits longer and never fails for the predictor.
+
+Every step's outcome (`finished`) is reported on the stream (`DecisionSubmitter.report`):
+a remote step with the stream that carried its decision, so only the replica that made
+the decision credits its arm; a fallback step as fallback (docs/worker.md, "Outcome
+reporting"). `RemotePolicyConfig.report_outcomes=False` turns this off.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from speckv_client.types import (
     FeatureRow,
     ModelSelector,
     Objective,
+    StepOutcome,
     StepTiming,
     Window,
 )
@@ -59,6 +65,11 @@ class DecisionSubmitter(Protocol):
 
     def submit(self, batch: DecideBatch) -> Future[list[Decision]]: ...
 
+    def report(self, outcome: StepOutcome, stream: int = 0) -> None:
+        """Queue a step's outcome for the predictor; `stream` is the `Decision.stream`
+        of the decision that decided it (0: a fallback or local step). Never blocks."""
+        ...
+
     @property
     def connected(self) -> bool: ...
 
@@ -76,6 +87,7 @@ class RemotePolicy(GammaPolicy):
         self.config = config
         self.timing = timing
         self.spec = "remote"
+        self._report_failures_logged = False
 
     def with_overrides(
         self, *, model: ModelSelector | None = None, objective: Objective | None = None
@@ -114,6 +126,20 @@ class RemotePolicy(GammaPolicy):
         )
         return self.stream.submit(batch)
 
+    def report(self, outcome: StepOutcome, stream: int) -> None:
+        """Report one step's outcome (a remote one with its decision's stream, anything
+        else with 0) unless `report_outcomes` is off; never fails the step."""
+        if not self.config.report_outcomes:
+            return
+        if outcome.source != DecisionSource.REMOTE:
+            stream = 0  # never credit an arm with a step it did not decide
+        try:
+            self.stream.report(outcome, stream)
+        except Exception as err:  # decoding never fails for the predictor
+            if not self._report_failures_logged:
+                self._report_failures_logged = True
+                log.warning("cannot report step outcomes to the predictor: %r", err)
+
     def start(self, seq: SequenceInfo) -> SequencePolicy:
         if self.config.window == Window.DRAFT_PLAN:
             return RemotePlanSequence(self, seq)
@@ -134,8 +160,11 @@ class RemoteSequencePolicy(SequencePolicy):
         self._last_gamma = self._config.fallback_gamma
         self._failures_logged = 0
         self._deferred: int | None = None
+        # The stream that carried the decision of the step being decoded (0: none).
+        self._decision_stream = 0
 
     def decide(self, step: int, prefix_signals: DraftSignals | None) -> GammaDecision:
+        self._decision_stream = 0
         if self._config.window == Window.PREFIX:
             if prefix_signals is None:
                 return self._fallback(0.0, "no prefix drafted")
@@ -168,6 +197,9 @@ class RemoteSequencePolicy(SequencePolicy):
             self._pending = (step + 1, self._submit(step + 1, self._last_signals))
         self._deferred = None
 
+    def finished(self, outcome: StepOutcome) -> None:
+        self._owner.report(outcome, self._decision_stream)
+
     def close(self) -> None:
         self._pending = None
 
@@ -198,6 +230,7 @@ class RemoteSequencePolicy(SequencePolicy):
         if decision is None:
             return self._fallback(waited, f"no decision for step {step} in the answer")
         self._last_gamma = decision.gamma
+        self._decision_stream = decision.stream
         return GammaDecision(
             gamma=decision.gamma,
             source=DecisionSource.REMOTE,
@@ -205,6 +238,7 @@ class RemoteSequencePolicy(SequencePolicy):
             model_version=decision.model_version,
             arm=decision.arm,
             wait_seconds=waited,
+            decision_step=step,
         )
 
     def _fallback(self, waited: float, why: str) -> GammaDecision:
@@ -236,6 +270,7 @@ class RemotePlanSequence(SequencePolicy):
         self._seq = seq
         self._runner: PlanRunner | None = None
         self._plan_meta = GammaDecision(0, DecisionSource.REMOTE)
+        self._plan_stream = 0  # the stream that carried the current plan
         self._plan_step = 0  # the step the current plan took effect
         self._pending: Future[list[Decision]] | None = None
         self._pending_step = 0  # the step the pending request was sent for
@@ -276,6 +311,7 @@ class RemotePlanSequence(SequencePolicy):
             model_version=meta.model_version,
             arm=meta.arm,
             wait_seconds=waited,
+            decision_step=meta.decision_step,
         )
 
     def after_token(self, step: int, j: int, features: Mapping[str, float], cap: int) -> int | None:
@@ -294,6 +330,9 @@ class RemotePlanSequence(SequencePolicy):
             and step + 1 >= self._retry_at
         ):
             self._request(step + 1)
+
+    def finished(self, outcome: StepOutcome) -> None:
+        self._owner.report(outcome, self._plan_stream)
 
     def close(self) -> None:
         self._pending = None
@@ -339,7 +378,9 @@ class RemotePlanSequence(SequencePolicy):
             decision.model_name,
             decision.model_version,
             decision.arm,
+            decision_step=self._pending_step,  # the step the plan was asked for
         )
+        self._plan_stream = decision.stream
         self._plan_step = step
         self.plans_received += 1
 

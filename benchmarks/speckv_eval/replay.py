@@ -498,6 +498,7 @@ class InProcessPlans:
         self.comp_enc = float(comp_enc)
         self.tables = PlanTables()
         self.messages = 0
+        self.outcomes = 0
         self.seconds = 0.0
 
     def submit(self, batch: Any) -> Any:
@@ -552,6 +553,10 @@ class InProcessPlans:
         f: Future[list[Any]] = Future()
         f.set_result(out)
         return f
+
+    def report(self, outcome: Any, stream: int = 0) -> None:
+        """Step outcomes have no predictor to go to in a replay; counted only."""
+        self.outcomes += 1
 
 
 class CostsTiming:
