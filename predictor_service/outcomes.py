@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+import numpy as np
 from speckv_client.types import (
     ArmStats,
     ArmStatsReport,
@@ -184,6 +186,9 @@ class RecordSummary:
     shadow: list[tuple[str, int, float, float]] = field(default_factory=list)
 
 
+_FLOAT32 = struct.Struct("<f")
+
+
 def _too_long(value: str, limit: int) -> bool:
     return len(value) > limit // 4 and len(value.encode()) > limit
 
@@ -211,8 +216,10 @@ class ArmStatsTracker:
         self._rejected = 0
         self._reset_at = clock()
         self._model_reset_at: dict[str, float] = {}
+        # (model, routing_key, step) -> (shadow version, candidates, float32 acceptance per
+        # candidate as bytes: about 300 bytes an entry instead of 450 with a list of floats).
         self._shadow_pending: OrderedDict[
-            tuple[str, str, int], tuple[int, tuple[int, ...], Sequence[float]]
+            tuple[str, str, int], tuple[int, tuple[int, ...], bytes]
         ] = OrderedDict()
         self._shadows: dict[ShadowKey, _Calibration] = {}
         self._log_lock = threading.Lock()
@@ -380,7 +387,7 @@ class ArmStatsTracker:
             j = candidates.index(o.drafted)
         except ValueError:
             return  # the worker drafted a length the shadow did not score
-        p = float(predicted[j])
+        (p,) = _FLOAT32.unpack_from(predicted, 4 * j)
         r = o.accepted / o.drafted
         skey = (o.model_name, version)
         c = self._shadows.get(skey)
@@ -399,16 +406,22 @@ class ArmStatsTracker:
         keys: Sequence[str],
         steps: Sequence[int],
         candidates: tuple[int, ...],
-        acceptance: Sequence[Sequence[float]],
+        acceptance: np.ndarray,
     ) -> None:
-        """A shadow version's predicted acceptance per candidate for rows just decided;
-        compared with the realised acceptance when each step's outcome arrives."""
+        """A shadow version's predicted acceptance `[rows, candidates]` for rows just
+        decided; compared with the realised acceptance when each step's outcome arrives."""
         cap = self.config.shadow_memory
         if cap == 0:
             return
+        acc = np.ascontiguousarray(acceptance, dtype="<f4")
+        if acc.shape != (len(keys), len(candidates)):
+            raise ValueError(
+                f"acceptance has shape {acc.shape}; expected ({len(keys)}, {len(candidates)})"
+            )
+        rows = [acc[i].tobytes() for i in range(acc.shape[0])]
         with self._lock:
             pending = self._shadow_pending
-            for key, step, row in zip(keys, steps, acceptance, strict=True):
+            for key, step, row in zip(keys, steps, rows, strict=True):
                 k = (model, key, step)
                 if k in pending:
                     pending.move_to_end(k)

@@ -437,7 +437,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
             result.keys,
             result.steps,
             result.candidates,
-            c.acceptance.tolist(),
+            c.acceptance,
         )
 
     def arm_known(self, key: ArmKey) -> bool:
