@@ -595,3 +595,29 @@ def test_shadow_calibration_compares_the_shadow_prediction_with_the_realised_acc
     assert m.value("speckv_predictor_shadow_calibration_abs_error_sum", labels) == pytest.approx(
         mae * n
     )
+
+
+def test_the_serve_flags_reach_the_tracker_and_bad_values_are_refused(
+    model_repo: Path, start_server: Callable[..., PredictorServer]
+) -> None:
+    import argparse
+
+    from predictor_service.serve_cli import add_arguments
+    from predictor_service.server import ServerConfig
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(
+        ["--repo", "x", "--arm-stats-max-sequences", "7", "--max-outcomes-per-message", "9"]
+    )
+    assert (args.arm_stats_max_sequences, args.max_outcomes_per_message) == (7, 9)
+    defaults = p.parse_args(["--repo", "x"])
+    assert (defaults.arm_stats_max_sequences, defaults.max_outcomes_per_message) == (20_000, 4096)
+    for flag in ("--arm-stats-max-sequences=-1", "--max-outcomes-per-message=0"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--repo", "x", flag])
+    with pytest.raises(ValueError, match="--max-outcomes-per-message"):
+        ServerConfig(repo=model_repo, max_outcomes_per_message=0).check()
+    server = start_server(model_repo, arm_stats_max_sequences=7, max_outcomes_per_message=9)
+    cfg = server.servicer.tracker.config
+    assert (cfg.max_sequences, cfg.max_outcomes_per_message) == (7, 9)
