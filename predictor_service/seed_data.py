@@ -1,9 +1,21 @@
 """Read and validate step records in the seed's CSV schema (phase2_step_results.csv).
 
 Training must refuse bad data before it writes anything, and say exactly where the data is
-wrong: every error names the column and the 1-based CSV line (line 1 is the header). Extra
-columns (the worker's `sequence_id`, `prev_*`, timings) are tolerated and ignored, except
-`sequence_id`, which, when present, defines the runs.
+wrong: every error names the file, the column and the 1-based CSV line (line 1 is the
+header). Extra columns (the worker's timings, decision, history) are tolerated and ignored,
+except:
+- `sequence_id`, which, when present, defines the runs (across files: a sequence's records
+  may span two files of a worker's `--record-steps` directory);
+- `prev_mean_draft_entropy`, `prev_mean_draft_confidence`, `prev_max_draft_entropy`,
+  `prev_min_draft_confidence` (all four): the signals of the sequence's previous *drafted*
+  step, exactly what the worker sent a `previous_step` model for this step. When present
+  they are the `previous_step` features; without them (the seed's file) the previous step is
+  found by joining step - 1 of the same run.
+
+A path may be a directory: every `*.csv` file in it (not hidden), sorted by name, read as
+one data set — the worker's `--record-steps DIR` (its files being written are hidden temp
+files and never read). Rows with gamma 0 (a step that drafted nothing: no signals, no
+acceptance) are skipped.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from predictor_service.manifest import (
 
 REQUIRED_COLUMNS = ("compression", "gamma", "task", "step", "acceptance_rate", *DRAFT_SIGNALS)
 SEQUENCE_ID_COLUMN = "sequence_id"
+PREV_COLUMNS = tuple(f"prev_{s}" for s in DRAFT_SIGNALS)
 
 
 class DataError(ValueError):
@@ -47,6 +60,12 @@ class StepRecords:
     run_id: np.ndarray  # [N] int64, 0..n_runs-1
     csv_line: np.ndarray  # [N] int64, 1-based line in the CSV
     runs_from: str  # "step_0" or "sequence_id": how runs were delimited
+    # [N, 4] float64, the previous drafted step's signals (NaN: none before it), when the
+    # data has the four PREV_COLUMNS; None otherwise (previous_step then joins step - 1).
+    prev_signals: np.ndarray | None = None
+    files: tuple[Path, ...] = ()  # the CSV files read, in order
+    file_index: np.ndarray | None = None  # [N] int64 index into `files`
+    skipped_undrafted: int = 0  # gamma-0 rows skipped
 
     @property
     def rows(self) -> int:
@@ -82,11 +101,48 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_step_records(path: str | Path) -> StepRecords:
-    """Parse and validate a step CSV; raise `DataError` naming column and line on bad data."""
+def step_record_files(path: str | Path) -> list[Path]:
+    """The CSV files `path` names: itself, or every `*.csv` in a directory (sorted by name,
+    hidden files excluded: the worker writes records under hidden temp names first)."""
     p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix == ".csv" and not f.name.startswith("."))
+        files = [f for f in files if f.is_file()]
+        if not files:
+            raise DataError(
+                f"{p}: no step-record files (*.csv) in this directory; a worker started with "
+                f"`speckv-worker serve --record-steps {p}` writes them (a file appears once it "
+                "is complete: at --record-max-bytes, --record-max-seconds or shutdown)"
+            )
+        return files
     if not p.is_file():
-        raise DataError(f"{p}: no such file; pass --data with a step CSV in the seed's schema")
+        raise DataError(
+            f"{p}: no such file or directory; pass --data with a step CSV in the seed's "
+            "schema or a directory of the worker's step records"
+        )
+    return [p]
+
+
+@dataclass
+class _FileRows:
+    has_seq: bool
+    has_prev: bool
+    comp: list[str]
+    task: list[str]
+    step: list[int]
+    gamma: list[int]
+    acc: list[float]
+    sig: list[list[float]]
+    prev: list[list[float]]
+    seq: list[str]
+    lines: list[int]
+    skipped: int
+
+
+_NAN4 = [math.nan] * 4
+
+
+def _read_file(p: Path) -> _FileRows:
     with open(p, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames
@@ -99,14 +155,8 @@ def read_step_records(path: str | Path) -> StepRecords:
                 f"{', '.join(REQUIRED_COLUMNS)}"
             )
         has_seq = SEQUENCE_ID_COLUMN in header
-        comp: list[str] = []
-        task: list[str] = []
-        step: list[int] = []
-        gamma: list[int] = []
-        acc: list[float] = []
-        sig: list[list[float]] = []
-        seq: list[str] = []
-        lines: list[int] = []
+        has_prev = all(c in header for c in PREV_COLUMNS)
+        out = _FileRows(has_seq, has_prev, [], [], [], [], [], [], [], [], [], 0)
         for row in reader:
             line = reader.line_num
             if None in row:
@@ -118,64 +168,136 @@ def read_step_records(path: str | Path) -> StepRecords:
                     raise DataError(f"{p}: column {col!r}, line {line}: the value is missing")
                 return v.strip()
 
+            g = _integer(p, "gamma", line, cell("gamma"), minimum=0)
+            if g == 0:  # drafted nothing: no signals, no acceptance to learn
+                out.skipped += 1
+                continue
             c = cell("compression")
             if c not in COMPRESSION_ENCODING:
                 raise DataError(
                     f"{p}: column 'compression', line {line}: unknown compression {c!r}; "
                     f"expected one of {sorted(COMPRESSION_ENCODING)}"
                 )
-            comp.append(c)
-            task.append(cell("task"))
-            step.append(_integer(p, "step", line, cell("step"), minimum=0))
-            gamma.append(_integer(p, "gamma", line, cell("gamma"), minimum=1))
+            out.comp.append(c)
+            out.task.append(cell("task"))
+            out.step.append(_integer(p, "step", line, cell("step"), minimum=0))
+            out.gamma.append(g)
             a = _number(p, "acceptance_rate", line, cell("acceptance_rate"))
             if not 0.0 <= a <= 1.0:
                 raise DataError(
                     f"{p}: column 'acceptance_rate', line {line}: {a} is outside [0, 1]"
                 )
-            acc.append(a)
-            sig.append([_number(p, s, line, cell(s)) for s in DRAFT_SIGNALS])
+            out.acc.append(a)
+            out.sig.append([_number(p, s, line, cell(s)) for s in DRAFT_SIGNALS])
+            if has_prev:
+                texts = [cell(col) for col in PREV_COLUMNS]
+                if not any(texts):
+                    out.prev.append(_NAN4)
+                elif all(texts):
+                    out.prev.append(
+                        [
+                            _number(p, col, line, t)
+                            for col, t in zip(PREV_COLUMNS, texts, strict=True)
+                        ]
+                    )
+                else:
+                    col = PREV_COLUMNS[texts.index("")]
+                    raise DataError(
+                        f"{p}: column {col!r}, line {line}: empty while other prev_* columns "
+                        "are set; the four are all empty (no drafted step before) or all set"
+                    )
             if has_seq:
                 s_id = cell(SEQUENCE_ID_COLUMN)
                 if not s_id:
                     raise DataError(
                         f"{p}: column {SEQUENCE_ID_COLUMN!r}, line {line}: empty sequence id"
                     )
-                seq.append(s_id)
-            lines.append(line)
+                out.seq.append(s_id)
+            out.lines.append(line)
+    return out
+
+
+def read_step_records(path: str | Path) -> StepRecords:
+    """Parse and validate a step CSV, or every step CSV of a directory as one data set;
+    raise `DataError` naming file, column and line on bad data."""
+    p = Path(path)
+    files = step_record_files(p)
+    parts = [_read_file(f) for f in files]
+    for f, part in zip(files, parts, strict=True):
+        if part.has_seq != parts[0].has_seq:
+            raise DataError(
+                f"{f}: has{'' if part.has_seq else ' no'} {SEQUENCE_ID_COLUMN!r} column but "
+                f"{files[0]} has{'' if parts[0].has_seq else ' no'}; the files of one data set "
+                "must share the schema"
+            )
+    has_seq = parts[0].has_seq
+    has_prev = all(part.has_prev for part in parts)
+    lines = [x for part in parts for x in part.lines]
+    skipped = sum(part.skipped for part in parts)
     if not lines:
-        raise DataError(f"{p}: no data rows after the header; nothing to train on")
-    step_arr = np.asarray(step, dtype=np.int64)
+        what = f"{p}" if len(files) == 1 else f"{p} ({len(files)} files)"
+        extra = f" ({skipped} rows with gamma 0 are skipped)" if skipped else ""
+        raise DataError(f"{what}: no data rows after the header{extra}; nothing to train on")
+    step_arr = np.asarray([x for part in parts for x in part.step], dtype=np.int64)
     line_arr = np.asarray(lines, dtype=np.int64)
+    file_arr = np.concatenate(
+        [np.full(len(part.lines), i, dtype=np.int64) for i, part in enumerate(parts)]
+    )
     if has_seq:
-        run_id = _runs_from_sequence_id(p, seq, step_arr, line_arr)
+        seq = [x for part in parts for x in part.seq]
+        # With the prev_* columns no step is joined to another, so a sequence id that two
+        # requests shared (ids come from clients) only merges them into one run.
+        run_id = _runs_from_sequence_id(files, file_arr, seq, step_arr, line_arr, not has_prev)
     else:
-        run_id = _runs_from_step_zero(p, step_arr, line_arr)
+        run_id = _runs_from_step_zero(files, file_arr, step_arr, line_arr)
+    n = len(lines)
+    prev = None
+    if has_prev:
+        prev = np.asarray([x for part in parts for x in part.prev], dtype=np.float64)
+        prev = prev.reshape(n, len(DRAFT_SIGNALS))
     return StepRecords(
         path=p,
-        sha256=file_sha256(p),
-        compression=np.asarray(comp, dtype=object),
-        task=np.asarray(task, dtype=object),
+        sha256=file_sha256(files[0]) if len(files) == 1 and files[0] == p else _files_sha256(files),
+        compression=np.asarray([x for part in parts for x in part.comp], dtype=object),
+        task=np.asarray([x for part in parts for x in part.task], dtype=object),
         step=step_arr,
-        gamma=np.asarray(gamma, dtype=np.int64),
-        acceptance_rate=np.asarray(acc, dtype=np.float64),
-        signals=np.asarray(sig, dtype=np.float64).reshape(len(lines), len(DRAFT_SIGNALS)),
+        gamma=np.asarray([x for part in parts for x in part.gamma], dtype=np.int64),
+        acceptance_rate=np.asarray([x for part in parts for x in part.acc], dtype=np.float64),
+        signals=np.asarray([x for part in parts for x in part.sig], dtype=np.float64).reshape(
+            n, len(DRAFT_SIGNALS)
+        ),
         run_id=run_id,
         csv_line=line_arr,
         runs_from=SEQUENCE_ID_COLUMN if has_seq else "step_0",
+        prev_signals=prev,
+        files=tuple(files),
+        file_index=file_arr,
+        skipped_undrafted=skipped,
     )
 
 
-def _runs_from_step_zero(p: Path, step: np.ndarray, lines: np.ndarray) -> np.ndarray:
-    """The seed's runs: consecutive rows, each run starting at step 0 and counting up by 1."""
+def _files_sha256(files: list[Path]) -> str:
+    """One digest of a data set of several files: over each file's name and digest."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name} {file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _runs_from_step_zero(
+    files: list[Path], file_idx: np.ndarray, step: np.ndarray, lines: np.ndarray
+) -> np.ndarray:
+    """The seed's runs: consecutive rows of a file, each run starting at step 0 and counting
+    up by 1."""
     for i in range(step.size):
-        expected_first = i == 0
-        if expected_first and step[i] != 0:
+        p = files[int(file_idx[i])]
+        first_of_file = i == 0 or file_idx[i] != file_idx[i - 1]
+        if first_of_file and step[i] != 0:
             raise DataError(
                 f"{p}: column 'step', line {lines[i]}: the first record has step {step[i]}; "
                 "a run is consecutive rows starting at step 0"
             )
-        if i > 0 and step[i] != 0 and step[i] != step[i - 1] + 1:
+        if not first_of_file and step[i] != 0 and step[i] != step[i - 1] + 1:
             raise DataError(
                 f"{p}: column 'step', line {lines[i]}: step {step[i]} follows step "
                 f"{step[i - 1]}; a run is consecutive rows starting at step 0 (add a "
@@ -185,21 +307,28 @@ def _runs_from_step_zero(p: Path, step: np.ndarray, lines: np.ndarray) -> np.nda
 
 
 def _runs_from_sequence_id(
-    p: Path, seq: list[str], step: np.ndarray, lines: np.ndarray
+    files: list[Path],
+    file_idx: np.ndarray,
+    seq: list[str],
+    step: np.ndarray,
+    lines: np.ndarray,
+    unique_steps: bool,
 ) -> np.ndarray:
-    """Worker logs: a run is every row with one `sequence_id`; steps in it must be unique."""
+    """Worker logs: a run is every row with one `sequence_id`; with `unique_steps` (the
+    previous step is found by joining step - 1) a step may appear once per run."""
     ids: dict[str, int] = {}
     run = np.empty(len(seq), dtype=np.int64)
     seen: set[tuple[int, int]] = set()
     for i, s in enumerate(seq):
         r = ids.setdefault(s, len(ids))
-        key = (r, int(step[i]))
-        if key in seen:
-            raise DataError(
-                f"{p}: column 'step', line {lines[i]}: step {step[i]} appears twice for "
-                f"{SEQUENCE_ID_COLUMN} {s!r}"
-            )
-        seen.add(key)
+        if unique_steps:
+            key = (r, int(step[i]))
+            if key in seen:
+                raise DataError(
+                    f"{files[int(file_idx[i])]}: column 'step', line {lines[i]}: step "
+                    f"{step[i]} appears twice for {SEQUENCE_ID_COLUMN} {s!r}"
+                )
+            seen.add(key)
         run[i] = r
     return run
 
@@ -229,15 +358,25 @@ def window_data(records: StepRecords, window: str) -> WindowedData:
     """Build model inputs for `window` (features in the manifest's order).
 
     `same_step`: this step's four signals, comp_enc, gamma -> this step's acceptance rate.
-    `previous_step`: the previous step's (step - 1, same run) four signals, this step's
-    comp_enc and gamma -> this step's acceptance rate; steps without a previous step in their
-    run (each run's first) are dropped.
+    `previous_step`: the previous drafted step's four signals, this step's comp_enc and
+    gamma -> this step's acceptance rate. With the records' `prev_*` columns those are the
+    signals the worker sent for this step (its latest drafted step's, even across gamma-0
+    steps); without them (the seed), step - 1 of the same run. Steps without a previous
+    drafted step (each run's first) are dropped.
     """
     comp_enc = records.comp_enc.astype(np.float64)
     gamma = records.gamma.astype(np.float64)
     if window == WINDOW_SAME_STEP:
         idx = np.arange(records.rows)
         sig = records.signals[idx]
+    elif window == WINDOW_PREVIOUS_STEP and records.prev_signals is not None:
+        idx = np.flatnonzero(~np.isnan(records.prev_signals).any(axis=1))
+        if idx.size == 0:
+            raise DataError(
+                f"{records.path}: no step has a previous drafted step in its sequence (every "
+                "prev_* cell is empty), so there is nothing to train a previous_step model on"
+            )
+        sig = records.prev_signals[idx]
     elif window == WINDOW_PREVIOUS_STEP:
         where = {
             (int(r), int(s)): i

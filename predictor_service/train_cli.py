@@ -43,8 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         type=Path,
         default=default_data,
-        help="step CSV in the seed's schema (default: the project's copy of the seed's "
-        "phase2_step_results.csv); a sequence_id column, if present, defines the runs",
+        help="mlp16: a step CSV in the seed's schema (default: the project's copy of the "
+        "seed's phase2_step_results.csv; a sequence_id column, if present, defines the runs) "
+        "or a directory of them, e.g. a worker's --record-steps DIR (every complete *.csv, "
+        "sorted, as one data set); instep: a token CSV or a folder of them",
     )
     parser.add_argument("--repo", type=Path, required=True, help="model repository folder")
     parser.add_argument("--name", required=True, help="model name (folder under --repo)")

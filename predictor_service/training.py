@@ -70,7 +70,8 @@ class TrainConfig:
     """What to train and where to register it.
 
     `data`: step CSV in the seed's schema (extra columns tolerated; a `sequence_id` column
-    defines the runs). `version`: None takes the next free integer. `seed`: the MLP's
+    defines the runs), or a directory of them (a worker's `--record-steps DIR`; see
+    seed_data.read_step_records). `version`: None takes the next free integer. `seed`: the MLP's
     random_state (the splits always use 42). `heldout_runs`: False skips the held-out-runs
     evaluation (one fit fewer; the manifest then records `heldout_runs: null`).
     """
