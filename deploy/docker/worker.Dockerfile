@@ -75,7 +75,7 @@ RUN groupadd --gid 10001 speckv \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin speckv
 WORKDIR /tmp
 USER 10001:10001
-EXPOSE 50052
+EXPOSE 50052 9464
 # No HEALTHCHECK: Kubernetes probes grpc.health.v1 natively (deploy/base/worker-deployment.yaml).
 ENTRYPOINT ["speckv-worker"]
 CMD ["serve", "--help"]

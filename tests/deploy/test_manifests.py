@@ -232,6 +232,24 @@ def test_worker_outlives_predictor_streams_and_has_probes_and_limits(
         assert key in worker["resources"]["requests"] and key in worker["resources"]["limits"]
 
 
+def test_worker_metrics_are_exposed_and_scrapable(overlay: tuple[str, list[Obj]]) -> None:
+    """The worker serves /metrics on --metrics-port; the pod says so to Prometheus'
+    annotation-based discovery and the Service names the port for a ServiceMonitor."""
+    _, objects = overlay
+    deployment = find(objects, "Deployment", WORKER)
+    worker = container(deployment, "worker")
+    port = int(flags(worker["args"])["--metrics-port"])
+    assert port != int(flags(worker["args"])["--port"])
+    assert {p["name"]: p["containerPort"] for p in worker["ports"]}["metrics"] == port
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    service = find(objects, "Service", WORKER)
+    metrics = next(p for p in service["spec"]["ports"] if p["name"] == "metrics")
+    assert metrics["targetPort"] in ("metrics", port)
+
+
 POD_OWNERS = (
     ("Deployment", PREDICTOR),
     ("Deployment", WORKER),
