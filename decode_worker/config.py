@@ -168,6 +168,12 @@ class WorkerConfig:
     max_request_id_bytes: int = 128
     # Measure draft/verify costs at start so the first goodput decisions are informed.
     warmup: bool = True
+    # Continuous batching (`--batching on`, decode_worker/batching.py): sequences in the
+    # batch (`--max-batch-size`) and requests waiting for a place (`--max-queue`); one more
+    # is refused with RESOURCE_EXHAUSTED. Off: `max_concurrent_requests` interleave.
+    batching: bool = False
+    max_batch_size: int = 8
+    max_queue: int = 16
     # Ask the predictor for its model's window at start (serve with no --window).
     learn_window: bool = False
     # Check the configured window against the predictor's model at start (a given --window).
@@ -181,6 +187,11 @@ class WorkerConfig:
         if self.max_concurrent_requests < 1:
             raise ConfigError(
                 f"max_concurrent_requests must be ≥ 1, got {self.max_concurrent_requests}"
+            )
+        if not 1 <= self.max_batch_size <= 1024 or not 0 <= self.max_queue <= 65536:
+            raise ConfigError(
+                f"--max-batch-size must be in [1, 1024] and --max-queue in [0, 65536], got "
+                f"{self.max_batch_size} and {self.max_queue}"
             )
         if not 0 <= self.max_prompt_bytes <= MAX_PROMPT_BYTES:
             raise ConfigError(

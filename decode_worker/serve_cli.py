@@ -162,6 +162,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch CPU threads (0: default)",
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip the timing warm-up")
+    parser.add_argument(
+        "--batching",
+        default="off",
+        choices=("on", "off"),
+        help="on: one scheduler thread runs concurrent requests as one batch (batched draft "
+        "and verify forwards; docs/worker.md, 'Batching'); off: they interleave step by step",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=flags.int_range(1, 1024),
+        default=8,
+        help="with --batching on: sequences in the running batch",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=flags.int_range(0, 65536),
+        default=16,
+        help="with --batching on: requests waiting to join; one more is refused with "
+        "RESOURCE_EXHAUSTED",
+    )
 
 
 def build_config(args: argparse.Namespace) -> WorkerConfig:
@@ -213,6 +233,9 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         max_stop_string_bytes=args.max_stop_string_bytes,
         max_request_id_bytes=args.max_request_id_bytes,
         warmup=not args.no_warmup,
+        batching=args.batching == "on",
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
         learn_window=bool(args.predictor) and not args.window,
         check_window=bool(args.predictor) and bool(args.window),
     )

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from speckv.v1 import decoder_pb2, decoder_pb2_grpc
 
+from decode_worker.batching import BatchScheduler, DecisionCoalescer
 from decode_worker.config import WorkerConfig
 from decode_worker.engine import PairLike, SpeculativeEngine
 from decode_worker.metrics import WorkerMetrics
@@ -65,6 +66,8 @@ class WorkerServer:
         self.recorder = recorder
         self.engine = SpeculativeEngine(pair, config.engine, recorder=recorder)
         self._predictor: _Predictor | None = None
+        # --batching on: rows' Decide submissions of one batch step go out as one message.
+        self.coalescer: DecisionCoalescer | None = None
         remote = None
         if config.predictor:
             from speckv_client.predictor import PredictorClient
@@ -96,8 +99,18 @@ class WorkerServer:
                 "1 while the Decide stream to the predictor is open",
                 lambda: 1.0 if stream.connected else 0.0,
             )
-            remote = RemotePolicy(stream, remote_config, self.engine.timing)
+            if config.batching:
+                self.coalescer = DecisionCoalescer(stream)
+            remote = RemotePolicy(self.coalescer or stream, remote_config, self.engine.timing)
         self.policies = Policies(config.policy, remote)
+        self.scheduler: BatchScheduler | None = None
+        if config.batching:
+            self.scheduler = BatchScheduler(
+                self.engine,
+                max_batch_size=config.max_batch_size,
+                max_queue=config.max_queue,
+                coalescer=self.coalescer,
+            )
         desc = describe or {}
         info = ServiceInfo(
             draft_model=desc.get("draft_model", config.draft),
@@ -109,7 +122,12 @@ class WorkerServer:
         self.limits = RequestLimits.of(config, self.engine.max_positions)
         self.metrics.finish_wiring()
         self.servicer = DecoderServicer(
-            self.engine, self.policies, info, self.limits, metrics=self.metrics
+            self.engine,
+            self.policies,
+            info,
+            self.limits,
+            metrics=self.metrics,
+            scheduler=self.scheduler,
         )
         self.health = health.HealthServicer()
         # No maximum_concurrent_rpcs: gRPC would count health checks and GetInfo against it
@@ -117,7 +135,12 @@ class WorkerServer:
         # the spare threads answer health, GetInfo and refusals while generations run.
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
-                max_workers=config.max_concurrent_requests + SPARE_THREADS,
+                max_workers=SPARE_THREADS
+                + (
+                    config.max_batch_size + config.max_queue
+                    if config.batching
+                    else config.max_concurrent_requests
+                ),
                 thread_name_prefix="speckv-worker",
             ),
             options=[("grpc.max_receive_message_length", self.limits.receive_bytes())],
@@ -173,6 +196,8 @@ class WorkerServer:
         self.health.enter_graceful_shutdown()
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         self._server.stop(grace).wait()
+        if self.scheduler is not None:
+            self.scheduler.close(timeout=5.0)  # clients are gone: their rows cancel at once
         if self._predictor is not None:
             self._predictor.stream.close()
             self._predictor.client.close()

@@ -19,6 +19,7 @@ from speckv.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 from speckv_client.types import ModelSelector, Objective, Window
 
 import decode_worker
+from decode_worker.batching import BatchScheduler, QueueFull
 from decode_worker.config import WorkerConfig
 from decode_worker.engine import FinishReason, GenerationResult, RequestError, SpeculativeEngine
 from decode_worker.engine import StepResult as EngineStep
@@ -150,11 +151,14 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         info: ServiceInfo,
         limits: RequestLimits,
         metrics: WorkerMetrics | None = None,
+        scheduler: BatchScheduler | None = None,
     ) -> None:
         self.engine = engine
         self.policies = policies
         self.info = info
         self.limits = limits
+        # With batching on, the scheduler's batch + queue bound Generate instead of the counter.
+        self.scheduler = scheduler
         self.metrics = metrics or WorkerMetrics()
         self._admitted = 0
         self._admit_lock = threading.Lock()
@@ -193,7 +197,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
 
     def _admit(self) -> bool:
         with self._admit_lock:
-            if self._admitted >= self.limits.max_concurrent_requests:
+            if self.scheduler is None and self._admitted >= self.limits.max_concurrent_requests:
                 return False
             self._admitted += 1
             return True
@@ -208,6 +212,10 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         context.add_callback(cancelled.set)
         try:
             run = self._start(request, cancelled)
+        except QueueFull as err:  # batching: the batch and the queue are full
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(err.retry_ms)),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+            return
         except (RequestError, PolicyError, ValueError) as err:
             _refuse(context, str(err))
             return
@@ -302,7 +310,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             temperature=request.temperature, top_p=top_p, seed=int(request.seed)
         )
         prompt_ids = self.engine.encode(request.prompt)
-        return self.engine.start(
+        start = self.scheduler.submit if self.scheduler is not None else self.engine.start
+        return start(
             prompt_ids,
             policy,
             sampling=sampling,
@@ -329,7 +338,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             objective=_OBJECTIVE_TO_PB[cfg.objective] if cfg else common_pb2.OBJECTIVE_UNSPECIFIED,
             fallback_gamma=cfg.fallback_gamma if cfg else 0,
             max_new_tokens_limit=self.engine.max_new_tokens_limit,
-            concurrency=self.engine.concurrency,
+            concurrency=(self.scheduler or self.engine).concurrency,
             version=decode_worker.__version__,
         )
 

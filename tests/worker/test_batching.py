@@ -1,0 +1,274 @@
+"""Continuous batching (decode_worker/batching.py): every row's output equals its own solo
+run whatever shares the batch; rows join and leave at step boundaries; cancellation, a full
+queue, draining, and health/GetInfo under a full batch (real gRPC server on loopback)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from speckv.v1 import decoder_pb2, decoder_pb2_grpc
+
+from decode_worker.batching import BatchScheduler, QueueFull
+from decode_worker.config import EngineConfig, WorkerConfig
+from decode_worker.engine import FinishReason, GenerationResult, SpeculativeEngine
+from decode_worker.policies import FixedPolicy, HeuristicContextPolicy, HeuristicPolicy
+from decode_worker.server import WorkerServer
+from tests.worker.engine_helpers import ForwardCounter, prompts, random_pair, text_pair
+
+TEXTS = [
+    "result = {}\nfor key, value in items:\n    result[",
+    "with open(path) as f:\n    data = json.load(",
+    "x = ",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, item):\n"
+    "        self.",
+    "if value is None:\n    raise ValueError(",
+    "for i in range(10):\n    total = total + i\n    print(",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _drain(handle: Any) -> GenerationResult:
+    for _ in handle:
+        pass
+    assert handle.result is not None
+    return handle.result  # type: ignore[no-any-return]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("compression", ["fp16", "nf4"])
+def test_each_row_equals_its_solo_run(loaded_pair: Callable[[str], Any], compression: str) -> None:
+    pair = loaded_pair(compression)
+    eng = SpeculativeEngine(pair, EngineConfig(max_gamma=8))
+    ids = [eng.encode(t) for t in TEXTS]
+    assert len({len(i) for i in ids}) >= 5  # mixed prompt lengths (4 to 38 tokens)
+    # An EOS inside row 0's output (the pair's own EOS never comes this early), and a stop
+    # string inside row 1's output.
+    free = [eng.generate(i, FixedPolicy(3), max_new_tokens=30).token_ids for i in ids]
+    # (the tiny pair repeats itself, so pick the token fewest other rows produce)
+    candidates = [t for t in free[0][4:] if t not in free[1]]
+    eos = min(candidates, key=lambda t: sum(t in out for out in free[2:]))
+    eng.eos_token_ids = frozenset({eos})
+    probe = eng.generate(ids[1], HeuristicPolicy(), max_new_tokens=30)
+    assert probe.finish_reason == FinishReason.LENGTH and len(probe.text) >= 12
+    stop = probe.text[len(probe.text) // 2 :][:3]
+    requests: list[tuple[list[int], Any, int, tuple[str, ...]]] = [
+        (ids[0], FixedPolicy(3), 30, ()),
+        (ids[1], HeuristicPolicy(), 30, (stop,)),
+        (ids[2], FixedPolicy(0), 7, ()),
+        (ids[3], HeuristicContextPolicy(), 22, ()),  # in-step: per-row early stop
+        (ids[4], FixedPolicy(8), 17, ()),
+        (ids[5], FixedPolicy(2), 25, ()),
+    ]
+    solo = [
+        eng.generate(p, pol, max_new_tokens=n, stop=s, request_id=f"r{i}")
+        for i, (p, pol, n, s) in enumerate(requests)
+    ]
+    reasons = {r.finish_reason for r in solo}
+    assert {FinishReason.EOS, FinishReason.STOP_STRING, FinishReason.LENGTH} <= reasons
+    sched = BatchScheduler(eng, max_batch_size=4, max_queue=8)
+    try:
+        # Three rows first; the others join mid-generation (two wait for a row to leave).
+        handles = [
+            sched.submit(p, pol, max_new_tokens=n, stop=s, request_id=f"r{i}")
+            for i, (p, pol, n, s) in enumerate(requests[:3])
+        ]
+        first = iter(handles[0])
+        first_steps = [next(first), next(first)]
+        handles += [
+            sched.submit(p, pol, max_new_tokens=n, stop=s, request_id=f"r{i + 3}")
+            for i, (p, pol, n, s) in enumerate(requests[3:])
+        ]
+        rest = list(first)
+        results = [handles[0].result] + [_drain(h) for h in handles[1:]]
+    finally:
+        sched.close(timeout=10)
+    assert [s.token_ids for s in first_steps + rest] == [s.token_ids for s in solo[0].steps]
+    for mine, ref in zip(results, solo, strict=True):
+        assert mine is not None
+        assert mine.token_ids == ref.token_ids, mine.request_id
+        assert mine.text == ref.text and mine.finish_reason == ref.finish_reason
+        # Same decisions and acceptances step by step (the policy saw the same history).
+        assert [(s.gamma, s.accepted) for s in mine.steps] == [
+            (s.gamma, s.accepted) for s in ref.steps
+        ]
+        assert "".join(s.text for s in mine.steps) == ref.text
+    st = sched.stats
+    assert st.joined == 6 and st.left == 6 and st.max_batch == 4
+    assert len(st.batch_sizes) >= 3  # the batch grew and shrank
+    assert st.verify_forwards == st.steps < sum(r.stats.num_steps for r in solo)
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_one_row_leaves_the_others_untouched() -> None:
+    pair = random_pair(seed=3)
+    eng = SpeculativeEngine(pair)
+    ps = [p[: 4 + 3 * i] for i, p in enumerate(prompts(3, length=12, seed=5))]
+    solo = [eng.generate(p, FixedPolicy(3), max_new_tokens=40) for p in ps]
+    stop = threading.Event()
+    sched = BatchScheduler(eng, max_batch_size=4, max_queue=0)
+    try:
+        handles = [
+            sched.submit(
+                p, FixedPolicy(3), max_new_tokens=40, cancelled=stop.is_set if i == 1 else None
+            )
+            for i, p in enumerate(ps)
+        ]
+        steps_1 = []
+        for step in handles[1]:
+            steps_1.append(step)
+            if len(steps_1) == 2:
+                stop.set()
+        results = [_drain(handles[0]), handles[1].result, _drain(handles[2])]
+        # A client that stops reading (the gRPC handler's generator closed) cancels too.
+        h = sched.submit(ps[0], FixedPolicy(3), max_new_tokens=40)
+        it = iter(h)
+        next(it)
+        it.close()  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while sched.running or sched.queued:
+            assert time.monotonic() < deadline, "the abandoned row never left the batch"
+            time.sleep(0.01)
+    finally:
+        sched.close(timeout=10)
+    assert results[0] is not None and results[0].token_ids == solo[0].token_ids
+    assert results[2] is not None and results[2].token_ids == solo[2].token_ids
+    cancelled = results[1]
+    assert cancelled is not None and cancelled.finish_reason == FinishReason.CANCELLED
+    assert len(cancelled.token_ids) < 40
+    assert cancelled.token_ids == solo[1].token_ids[: len(cancelled.token_ids)]
+    assert h.result is None
+
+
+@pytest.mark.timeout(60)
+def test_queue_full_and_drain() -> None:
+    pair = random_pair(seed=4)
+    eng = SpeculativeEngine(pair)
+    slow = ForwardCounter(pair.target, delay_s=0.01)
+    ps = prompts(3, length=6, seed=2)
+    sched = BatchScheduler(eng, max_batch_size=1, max_queue=1)
+    try:
+        a = sched.submit(ps[0], FixedPolicy(2), max_new_tokens=30)
+        b = sched.submit(ps[1], FixedPolicy(2), max_new_tokens=30)
+        with pytest.raises(QueueFull, match="--max-queue"):
+            sched.submit(ps[2], FixedPolicy(2), max_new_tokens=30)
+        # Draining: nothing new is admitted, but what was admitted finishes in full.
+        closer = threading.Thread(target=sched.close, kwargs={"timeout": 30})
+        closer.start()
+        time.sleep(0.05)
+        with pytest.raises(QueueFull, match="draining"):
+            sched.submit(ps[2], FixedPolicy(2), max_new_tokens=30)
+        ra, rb = _drain(a), _drain(b)
+        closer.join(30)
+        assert not closer.is_alive()
+    finally:
+        slow.remove()
+        sched.close(timeout=5)
+    assert ra.finish_reason == rb.finish_reason == FinishReason.LENGTH
+    assert len(ra.token_ids) == len(rb.token_ids) == 30
+    assert sched.stats.max_batch == 1
+
+
+@pytest.fixture
+def busy_worker() -> Iterator[tuple[WorkerServer, Any]]:
+    pair = text_pair(seed=0)
+    slow = ForwardCounter(pair.target, delay_s=0.02)
+    config = WorkerConfig(
+        draft="random-draft",
+        target="random-target",
+        policy="fixed:2",
+        warmup=False,
+        engine=EngineConfig(default_max_new_tokens=16, max_new_tokens_limit=200),
+        batching=True,
+        max_batch_size=2,
+        max_queue=0,
+    )
+    server = WorkerServer(config, pair).start()
+    try:
+        yield server, pair
+    finally:
+        server.stop(0.5)
+        slow.remove()
+
+
+@pytest.mark.timeout(60)
+def test_service_full_batch_refuses_generate_but_answers_health_and_info(
+    busy_worker: tuple[WorkerServer, Any],
+) -> None:
+    server, _ = busy_worker
+    channel = grpc.insecure_channel(server.address)
+    stub = decoder_pb2_grpc.DecoderServiceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    try:
+        calls = [
+            stub.Generate(
+                decoder_pb2.GenerateRequest(prompt=f"row {i} text", max_new_tokens=150),
+                timeout=60,
+            )
+            for i in range(2)
+        ]
+        firsts = [next(c) for c in calls]  # both are running in the batch
+        assert all(m.HasField("chunk") for m in firsts)
+        assert server.scheduler is not None and server.scheduler.running == 2
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(decoder_pb2.GenerateRequest(prompt="one more"), timeout=10))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-batch-size" in (refused.value.details() or "")
+        trailers = dict(refused.value.trailing_metadata() or ())
+        assert trailers.get("grpc-retry-pushback-ms") == "500"
+        for _ in range(5):
+            ok = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert ok.status == health_pb2.HealthCheckResponse.SERVING
+            info = stub.GetInfo(decoder_pb2.GetInfoRequest(), timeout=5)
+            assert "batching" in info.concurrency
+        # Cancelling one client's call removes its row; the other keeps streaming to the end.
+        calls[0].cancel()
+        rest = list(calls[1])
+        summary = rest[-1].summary
+        assert summary.new_tokens == 150
+        assert summary.finish_reason == decoder_pb2.FINISH_REASON_LENGTH
+        assert server.scheduler.stats.left == 2
+    finally:
+        channel.close()
+
+
+@pytest.mark.timeout(60)
+def test_service_batched_rows_equal_unbatched_worker() -> None:
+    """The same requests through a batching and a non-batching worker: identical streams."""
+    pair = text_pair(seed=1)
+    texts = ["the quick brown fox", "a", "hello, world; again and again"]
+    outs = {}
+    for batching in (False, True):
+        config = WorkerConfig(
+            draft="d",
+            target="t",
+            policy="heuristic",
+            warmup=False,
+            engine=EngineConfig(default_max_new_tokens=24, max_new_tokens_limit=64),
+            batching=batching,
+        )
+        with WorkerServer(config, pair) as server:
+            channel = grpc.insecure_channel(server.address)
+            stub = decoder_pb2_grpc.DecoderServiceStub(channel)
+            calls = [
+                stub.Generate(decoder_pb2.GenerateRequest(prompt=t, max_new_tokens=20 + i))
+                for i, t in enumerate(texts)
+            ]
+            outs[batching] = [[tuple(m.chunk.token_ids) for m in c if m.HasField("chunk")]
+                              for c in calls]  # fmt: skip
+            channel.close()
+            if batching:
+                assert server.scheduler is not None and server.scheduler.stats.max_batch >= 2
+    # Chunk by chunk: the same tokens in the same steps.
+    assert outs[True] == outs[False]
+    assert sum(len(c) for c in outs[True]) >= 6
