@@ -209,6 +209,9 @@ TEMP_NAME = re.compile(r"^\.steps-(?P<host>.*)-(?P<pid>\d+)-(?P<n>\d+)\.csv\.tmp
 DROP_LOG_INTERVAL_S = 60.0
 # After a failed open or write, records are dropped without touching the disk for this long.
 RETRY_AFTER_S = 1.0
+# Temp files of other hosts untouched this long are removed: twice the largest
+# --record-max-seconds (RecordConfig), after which their writer would have closed them.
+OTHER_HOST_STALE_S = 2 * 86400.0
 
 Opener = Callable[[str], int]
 
@@ -261,7 +264,9 @@ class RotatingStepRecorder:
 
     At start, temp files left by earlier processes of this host (a dead pid, or this pid:
     a restarted container) are deleted — their rows were never complete files, and a reader
-    never sees them. Temp files of other hosts sharing the directory are left alone.
+    never sees them. Temp files of other hosts sharing the directory are deleted only once
+    untouched for `OTHER_HOST_STALE_S` (their pod is gone). One recorder per directory per
+    process: a second one would take the first's open file for a stale one.
     """
 
     def __init__(
@@ -499,12 +504,18 @@ class RotatingStepRecorder:
 
     def _remove_stale_temps(self) -> int:
         removed = 0
+        now = time.time()
         for p in self.directory.iterdir():
             m = TEMP_NAME.match(p.name)
-            if m is None or m.group("host") != self._host:
+            if m is None:
                 continue
-            pid = int(m.group("pid"))
-            if pid != self._pid and _alive(pid):
+            if m.group("host") != self._host:
+                # Another host's (pod's) file: its writer may be alive; one untouched for
+                # longer than any writer keeps a file open is not (its pod is gone).
+                with contextlib.suppress(OSError):
+                    if now - p.stat().st_mtime < OTHER_HOST_STALE_S:
+                        continue
+            elif int(m.group("pid")) != self._pid and _alive(int(m.group("pid"))):
                 continue
             with contextlib.suppress(OSError):
                 size = p.stat().st_size

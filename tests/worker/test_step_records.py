@@ -29,6 +29,7 @@ from decode_worker.metrics import WorkerMetrics
 from decode_worker.policies import FixedPolicy, GammaDecision
 from decode_worker.records import (
     COLUMNS,
+    OTHER_HOST_STALE_S,
     TEMP_NAME,
     RotatingStepRecorder,
     StepRecord,
@@ -246,6 +247,20 @@ def test_kill_9_mid_write_leaves_only_complete_files(tmp_path: Path) -> None:
     rec = RotatingStepRecorder(RecordConfig(str(tmp_path)))
     rec.close()
     assert rec.stale_removed == len(temps) and hidden(tmp_path) == []
+
+
+def test_other_hosts_temp_files_are_removed_only_when_long_untouched(tmp_path: Path) -> None:
+    """A directory shared by several pods: another pod's open file is never touched; one its
+    pod left behind (untouched longer than any writer keeps a file open) is removed."""
+    live = tmp_path / ".steps-other_pod-1-3.csv.tmp"
+    gone = tmp_path / ".steps-gone_pod-1-7.csv.tmp"
+    for p in (live, gone):
+        p.write_text(",".join(COLUMNS) + "\n")
+    old = time.time() - OTHER_HOST_STALE_S - 60
+    os.utime(gone, (old, old))
+    rec = RotatingStepRecorder(RecordConfig(str(tmp_path)))
+    rec.close()
+    assert rec.stale_removed == 1 and hidden(tmp_path) == [live.name]
 
 
 # A real file that stops growing: RLIMIT_FSIZE makes the write crossing the limit short and
