@@ -9,6 +9,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -68,8 +69,11 @@ def predictor(model_repo: Path) -> Iterator[PredictorServer]:
     server.stop(0.0)
 
 
-def _worker(pair, predictor_address: str = "", policy: str = "fixed:2") -> WorkerServer:  # type: ignore[no-untyped-def]
+def _worker(
+    pair: Any, predictor_address: str = "", policy: str = "fixed:2", batching: bool = False
+) -> WorkerServer:
     config = WorkerConfig(
+        batching=batching,
         draft="random-draft",
         target="random-target",
         predictor=predictor_address,
@@ -90,8 +94,9 @@ def _generate(address: str, **kw: object) -> decoder_pb2.GenerationSummary:
     return events[-1].summary
 
 
-def test_scraped_metrics_equal_the_generation_summaries(pair, predictor) -> None:  # type: ignore[no-untyped-def]
-    worker = _worker(pair, predictor.address, policy="remote")
+@pytest.mark.parametrize("batching", [False, True], ids=["interleaved", "batched"])
+def test_scraped_metrics_equal_the_generation_summaries(pair, predictor, batching) -> None:  # type: ignore[no-untyped-def]
+    worker = _worker(pair, predictor.address, policy="remote", batching=batching)
     try:
         assert worker._predictor is not None
         wait_connected(worker._predictor.stream)
