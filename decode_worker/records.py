@@ -279,7 +279,12 @@ class RotatingStepRecorder:
     ) -> None:
         self.config = config
         self.directory = Path(config.directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(
+                f"--record-steps {self.directory}: cannot create the directory: {err}"
+            ) from err
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise OSError(f"--record-steps {self.directory}: the directory is not writable")
         self._on_drop = on_drop

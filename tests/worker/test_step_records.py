@@ -190,6 +190,12 @@ def test_full_disk_drops_and_counts_records_and_generation_goes_on(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_directory_that_cannot_be_made_is_refused_at_start(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=r"--record-steps .*file/records: cannot create"):
+        RotatingStepRecorder(RecordConfig(str(tmp_path / "file" / "records")))
+
+
 def test_a_vanished_directory_drops_the_open_files_records(tmp_path: Path) -> None:
     d = tmp_path / "records"
     rec = RotatingStepRecorder(RecordConfig(str(d)))
