@@ -49,9 +49,16 @@ from decode_worker.features import (
     token_features,
     token_signals,
 )
-from decode_worker.policies import GammaDecision, GammaPolicy, SequenceInfo, SequencePolicy
+from decode_worker.policies import (
+    DecisionSource,
+    GammaDecision,
+    GammaPolicy,
+    SequenceInfo,
+    SequencePolicy,
+)
 from decode_worker.records import StepRecord
 from decode_worker.sampling import SamplingParams, make_generator, sample, warp
+from decode_worker.timing import _Ewm
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +364,170 @@ def _splitter(
     return done
 
 
+# ------------------------------------------------------------------ batch-aware γ
+
+
+class BatchCosts:
+    """Measured costs of batched steps, per batch size b: seconds of one batched draft
+    forward, a line t_verify(b, G) = base_b + G·slope_b over the verify width G ≥ 1 (the
+    longest draft in the batch; every row is fed G + 1 positions), and the seconds of a
+    plain (G = 0) batched target step. Exponential moving averages, as timing.py; sizes
+    never measured are interpolated linearly between measured neighbours (scaled by b
+    above the largest one)."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self._alpha = alpha
+        self._lock = threading.Lock()
+        self._draft: dict[int, float] = {}
+        self._plain: dict[int, float] = {}
+        self._verify: dict[int, _Ewm] = {}
+        self._counts: dict[tuple[str, int], int] = {}
+        # Seconds of a step outside the forwards (hooks, sampling, text, bookkeeping).
+        self._overhead: dict[int, float] = {}
+
+    def _ema(self, table: dict[int, float], b: int, seconds: float) -> None:
+        prev = table.get(b)
+        table[b] = seconds if prev is None else (1 - self._alpha) * prev + self._alpha * seconds
+        key = ({id(self._draft): "draft", id(self._plain): "plain"}.get(id(table), "overhead"), b)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def _trusted(self, kind: str, table: dict[int, float]) -> dict[int, float]:
+        """Sizes measured often enough to interpolate from (a size seen in a handful of
+        steps while the batch drained is noise)."""
+        return {b: v for b, v in table.items() if self._counts.get((kind, b), 0) >= MIN_SAMPLES}
+
+    def add(
+        self, b: int, draft_forwards: int, draft_seconds: float, width: int, verify: float
+    ) -> None:
+        with self._lock:
+            if draft_forwards:
+                self._ema(self._draft, b, draft_seconds / draft_forwards)
+            if width <= 0:
+                self._ema(self._plain, b, verify)
+            else:
+                self._verify.setdefault(b, _Ewm()).add(self._alpha, float(width), verify)
+                self._counts[("verify", b)] = self._counts.get(("verify", b), 0) + 1
+
+    def add_overhead(self, b: int, seconds: float) -> None:
+        with self._lock:
+            self._ema(self._overhead, b, seconds)
+
+    def _line(self, b: int) -> tuple[float, float] | None:
+        s = self._verify.get(b)
+        if s is None or s.w == 0.0:
+            return None
+        mean_g, mean_t = s.g / s.w, s.t / s.w
+        var_g = s.gg / s.w - mean_g * mean_g
+        if var_g <= 0.05 or self._counts.get(("verify", b), 0) < MIN_SAMPLES:
+            return None  # one width only: the slope is not identified at this size
+        slope = max((s.gt / s.w - mean_g * mean_t) / var_g, 0.0)
+        return max(mean_t - slope * mean_g, 1e-9), slope
+
+    @staticmethod
+    def _at(values: dict[int, float], b: int) -> float | None:
+        if not values:
+            return None
+        if b in values:
+            return values[b]
+        lower = [s for s in values if s < b]
+        upper = [s for s in values if s > b]
+        if lower and upper:
+            lo, hi = max(lower), min(upper)
+            w = (b - lo) / (hi - lo)
+            return (1 - w) * values[lo] + w * values[hi]
+        if lower:
+            lo = max(lower)
+            return values[lo] * b / lo
+        return values[min(upper)]
+
+    def step_seconds(self, b: int, width: int) -> float | None:
+        """Expected seconds of a batch step of `b` rows at verify width `width`."""
+        with self._lock:
+            overhead = self._at(self._trusted("overhead", self._overhead), b) or 0.0
+            if width <= 0:
+                plain = self._at(self._trusted("plain", self._plain), b)
+                return None if plain is None else plain + overhead
+            lines = {s: ln for s in self._verify if (ln := self._line(s)) is not None}
+            draft = self._at(self._trusted("draft", self._draft), b)
+            verify = self._at({s: ln[0] + width * ln[1] for s, ln in lines.items()}, b)
+        if draft is None or verify is None:
+            return None
+        return width * draft + verify + overhead
+
+    def snapshot(self) -> dict[str, dict[int, float]]:
+        with self._lock:
+            return {
+                "draft_forward_s": dict(self._draft),
+                "plain_step_s": dict(self._plain),
+                "overhead_s": dict(self._overhead),
+                "verify_base_s": {b: ln[0] for b in self._verify if (ln := self._line(b))},
+                "verify_per_token_s": {b: ln[1] for b in self._verify if (ln := self._line(b))},
+            }
+
+
+def expected_tokens(accept: float, gamma: int) -> float:
+    """Tokens a step of draft length γ produces when each drafted token agrees with
+    probability `accept` given the ones before it did: Σ_{j=0..γ} accept^j."""
+    a = min(max(accept, 0.0), 0.999)
+    return (1.0 - a ** (gamma + 1)) / (1.0 - a)
+
+
+BATCH_GAMMAS = (0, 1, 2, 3, 4, 6, 8)
+# Steps a batch size needs before its costs are used.
+MIN_SAMPLES = 3
+
+
+def choose_batch_gamma(
+    accepts: Sequence[float],
+    caps: Sequence[int],
+    b: int,
+    costs: BatchCosts,
+    candidates: Sequence[int] = BATCH_GAMMAS,
+) -> int | None:
+    """The verify width G maximising the batch's expected tokens per second,
+    Σ_i E_i(min(G, cap_i)) / step_seconds(b, G); None before costs are measured. Rows
+    draft G each (capped by their remaining tokens): in a padded batched forward a
+    shorter draft saves nothing, so per-row γ below G would only lose tokens."""
+    best, best_rate = None, -1.0
+    for g in candidates:
+        seconds = costs.step_seconds(b, g)
+        if seconds is None or seconds <= 0:
+            continue
+        tokens = sum(
+            expected_tokens(a, max(0, min(g, c))) for a, c in zip(accepts, caps, strict=True)
+        )
+        rate = tokens / seconds
+        if rate > best_rate:
+            best, best_rate = g, rate
+    return best
+
+
+class _BatchGoodputSequence(SequencePolicy):
+    batch_aware = True
+
+    def __init__(self, fallback: int) -> None:
+        self.fallback = fallback
+        self.batch_gamma: int | None = None  # set by the scheduler before every decide
+
+    def decide(self, step: int, prefix_signals: Any) -> GammaDecision:
+        gamma = self.batch_gamma if self.batch_gamma is not None else self.fallback
+        return GammaDecision(gamma, DecisionSource.LOCAL)
+
+
+class BatchGoodputPolicy(GammaPolicy):
+    """`batch-goodput`: the scheduler chooses one verify width for the batch's rows from
+    their acceptance estimates (each row's `accept_ema`) and the measured batched costs at
+    the current batch size — γ = 0 for the whole batch when speculation no longer pays.
+    Outside a batching worker (or before costs are measured) it drafts `fallback`."""
+
+    def __init__(self, fallback: int = 4) -> None:
+        self.fallback = fallback
+        self.spec = "batch-goodput"
+
+    def start(self, seq: SequenceInfo) -> SequencePolicy:
+        return _BatchGoodputSequence(self.fallback)
+
+
 # ------------------------------------------------------------------------- rows
 
 
@@ -461,6 +632,9 @@ class BatchStats:
     verify_forwards: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)  # batch size -> steps
     gammas: dict[int, dict[int, int]] = field(default_factory=dict)  # batch size -> γ -> rows
+    chosen: dict[int, dict[int, int]] = field(
+        default_factory=dict
+    )  # batch-goodput: b -> G -> steps
 
     @property
     def mean_batch(self) -> float:
@@ -485,6 +659,7 @@ class BatchScheduler:
         self.max_queue = max_queue
         self.coalescer = coalescer
         self.stats = BatchStats()
+        self.costs = BatchCosts()
         self.concurrency = (
             f"continuous batching: up to {max_batch_size} sequences per batched draft/verify "
             f"forward, {max_queue} more queued"
@@ -648,6 +823,7 @@ class BatchScheduler:
         self.stats.joined += 1
 
     def _step(self) -> None:
+        started = time.perf_counter()
         eng = self.engine
         pair = eng.pair
         rows = self._rows
@@ -662,6 +838,7 @@ class BatchScheduler:
                 return
         b = len(rows)
         failed: dict[int, BaseException] = {}
+        self._plan_batch(rows)
         # --- decide (rows without a prefix window decide before drafting)
         for i, row in enumerate(rows):
             row.reset_step()
@@ -766,6 +943,7 @@ class BatchScheduler:
         if drafted_max:
             eng.timing.add_draft(drafted_max, draft_seconds)
         eng.timing.add_verify(width, verify_seconds)
+        self.costs.add(b, draft_forwards, draft_seconds, width, verify_seconds)
         st = self.stats
         st.steps += 1
         st.row_steps += b
@@ -791,6 +969,54 @@ class BatchScheduler:
             rows[i].handle.abandoned.set()
         self._flush()
         self._remove_finished(errors=set(failed))
+        spent = time.perf_counter() - started - draft_seconds - verify_seconds
+        self.costs.add_overhead(b, max(spent, 0.0))
+
+    def _plan_batch(self, rows: list[_Row]) -> None:
+        """batch-goodput rows: one verify width for the batch (docs/worker.md, "Batching")."""
+        aware = [r for r in rows if getattr(r.policy, "batch_aware", False)]
+        if not aware:
+            return
+        max_gamma = self.engine.config.max_gamma
+        caps = [min(max_gamma, r.run.max_new_tokens - len(r.new) - 1) for r in aware]
+        accepts = [r.history.accept_ema for r in aware]
+        cands = [g for g in BATCH_GAMMAS if g <= max_gamma]
+        g = choose_batch_gamma(accepts, caps, len(rows), self.costs, cands)
+        for r in aware:
+            r.policy.batch_gamma = g  # type: ignore[attr-defined]
+        if g is not None:
+            per = self.stats.chosen.setdefault(len(rows), {})
+            per[g] = per.get(g, 0) + 1
+
+    def warmup(
+        self,
+        sizes: Sequence[int] = (1, 2, 4, 8, 16),
+        gammas: Sequence[int] = (0, 2, 4, 8),
+        steps: int = 3,
+    ) -> None:
+        """Measure batched step costs at each batch size and verify width (dummy prompts,
+        not recorded) so `batch-goodput` starts from real numbers."""
+        from decode_worker.policies import FixedPolicy
+
+        vocab = int(self.engine.pair.target.config.vocab_size)
+        for b in sizes:
+            if b > self.max_batch_size:
+                continue
+            for g in gammas:
+                g = min(g, self.engine.config.max_gamma)
+                handles = [
+                    self.submit(
+                        [(7 * i + j) % (vocab - 1) + 1 for j in range(16)],
+                        FixedPolicy(g),
+                        max_new_tokens=steps * (g + 1),
+                        request_id=f"warmup-{b}-{g}-{i}",
+                        record=False,
+                    )
+                    for i in range(b)
+                ]
+                for h in handles:
+                    for _ in h:
+                        pass
 
     # -- per-row pieces of a step
 
@@ -884,7 +1110,9 @@ class BatchScheduler:
             accepted=n,
             token_ids=tuple(kept),
             text=text,
-            decision=row.decision if row.decision is not None else GammaDecision(0, _local()),
+            decision=row.decision
+            if row.decision is not None
+            else GammaDecision(0, DecisionSource.LOCAL),
             signals=signals,
             token_signals=tok_signals,
             drafted=drafted_count,
@@ -957,9 +1185,3 @@ def _close(row: _Row) -> None:
         row.policy.close()
     except Exception:  # a policy that fails to close must not stop the batch
         log.exception("policy close failed for %s", row.run.request_id)
-
-
-def _local() -> Any:
-    from decode_worker.policies import DecisionSource
-
-    return DecisionSource.LOCAL

@@ -215,7 +215,7 @@ class ExplorePolicy(GammaPolicy):
         return _ExploreSequence(random.Random(seq.request_id), 1, self.high)
 
 
-POLICY_FORMS = "remote, fixed:N (N ≥ 0), heuristic or heuristic:N (N ≥ 1)"
+POLICY_FORMS = "remote, fixed:N (N ≥ 0), heuristic or heuristic:N (N ≥ 1), batch-goodput"
 
 
 def parse_local_policy(spec: str) -> GammaPolicy | None:
@@ -228,6 +228,10 @@ def parse_local_policy(spec: str) -> GammaPolicy | None:
         return FixedPolicy(_int_arg(spec, arg))
     if name == "heuristic":
         return HeuristicPolicy(_int_arg(spec, arg)) if arg else HeuristicPolicy()
+    if text == "batch-goodput":  # decode_worker/batching.py (a batching worker's choice)
+        from decode_worker.batching import BatchGoodputPolicy
+
+        return BatchGoodputPolicy()
     raise PolicyError(f"unknown policy {spec!r}; use one of: {POLICY_FORMS}")
 
 

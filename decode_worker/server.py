@@ -168,6 +168,8 @@ class WorkerServer:
         self._server.start()
         if self.config.warmup:
             self.engine.warmup()
+            if self.scheduler is not None:
+                self.scheduler.warmup()  # batched costs per batch size (batch-goodput)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self

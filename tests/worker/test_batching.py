@@ -272,3 +272,85 @@ def test_service_batched_rows_equal_unbatched_worker() -> None:
     # Chunk by chunk: the same tokens in the same steps.
     assert outs[True] == outs[False]
     assert sum(len(c) for c in outs[True]) >= 6
+
+
+def test_batch_goodput_picks_zero_when_plain_steps_are_cheap_and_speculates_otherwise() -> None:
+    from decode_worker.batching import BatchCosts, choose_batch_gamma
+
+    costs = BatchCosts()
+    assert choose_batch_gamma([0.8], [8], 1, costs) is None  # nothing measured yet
+    # Batch 1: a draft forward is cheap and verifying 8 positions costs about one plain step;
+    # batch 16: every position costs (a compute-bound forward), so speculation does not pay.
+    for _ in range(5):
+        for g in (2, 4, 8):
+            costs.add(1, g, g * 0.001, g, 0.010 + 0.0002 * g)
+            costs.add(16, g, g * 0.008, g, 0.020 + 0.020 * g)
+        costs.add(1, 0, 0.0, 0, 0.009)
+        costs.add(16, 0, 0.0, 0, 0.020)
+        costs.add_overhead(1, 0.0005)
+        costs.add_overhead(16, 0.004)
+    high = [0.8] * 16
+    g1 = choose_batch_gamma(high[:1], [8], 1, costs)
+    g16 = choose_batch_gamma(high, [8] * 16, 16, costs)
+    assert g1 is not None and g1 >= 4
+    assert g16 == 0
+    # Interpolated between measured sizes, the choice falls as the batch grows.
+    g8 = choose_batch_gamma(high[:8], [8] * 8, 8, costs)
+    assert g8 is not None and g16 <= g8 <= g1
+    # A row that cannot take more tokens caps only itself.
+    assert choose_batch_gamma([0.8], [0], 1, costs) == 0
+
+
+@pytest.mark.timeout(90)
+def test_one_decide_message_per_batch_step_with_the_remote_policy(model_repo: Any) -> None:
+    from speckv_client.predictor import PredictorClient
+    from speckv_client.types import Objective, Window
+
+    from decode_worker.batching import DecisionCoalescer
+    from decode_worker.config import RemotePolicyConfig
+    from decode_worker.policies import DecisionSource
+    from decode_worker.remote_policy import RemotePolicy
+    from predictor_service.server import PredictorServer, ServerConfig
+    from tests.worker.engine_helpers import wait_connected
+
+    server = PredictorServer(
+        ServerConfig(repo=model_repo, host="127.0.0.1", port=0, default_model="speckv-mlp16")
+    )
+    server.start()
+    client = PredictorClient(server.address)
+    stream = client.decision_stream()
+    pair = random_pair(seed=0)
+    eng = SpeculativeEngine(pair)
+    coalescer = DecisionCoalescer(stream)
+    config = RemotePolicyConfig(
+        window=Window.PREVIOUS_STEP, objective=Objective.TOKENS_PER_STEP, decision_timeout_s=2.0
+    )
+    policy = RemotePolicy(coalescer, config, eng.timing)
+    sched = BatchScheduler(eng, max_batch_size=4, max_queue=0, coalescer=coalescer)
+    try:
+        wait_connected(stream)
+        ps = [p[: 5 + i] for i, p in enumerate(prompts(4, length=10, seed=9))]
+        handles = [
+            sched.submit(p, policy, max_new_tokens=24, request_id=f"q{i}") for i, p in enumerate(ps)
+        ]
+        results = [_drain(h) for h in handles]
+        sent_before = stream.stats.submitted
+    finally:
+        sched.close(timeout=10)
+        stream.close()
+        client.close()
+        server.stop(0.0)
+    # Exact per row, remote after step 0.
+    solo_eng = SpeculativeEngine(pair)
+    for p, r in zip(ps, results, strict=True):
+        assert r.token_ids == solo_eng.generate(p, FixedPolicy(2), max_new_tokens=24).token_ids
+        assert r.steps[0].decision.source == DecisionSource.FALLBACK
+        assert (
+            sum(s.decision.source == DecisionSource.REMOTE for s in r.steps[1:]) >= len(r.steps) - 3
+        )
+    st = sched.stats
+    # One Decide message per batch step (rows' drafted-hook submissions coalesced), each
+    # carrying every row that drafted; the client stream saw exactly those messages.
+    assert st.decide_messages <= st.steps
+    assert st.decide_rows >= 2 * st.decide_messages
+    assert sent_before == coalescer.messages == st.decide_messages
