@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PROTO_FILES := $(wildcard protos/speckv/v1/*.proto)
 
-.PHONY: venv test lint typecheck pytest demo selector protos protos-check buf-lint buf-breaking clean
+.PHONY: venv test lint typecheck pytest demo loop selector protos protos-check buf-lint buf-breaking clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,12 @@ test: lint typecheck pytest
 
 demo: venv
 	$(PY) benchmarks/demo.py
+
+# The A/B loop on the demo pair: record steps → train v2 on them → 20 % canary → `speckv ab`
+# verdict → promote or roll back (README, "The A/B loop"). LOOP_ARGS="--canary max-gamma"
+# canaries an always-largest-γ model instead (slower on the demo pair: rolled back).
+loop: venv
+	$(PY) benchmarks/loop.py $(LOOP_ARGS)
 
 # Train the in-step selector (speckv-instep) on the demo pair's training prompts and
 # register it in .cache/selector/repo (README, "The learned selector").
