@@ -38,13 +38,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-WINDOW_DRAFT_PLAN = "draft_plan"
-
-# Features a worker knows how to compute, by where they come from.
-TOKEN_FEATURES = ("match_length", "draft_confidence", "draft_entropy")
-HISTORY_FEATURES = ("prev_full", "accept_ema")
-PLAN_FEATURES = TOKEN_FEATURES + HISTORY_FEATURES
-COMP_ENC_FEATURE = "comp_enc"
+# The plan's feature names and window live in the shared vocabulary; re-exported here.
+from speckv.vocabulary import COMP_ENC_FEATURE as COMP_ENC_FEATURE
+from speckv.vocabulary import HISTORY_FEATURES as HISTORY_FEATURES
+from speckv.vocabulary import PLAN_FEATURES as PLAN_FEATURES
+from speckv.vocabulary import TOKEN_FEATURES as TOKEN_FEATURES
+from speckv.vocabulary import WINDOW_DRAFT_PLAN as WINDOW_DRAFT_PLAN
 
 # Longest context n-gram the worker tracks (match_length is capped here).
 MAX_MATCH_LENGTH = 4
