@@ -163,30 +163,32 @@ class BatchedKV:
             (layer.bk[:, :, : layer.width], layer.bv[:, :, : layer.width]) for layer in self.layers
         ]
 
-    def add(self, row_cache: DynamicCache, length: int) -> None:
-        """Append a row whose solo cache (batch 1) holds `length` positions (a copy of the
-        batch's buffers: joins happen at step boundaries only)."""
+    def extend(self, other: BatchedKV) -> None:
+        """Append `other`'s rows after this batch's (a copy of both batches' buffers: joins
+        happen at step boundaries only)."""
         mine = self._tensors()
-        rows = _cache_tensors(row_cache)
-        self.lengths.append(length)
+        rows = other._tensors()
+        b_old = len(self.lengths)
+        self.lengths += other.lengths
         if rows is None and mine is None:
             return  # nothing cached anywhere yet (one-token prompts): the forward creates it
         ref = mine if mine is not None else rows
         assert ref is not None
-        width = max(self.width, length)
-        b_old = len(self.lengths) - 1
+        width = max(self.width, other.width)
+        n = len(other.lengths)
         out = []
         for li, (k_ref, _) in enumerate(ref):
             heads, dim = k_ref.shape[1], k_ref.shape[3]
-            shape = (b_old + 1, heads, width + _HEADROOM, dim)
+            shape = (b_old + n, heads, width + _HEADROOM, dim)
             bk, bv = k_ref.new_zeros(shape), k_ref.new_zeros(shape)
             if mine is not None:
                 w = mine[li][0].shape[2]
                 bk[:b_old, :, :w] = mine[li][0]
                 bv[:b_old, :, :w] = mine[li][1]
             if rows is not None:
-                bk[b_old, :, :length] = rows[li][0][0, :, :length]
-                bv[b_old, :, :length] = rows[li][1][0, :, :length]
+                w = rows[li][0].shape[2]
+                bk[b_old:, :, :w] = rows[li][0]
+                bv[b_old:, :, :w] = rows[li][1]
             out.append(_BufferLayer(bk, bv, width))
         self.layers = out
 
@@ -205,7 +207,9 @@ class BatchedKV:
             [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in mine], width
         )
 
-    def forward(self, model: Any, feeds: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    def forward(
+        self, model: Any, feeds: Sequence[Sequence[int]], pad_id: int, keep_logits: int = 0
+    ) -> torch.Tensor:
         """Feed row i its tokens `feeds[i]` (may be empty) in one forward; return the logits
         [B, k, vocab] of every fed position (k = the longest feed). Call `commit` next."""
         assert len(feeds) == len(self.lengths) and self._pending is None
@@ -230,7 +234,7 @@ class BatchedKV:
             position_ids=positions.to(device),
             cache=cache,
             use_cache=True,
-            logits_to_keep=k,
+            logits_to_keep=keep_logits or k,
         )
         if self.layers is None:  # the first forward of rows with nothing cached
             first = _cache_tensors(cache)
@@ -756,8 +760,8 @@ class BatchScheduler:
                 joining, self._waiting = self._waiting[:room], self._waiting[room:]
             try:
                 held = self._hold()
-                for handle in joining:
-                    self._join(handle)
+                if joining:
+                    self._join(joining)
                 if held:
                     self._flush()
                 if self._rows:
@@ -789,38 +793,49 @@ class BatchScheduler:
             self._flush()
             self.coalescer._holder = None
 
-    def _join(self, handle: BatchedRun) -> None:
-        run = handle.run
+    def _join(self, handles: list[BatchedRun]) -> None:
+        """Start the joiners' policies and prefill their prompts in one batched forward per
+        model (prompts padded after their end), then append them to the batch."""
         eng = self.engine
         pair = eng.pair
-        if handle.cancelled():
-            handle._put(_END)
+        rows: list[_Row] = []
+        for handle in handles:
+            run = handle.run
+            if handle.cancelled():
+                handle._put(_END)
+                continue
+            try:
+                policy = run.policy.start(SequenceInfo(run.request_id, pair.compression))
+            except Exception as err:
+                handle._put(err)
+                continue
+            seq = list(run.prompt_ids)
+            context = ContextIndex() if policy.in_step or run.token_recorder is not None else None
+            if context is not None:
+                context.add(seq)
+            generator = None if run.sampling.greedy else make_generator(run.sampling.seed)
+            rows.append(_Row(run, handle, policy, generator, seq, time.perf_counter(), context))
+        if not rows:
             return
-        try:
-            policy = run.policy.start(SequenceInfo(run.request_id, pair.compression))
-        except Exception as err:
-            handle._put(err)
-            return
-        seq = list(run.prompt_ids)
-        context = ContextIndex() if policy.in_step or run.token_recorder is not None else None
-        if context is not None:
-            context.add(seq)
-        generator = None if run.sampling.greedy else make_generator(run.sampling.seed)
-        row = _Row(run, handle, policy, generator, seq, time.perf_counter(), context)
-        t_cache = DynamicCache(config=pair.target.config)
-        d_cache = DynamicCache(config=pair.draft.config)
+        feeds = [r.seq[:-1] for r in rows]
+        tkv, dkv = BatchedKV(pair.target.config), BatchedKV(pair.draft.config)
+        tkv.lengths = [0] * len(rows)
+        dkv.lengths = [0] * len(rows)
         with eng.device_lock, torch.inference_mode():
             t0 = time.perf_counter()
-            if len(seq) > 1:
-                eng.forward(pair.target, t_cache, seq[:-1], 1)
-                eng.forward(pair.draft, d_cache, seq[:-1], 1)
-            run.stats.prefill_seconds = time.perf_counter() - t0
-        run.stats.target_tokens_processed += len(seq) - 1
-        run.stats.draft_tokens_processed += len(seq) - 1
-        self._tkv.add(t_cache, len(seq) - 1)
-        self._dkv.add(d_cache, len(seq) - 1)
-        self._rows.append(row)
-        self.stats.joined += 1
+            if any(feeds):
+                for kv, model in ((tkv, pair.target), (dkv, pair.draft)):
+                    kv.forward(model, feeds, self._pad, keep_logits=1)
+                    kv.commit([len(f) for f in feeds])
+            seconds = time.perf_counter() - t0
+        for r in rows:
+            r.run.stats.prefill_seconds = seconds
+            r.run.stats.target_tokens_processed += len(r.seq) - 1
+            r.run.stats.draft_tokens_processed += len(r.seq) - 1
+        self._tkv.extend(tkv)
+        self._dkv.extend(dkv)
+        self._rows += rows
+        self.stats.joined += len(rows)
 
     def _step(self) -> None:
         started = time.perf_counter()
