@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-GAMMAS = (2, 4, 6, 8)
+from speckv.vocabulary import DEFAULT_GAMMA_CANDIDATES as GAMMAS
 
 
 def percentiles(samples_s: list[float] | np.ndarray) -> dict[str, float]:
@@ -57,7 +56,7 @@ def bench_sklearn(x_row: np.ndarray, seed_csv: Path, seconds: float) -> dict[str
 
     from sklearn.neural_network import MLPRegressor
 
-    from predictor_service.seed_data import read_step_records, window_data
+    from predictor_service.dataset import read_step_records, window_data
 
     data = window_data(read_step_records(seed_csv), "same_step")
     model = MLPRegressor(hidden_layer_sizes=(16,), max_iter=500, random_state=42)

@@ -22,6 +22,7 @@ from typing import Any, NoReturn, TextIO
 # the one-line error below says the same; it reads this when it loads, so set it first.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
+from speckv.vocabulary import DEFAULT_GAMMA_CANDIDATES
 from speckv_client import ab, flags
 from speckv_client.channel import TlsConfig
 from speckv_client.errors import (
@@ -701,7 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="mean entropy (bits), mean confidence, max entropy, min confidence",
     )
     pred.add_argument("--compression", required=True, choices=[c.value for c in Compression])
-    pred.add_argument("--candidates", default="2,4,6,8", metavar="G,G,...")
+    pred.add_argument(
+        "--candidates", default=",".join(map(str, DEFAULT_GAMMA_CANDIDATES)), metavar="G,G,..."
+    )
     pred.add_argument("--objective", choices=[o.value for o in Objective])
     pred.add_argument(
         "--timing",

@@ -9,30 +9,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from speckv import vocabulary as vocab
 from speckv.draft_plan import DraftPlan
 
 
+# The enums' values are the shared vocabulary's names (speckv.vocabulary).
 class Compression(str, Enum):
-    FP16 = "fp16"
-    INT8 = "int8"
-    NF4 = "nf4"
-
-    @property
-    def code(self) -> int:
-        """The seed's `comp_enc` feature: 0 fp16, 1 int8, 2 nf4."""
-        return {"fp16": 0, "int8": 1, "nf4": 2}[self.value]
+    FP16 = vocab.FP16
+    INT8 = vocab.INT8
+    NF4 = vocab.NF4
 
 
 class Window(str, Enum):
-    SAME_STEP = "same_step"
-    PREVIOUS_STEP = "previous_step"
-    PREFIX = "prefix"
-    DRAFT_PLAN = "draft_plan"
+    SAME_STEP = vocab.WINDOW_SAME_STEP
+    PREVIOUS_STEP = vocab.WINDOW_PREVIOUS_STEP
+    PREFIX = vocab.WINDOW_PREFIX
+    DRAFT_PLAN = vocab.WINDOW_DRAFT_PLAN
 
 
 class Objective(str, Enum):
-    TOKENS_PER_STEP = "tokens_per_step"
-    GOODPUT = "goodput"
+    TOKENS_PER_STEP = vocab.OBJECTIVE_TOKENS_PER_STEP
+    GOODPUT = vocab.OBJECTIVE_GOODPUT
 
 
 @dataclass(frozen=True)
@@ -78,7 +75,7 @@ class DecideBatch:
     """One Decide message: one or more sequences' rows, decided together."""
 
     rows: tuple[FeatureRow, ...]
-    gamma_candidates: tuple[int, ...] = (2, 4, 6, 8)
+    gamma_candidates: tuple[int, ...] = vocab.DEFAULT_GAMMA_CANDIDATES
     window: Window = Window.PREVIOUS_STEP
     objective: Objective | None = None
     timing: StepTiming | None = None

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from speckv.vocabulary import DEFAULT_GAMMA_CANDIDATES as DEFAULT_GAMMA_CANDIDATES
 from speckv_client.types import ModelSelector, Objective, Window
 
 FALLBACK_MODES = ("fixed", "last")
-DEFAULT_GAMMA_CANDIDATES = (2, 4, 6, 8)
 # Generous bytes per token: a prompt longer than this many UTF-8 bytes per model position
 # cannot fit the models' positions unless its tokens average over 32 bytes (ordinary text
 # is a few bytes per token), so the default limit refuses it before tokenizing.

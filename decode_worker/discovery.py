@@ -15,29 +15,10 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from speckv.draft_plan import COMP_ENC_FEATURE, PLAN_FEATURES
+from speckv.vocabulary import FEATURES_ALLOWED_BY_WINDOW, WORKER_REQUEST_WINDOW
 from speckv_client.types import ModelInfo, ModelState, Window
 
 from decode_worker.config import ConfigError, RemotePolicyConfig
-
-# Features a worker computes, per window (the manifests' `feature_names`).
-_SIGNALS = (
-    "mean_draft_entropy",
-    "mean_draft_confidence",
-    "max_draft_entropy",
-    "min_draft_confidence",
-)
-WORKER_FEATURES: dict[str, frozenset[str]] = {
-    "previous_step": frozenset({*(f"prev_{s}" for s in _SIGNALS), "comp_enc", "gamma"}),
-    "same_step": frozenset({*_SIGNALS, "comp_enc", "gamma"}),
-    "draft_plan": frozenset({*PLAN_FEATURES, COMP_ENC_FEATURE}),
-}
-# A model window and the request window that serves it causally.
-_REQUEST_WINDOW = {
-    "previous_step": Window.PREVIOUS_STEP,
-    "same_step": Window.PREFIX,
-    "draft_plan": Window.DRAFT_PLAN,
-}
 
 
 def model_window(info: ModelInfo) -> str:
@@ -56,7 +37,7 @@ def model_window(info: ModelInfo) -> str:
     for v in info.versions:
         if v.state != ModelState.READY:
             continue
-        missing = set(v.feature_names) - WORKER_FEATURES.get(window, frozenset())
+        missing = set(v.feature_names) - FEATURES_ALLOWED_BY_WINDOW.get(window, frozenset())
         if missing:
             raise ConfigError(
                 f"predictor model {info.name!r} v{v.version} needs features this worker "
@@ -94,9 +75,10 @@ def resolve_remote(
             f"{last}; start the predictor first or pass --window"
         )
     window = model_window(info)
-    wanted = _REQUEST_WINDOW.get(window)
-    if wanted is None:
+    request_window = WORKER_REQUEST_WINDOW.get(window)
+    if request_window is None:
         raise ConfigError(f"predictor model {info.name!r} has unknown window {window!r}")
+    wanted = Window(request_window)
     if explicit_window is not None and explicit_window != wanted:
         # prefix is the one request window a same_step model serves.
         raise ConfigError(

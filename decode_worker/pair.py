@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from speckv.vocabulary import COMP_ENC
+from speckv.vocabulary import COMPRESSIONS as COMPRESSIONS
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -21,9 +23,6 @@ from transformers import (
 )
 
 Compression = Literal["fp16", "int8", "nf4"]
-COMPRESSIONS: tuple[str, ...] = ("fp16", "int8", "nf4")
-# The seed's `comp_enc` feature: 0 fp16, 1 int8, 2 nf4.
-COMPRESSION_CODES: dict[str, int] = {"fp16": 0, "int8": 1, "nf4": 2}
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 
@@ -59,7 +58,7 @@ class PairConfig:
 
     @property
     def comp_enc(self) -> int:
-        return COMPRESSION_CODES[self.compression]
+        return COMP_ENC[self.compression]
 
 
 @dataclass

@@ -16,40 +16,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from speckv.draft_plan import (
+from speckv.draft_plan import MAX_PLAN_GAMMA, PlanAxis, check_axes
+from speckv.vocabulary import (
+    COMP_ENC,
     COMP_ENC_FEATURE,
-    MAX_PLAN_GAMMA,
+    DEFAULT_GAMMA_CANDIDATES,
+    DEFAULT_OBJECTIVE,
+    MODEL_WINDOWS,
+    OBJECTIVES,
     WINDOW_DRAFT_PLAN,
-    PlanAxis,
-    check_axes,
 )
+
+# Re-exported for the training code that reads them from here.
+from speckv.vocabulary import DRAFT_SIGNALS as DRAFT_SIGNALS
+from speckv.vocabulary import FEATURES_BY_WINDOW as FEATURES_BY_WINDOW
+from speckv.vocabulary import WINDOW_PREVIOUS_STEP as WINDOW_PREVIOUS_STEP
+from speckv.vocabulary import WINDOW_SAME_STEP as WINDOW_SAME_STEP
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.npz"
 
-WINDOW_SAME_STEP = "same_step"
-WINDOW_PREVIOUS_STEP = "previous_step"
-WINDOWS = (WINDOW_SAME_STEP, WINDOW_PREVIOUS_STEP, WINDOW_DRAFT_PLAN)
-
-DRAFT_SIGNALS = (
-    "mean_draft_entropy",
-    "mean_draft_confidence",
-    "max_draft_entropy",
-    "min_draft_confidence",
-)
-# The seed's feature order; a model's input columns are exactly these, in this order.
-SEED_FEATURES = (*DRAFT_SIGNALS, "comp_enc", "gamma")
-PREVIOUS_STEP_FEATURES = (*(f"prev_{s}" for s in DRAFT_SIGNALS), "comp_enc", "gamma")
-FEATURES_BY_WINDOW: Mapping[str, tuple[str, ...]] = {
-    WINDOW_SAME_STEP: SEED_FEATURES,
-    WINDOW_PREVIOUS_STEP: PREVIOUS_STEP_FEATURES,
-}
-COMPRESSION_ENCODING: Mapping[str, int] = {"fp16": 0, "int8": 1, "nf4": 2}
-GAMMA_CANDIDATES = (2, 4, 6, 8)
-OBJECTIVES = ("tokens_per_step", "goodput")
-DEFAULT_OBJECTIVE = "goodput"
+# The shared vocabulary (speckv.vocabulary), under the names the repository code uses.
+WINDOWS = MODEL_WINDOWS
+COMPRESSION_ENCODING: Mapping[str, int] = COMP_ENC
 KNOWN_ANSWER_TOLERANCE = 1e-4
 FITTED_ON_ALL_RECORDS = "all_records"
 
@@ -140,7 +131,7 @@ class Manifest:
     compression_encoding: Mapping[str, int] = field(
         default_factory=lambda: dict(COMPRESSION_ENCODING)
     )
-    gamma_candidates: tuple[int, ...] = GAMMA_CANDIDATES
+    gamma_candidates: tuple[int, ...] = DEFAULT_GAMMA_CANDIDATES
     default_objective: str = DEFAULT_OBJECTIVE
     output_range: tuple[float, float] = (0.0, 1.0)
     known_answer_tolerance: float = KNOWN_ANSWER_TOLERANCE

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from speckv.vocabulary import DEFAULT_GAMMA_CANDIDATES
+
 from decode_worker.pair_manifest import read_manifest
 from speckv_eval.replay_run import Prompt, load_prompts
 from speckv_eval.services import pair_fingerprint
@@ -40,7 +42,7 @@ class LogConfig:
     exclude: tuple[Path, ...] = (DEFAULT_EXCLUDE,)
     corpus_snippets: int = 0  # extra prompts cut from the pair's held-out corpus documents
     code_chars: int = 2_000_000  # the pair's corpus size (manifest spec.code_chars)
-    gammas: tuple[int, ...] = (2, 4, 6, 8)
+    gammas: tuple[int, ...] = DEFAULT_GAMMA_CANDIDATES
     tokens_out: Path | None = None
     explore_runs: int = 0
     compressions: tuple[str, ...] = ("fp16", "int8", "nf4")
@@ -188,7 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gammas",
         type=int,
         nargs="*",
-        default=[2, 4, 6, 8],
+        default=list(DEFAULT_GAMMA_CANDIDATES),
         help="fixed γ runs per prompt (none: only --explore-runs)",
     )
     parser.add_argument(
