@@ -5,8 +5,9 @@ Data: the token CSV the worker's engine writes (`decode_worker.records.TOKEN_COL
 target is known). Inputs: the plan axes' bin indices plus comp_enc (speckv.draft_plan);
 target: `agreed` (0/1), fitted by the same 6→16→1-sized MLP regressor as SpecKV-MLP16, so
 its output is an agreement probability estimate. Held-out metrics keep whole prompts out
-of training (the prompt id is the part of `sequence_id` before the first ':'), five folds,
-one reported; the registered model is refitted on every record.
+of training (the prompt id is the part of `sequence_id` before the first ':'): fold 0 of
+the shared held-out definition (predictor_service/dataset.py `heldout_folds`, assignment
+"balanced"); the registered model is refitted on every record.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ from speckv.draft_plan import (
     check_axes,
 )
 
+from predictor_service.dataset import (
+    DataError,
+    estimator_repr,
+    file_sha256,
+    files_sha256,
+    fit_mlp16,
+    heldout_split,
+    score,
+)
 from predictor_service.manifest import (
     COMPRESSION_ENCODING,
     FITTED_ON_ALL_RECORDS,
@@ -38,9 +48,7 @@ from predictor_service.manifest import (
     PlanSpec,
     TrainingData,
 )
-from predictor_service.seed_data import DataError, file_sha256
 from predictor_service.training import (
-    HELDOUT_FOLDS,
     MAX_ONNX_ABS_DIFF,
     N_KNOWN_ANSWERS,
     ONNX_INPUT_NAME,
@@ -50,14 +58,11 @@ from predictor_service.training import (
     VersionExistsError,
     _exists_message,
     _export_onnx,
-    _fit,
     _library_versions,
     _next_version,
     _onnx_max_abs_diff,
     _publish,
-    _score,
     _stages,
-    estimator_repr,
 )
 
 # The default grid: 5 × 4 × 3 × 2 × 4 = 480 cells (speckv.draft_plan).
@@ -151,13 +156,12 @@ def read_token_records(paths: list[Path], axes: tuple[PlanAxis, ...]) -> TokenDa
                 groups.append(row["sequence_id"].split(":", 1)[0])
     if len(ys) < 50:
         raise DataError(f"only {len(ys)} token records; a plan model needs at least 50")
-    h = "+".join(file_sha256(f) for f in files)
     return TokenData(
         np.asarray(xs, dtype=np.float64),
         np.asarray(ys, dtype=np.float64),
         np.asarray(groups),
         len(ys),
-        h if len(files) == 1 else str(hash(h) & 0xFFFFFFFFFFFF),
+        file_sha256(files[0]) if len(files) == 1 else files_sha256(files),
     )
 
 
@@ -170,8 +174,6 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
 def train_plan_model(config: PlanTrainConfig) -> tuple[TrainResult, dict[str, Any]]:
     """Fit, export, check and publish `<repo>/<name>/<version>/`; returns the result and
     extra held-out numbers (AUC, base rate) for the CLI's JSON line."""
-    from sklearn.model_selection import GroupKFold
-
     with _stages(config.progress, total=5) as stage:
         stage("reading token records")
         data = read_token_records([config.data], config.axes)
@@ -180,16 +182,10 @@ def train_plan_model(config: PlanTrainConfig) -> tuple[TrainResult, dict[str, An
         target = model_dir / str(version)
         if target.exists():
             raise VersionExistsError(_exists_message(target, model_dir))
-        n_prompts = np.unique(data.prompt).size
-        if n_prompts < HELDOUT_FOLDS:
-            raise DataError(
-                f"held-out-by-prompt metrics need at least {HELDOUT_FOLDS} prompts, "
-                f"the data has {n_prompts}"
-            )
         stage("held-out prompts: fit on 80% of prompts, score on the rest")
-        tr, te = next(iter(GroupKFold(n_splits=HELDOUT_FOLDS).split(data.x, groups=data.prompt)))
-        held = _fit(data.x[tr], data.y[tr], config.seed)
-        heldout = _score(held, data.x[te], data.y[te], n_train=int(tr.size))
+        tr, te = heldout_split(data.prompt, assignment="balanced")
+        held = fit_mlp16(data.x[tr], data.y[tr], config.seed)
+        heldout = score(held, data.x[te], data.y[te], n_train=int(tr.size))
         pred = np.clip(held.predict(data.x[te]), 0, 1)
         extra = {
             "heldout_prompts_auc": _auc(data.y[te], pred),
@@ -198,7 +194,7 @@ def train_plan_model(config: PlanTrainConfig) -> tuple[TrainResult, dict[str, An
             "rows": data.rows,
         }
         stage(f"refit on all {data.rows} token records")
-        model = _fit(data.x, data.y, config.seed)
+        model = fit_mlp16(data.x, data.y, config.seed)
         stage("export to ONNX and check every record through onnxruntime")
         n_features = data.x.shape[1]
         onnx_bytes, output_name = _export_onnx(model, n_features)

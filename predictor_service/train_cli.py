@@ -104,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from predictor_service.seed_data import DataError
+    from predictor_service.dataset import DataError
     from predictor_service.training import TrainError, VersionExistsError
 
     try:

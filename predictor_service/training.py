@@ -1,9 +1,11 @@
 """Train SpecKV-MLP16, export it to ONNX, check the export and register it as a new version.
 
-The seed's protocol is kept exactly for the `split` metrics (stratified 80/20,
-random_state 42, predictions clipped to [0, 1] before scoring, as the seed's notebook does);
-`heldout_runs` metrics keep every step of a test run out of training, because steps of one
-run are not independent. The registered model is refitted on all records, as the seed did.
+The data, splits, folds and model come from the one protocol in predictor_service/dataset.py
+(shared with `speckv-eval paper`): `split` metrics are the seed's stratified 80/20
+(`seed_split`, predictions clipped to [0, 1] before scoring, as the seed's notebook does);
+`heldout_runs` metrics hold out fold 0 of `heldout_folds` grouped by run ("stratified"),
+because steps of one run are not independent. The registered model is refitted on all
+records, as the seed did.
 
 scikit-learn, skl2onnx, onnx and onnxruntime are imported inside functions so that importing
 this module (and `speckv-predictor serve`) does not need the `train` extra.
@@ -17,7 +19,6 @@ import platform
 import shutil
 import sys
 import tempfile
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,18 @@ from typing import Any
 
 import numpy as np
 
+from predictor_service.dataset import (
+    HELDOUT_FOLDS,
+    DataError,
+    WindowedData,
+    estimator_repr,
+    fit_mlp16,
+    heldout_split,
+    read_step_records,
+    score,
+    seed_split,
+    window_data,
+)
 from predictor_service.manifest import (
     FITTED_ON_ALL_RECORDS,
     MANIFEST_FILE,
@@ -40,17 +53,8 @@ from predictor_service.manifest import (
     SplitMetrics,
     TrainingData,
 )
-from predictor_service.seed_data import (
-    DataError,
-    WindowedData,
-    read_step_records,
-    window_data,
-)
 
 SEED_CSV = Path(__file__).parent / "data" / "speckv-paper" / "phase2_step_results.csv"
-SPLIT_RANDOM_STATE = 42  # the seed's split; fixed so metrics stay comparable across --seed
-TEST_SIZE = 0.2
-HELDOUT_FOLDS = 5  # one fold of 5 = 20% of runs held out
 ONNX_OPSET = 17  # old enough for every onnxruntime the `predictor` extra allows
 ONNX_INPUT_NAME = "input"
 MAX_ONNX_ABS_DIFF = 1e-5
@@ -71,7 +75,7 @@ class TrainConfig:
 
     `data`: step CSV in the seed's schema (extra columns tolerated; a `sequence_id` column
     defines the runs), or a directory of them (a worker's `--record-steps DIR`; see
-    seed_data.read_step_records). `version`: None takes the next free integer. `seed`: the MLP's
+    dataset.read_step_records). `version`: None takes the next free integer. `seed`: the MLP's
     random_state (the splits always use 42). `heldout_runs`: False skips the held-out-runs
     evaluation (one fit fewer; the manifest then records `heldout_runs: null`).
     """
@@ -127,10 +131,6 @@ class TrainResult:
         }
 
 
-def estimator_repr(seed: int) -> str:
-    return f"MLPRegressor(hidden_layer_sizes=(16,), max_iter=500, random_state={seed})"
-
-
 def existing_versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
@@ -161,7 +161,7 @@ def train_and_register(config: TrainConfig) -> TrainResult:
             heldout = _heldout_runs_metrics(data, config.seed)
 
         stage(f"refit on all {data.y.size} records")
-        model = _fit(data.x, data.y, config.seed)
+        model = fit_mlp16(data.x, data.y, config.seed)
 
         stage("export to ONNX and check every record through onnxruntime")
         onnx_bytes, output_name = _export_onnx(model, len(data.feature_names))
@@ -229,77 +229,27 @@ def _exists_message(target: Path, model_dir: Path) -> str:
     )
 
 
-def _fit(x: np.ndarray, y: np.ndarray, seed: int) -> Any:
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.neural_network import MLPRegressor
-
-    model = MLPRegressor(hidden_layer_sizes=(16,), max_iter=500, random_state=seed)
-    with warnings.catch_warnings():
-        # Small training sets may stop at max_iter; the metrics say how good the fit is.
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(x, y)
-    return model
-
-
-def _score(model: Any, x: np.ndarray, y: np.ndarray, n_train: int) -> SplitMetrics:
-    # The seed clips predictions to the valid range before scoring; the server clips too.
-    pred = np.clip(model.predict(x), 0.0, 1.0)
-    mse = float(np.mean((pred - y) ** 2))
-    corr = float(np.corrcoef(y, pred)[0, 1]) if np.std(pred) > 0 and np.std(y) > 0 else 0.0
-    return SplitMetrics(mse=mse, corr=corr, n_train=n_train, n_test=int(y.size))
-
-
 def _split_metrics(data: WindowedData, seed: int) -> SplitMetrics:
-    """The seed's protocol: train_test_split(0.2, random_state=42, stratify=comp_task)."""
-    from sklearn.model_selection import train_test_split
-
-    _, counts = np.unique(data.strata, return_counts=True)
-    if counts.min() < 2:
-        rare = np.unique(data.strata)[counts.argmin()]
-        raise DataError(
-            f"{data.window}: stratum {rare!r} (compression_task) has only {counts.min()} "
-            "record; the seed's stratified split needs at least 2 per stratum"
-        )
-    idx = np.arange(data.y.size)
+    """The seed's protocol: fit on `seed_split`'s 80%, score on its 20%."""
     try:
-        tr, te = train_test_split(
-            idx, test_size=TEST_SIZE, random_state=SPLIT_RANDOM_STATE, stratify=data.strata
-        )
-    except ValueError as e:
-        raise DataError(f"the seed's stratified 80/20 split is impossible on this data: {e}") from e
-    model = _fit(data.x[tr], data.y[tr], seed)
-    return _score(model, data.x[te], data.y[te], n_train=int(tr.size))
+        tr, te = seed_split(data.strata)
+    except DataError as e:
+        raise DataError(f"{data.window}: {e}") from None
+    model = fit_mlp16(data.x[tr], data.y[tr], seed)
+    return score(model, data.x[te], data.y[te], n_train=int(tr.size))
 
 
 def heldout_runs_split(data: WindowedData) -> tuple[np.ndarray, np.ndarray]:
-    """Train/test indices with whole runs held out.
-
-    The first fold of `StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=42)`
-    with groups = run id and classes = compression_task: about 20% of the runs, balanced
-    across compression and task, are test runs, and none of their steps is in training.
-    """
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    n_runs = np.unique(data.run_id).size
-    if n_runs < HELDOUT_FOLDS:
-        raise DataError(
-            f"held-out-runs metrics need at least {HELDOUT_FOLDS} runs, the data has {n_runs}; "
-            "add runs or skip that evaluation"
-        )
-    folds = StratifiedGroupKFold(
-        n_splits=HELDOUT_FOLDS, shuffle=True, random_state=SPLIT_RANDOM_STATE
-    )
-    with warnings.catch_warnings():
-        # It warns when a stratum has fewer runs than folds; the split is still by run.
-        warnings.simplefilter("ignore", UserWarning)
-        tr, te = next(iter(folds.split(data.x, data.strata, groups=data.run_id)))
-    return tr, te
+    """Train/test indices with whole runs held out: fold 0 of `heldout_folds` with groups =
+    run id and classes = compression_task (about 20% of the runs, balanced across
+    compression and task; none of their steps is in training)."""
+    return heldout_split(data.run_id, data.strata, n_folds=HELDOUT_FOLDS)
 
 
 def _heldout_runs_metrics(data: WindowedData, seed: int) -> SplitMetrics:
     tr, te = heldout_runs_split(data)
-    model = _fit(data.x[tr], data.y[tr], seed)
-    return _score(model, data.x[te], data.y[te], n_train=int(tr.size))
+    model = fit_mlp16(data.x[tr], data.y[tr], seed)
+    return score(model, data.x[te], data.y[te], n_train=int(tr.size))
 
 
 def _export_onnx(model: Any, n_features: int) -> tuple[bytes, str]:

@@ -6,7 +6,8 @@ then scores every policy on the 1,023 test steps of the stratified 80/20 split b
 very step being decided. Each of those three choices flatters the policy; the honest ladder
 removes them one at a time:
 
-1. held-out runs: the models never saw the prompt whose steps they decide (5 folds by prompt);
+1. held-out runs: the models never saw the prompt whose steps they decide (5 folds by prompt,
+   the training protocol's `heldout_folds`, predictor_service/dataset.py);
 2. `previous_step`: step *t* is decided from step *t-1*'s drafted-token features;
 3. independent judge: a step's outcome is what the run actually observed (greedy acceptance
    is a run of agreeing tokens: `k < γ_used` accepted means exactly `min(k, γ)` for every γ);
@@ -17,7 +18,6 @@ removes them one at a time:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,15 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from predictor_service.dataset import (
+    PREV_COLUMNS,
+    fit_quiet,
+    heldout_folds,
+    make_mlp16,
+    score,
+    seed_split,
+    strata_of,
+)
 from speckv_eval.paper_data import (
     COMPRESSIONS,
     DRAFT_FEATURES,
@@ -68,26 +77,11 @@ class PaperConfig:
     n_jobs: int = 1
 
 
-def make_mlp16() -> Regressor:
-    """The seed's MLP-16 ("fast") predictor, exactly as its notebook builds it."""
-    from sklearn.neural_network import MLPRegressor
-
-    return MLPRegressor(hidden_layer_sizes=(16,), max_iter=500, random_state=42)
-
-
 def make_rf100(n_jobs: int = 1) -> Regressor:
     """The seed's RF-100 ("accurate") reference predictor; n_jobs does not change its trees."""
     from sklearn.ensemble import RandomForestRegressor
 
     return RandomForestRegressor(n_estimators=100, random_state=42, n_jobs=n_jobs)
-
-
-def fit_quiet(model: Regressor, x: np.ndarray, y: np.ndarray) -> Regressor:
-    """Fit without the MLP's ConvergenceWarning (the seed's 500 iterations do not converge)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.fit(x, y)
-    return model
 
 
 def predicted_acceptance(
@@ -220,21 +214,15 @@ def _best_fixed_gamma(steps: pd.DataFrame) -> dict[str, int]:
 
 
 def reproduce_seed(cfg: PaperConfig, steps: pd.DataFrame | None = None) -> SeedReproduction:
-    """The seed's Phase 4 replay, step for step."""
-    from sklearn.model_selection import train_test_split
-
+    """The seed's Phase 4 replay, step for step (split, MLP-16 and scoring from the training
+    protocol, predictor_service.dataset: the same as `speckv-predictor train`'s `split`)."""
     steps = load_steps(cfg.data_dir) if steps is None else steps
     task_oracle = load_task_oracle(cfg.data_dir)
     x = steps[list(SEED_FEATURES)].to_numpy(dtype=float)
     y = steps["acceptance_rate"].to_numpy(dtype=float)
-    strat = steps["compression"] + "_" + steps["task"]
-    train_idx, test_idx = train_test_split(
-        np.arange(len(steps)), test_size=0.2, random_state=42, stratify=strat
-    )
+    train_idx, test_idx = seed_split(strata_of(steps["compression"], steps["task"]))
     mlp = fit_quiet(make_mlp16(), x[train_idx], y[train_idx])
-    pred = np.clip(mlp.predict(x[test_idx]), 0, 1)
-    mse = float(np.mean((y[test_idx] - pred) ** 2))
-    corr = float(np.corrcoef(y[test_idx], pred)[0, 1])
+    split = score(mlp, x[test_idx], y[test_idx], n_train=int(train_idx.size))
     # The seed then refits both models on every record, test steps included.
     fast = fit_quiet(make_mlp16(), x, y)
     slow = fit_quiet(make_rf100(cfg.n_jobs), x, y)
@@ -262,8 +250,8 @@ def reproduce_seed(cfg: PaperConfig, steps: pd.DataFrame | None = None) -> SeedR
         mean_diff=mean_diff,
         p_value=p_value,
         diff_ci=(d_lo, d_hi),
-        mlp_test_mse=mse,
-        mlp_test_corr=corr,
+        mlp_test_mse=split.mse,
+        mlp_test_corr=split.corr,
         steps=sp,
     )
 
@@ -319,10 +307,11 @@ def self_judged_frame(
 
 
 def previous_step_context(steps: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Context (step t-1 draft features, comp_enc) per step, and which steps have one."""
-    prev = steps.groupby("run_id")[list(DRAFT_FEATURES)].shift(1)
-    has_prev = prev.notna().all(axis=1).to_numpy()
-    ctx = np.column_stack([prev.to_numpy(dtype=float), steps["comp_enc"].to_numpy(dtype=float)])
+    """Context (previous step's draft features, comp_enc) per step, and which steps have one;
+    the previous step is the training protocol's join (load_steps' `prev_*` columns)."""
+    prev = steps[list(PREV_COLUMNS)].to_numpy(dtype=float)
+    has_prev = ~np.isnan(prev).any(axis=1)
+    ctx = np.column_stack([prev, steps["comp_enc"].to_numpy(dtype=float)])
     return ctx, has_prev
 
 
@@ -376,7 +365,9 @@ class HonestResult:
 
 
 def _fold_of(steps: pd.DataFrame, n_folds: int) -> np.ndarray:
-    return steps["prompt_idx"].to_numpy() % n_folds
+    """The training protocol's held-out folds, grouped by prompt: fold k holds out the k-th
+    prompt of every task (assignment "index_mod", the folds of docs/results.md's ladder)."""
+    return heldout_folds(steps["prompt_idx"].to_numpy(), n_folds=n_folds, assignment="index_mod")
 
 
 def honest_protocols(

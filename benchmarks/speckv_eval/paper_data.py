@@ -18,6 +18,13 @@ from speckv.vocabulary import COMPRESSIONS as COMPRESSIONS
 from speckv.vocabulary import DEFAULT_GAMMA_CANDIDATES, DRAFT_SIGNALS
 from speckv.vocabulary import SEED_FEATURES as SEED_FEATURES
 
+from predictor_service.dataset import (
+    PREV_COLUMNS,
+    StepRecords,
+    previous_signals,
+    read_step_records,
+)
+
 SEED_GAMMAS = DEFAULT_GAMMA_CANDIDATES
 DRAFT_FEATURES = DRAFT_SIGNALS
 
@@ -42,15 +49,13 @@ def _require(data_dir: Path, name: str) -> Path:
 
 
 def load_steps(data_dir: Path) -> pd.DataFrame:
-    """Step records with `comp_enc`, `run_id`, `prompt_idx` (0..4 within its task) and `prompt`."""
-    steps = pd.read_csv(_require(data_dir, "phase2_step_results.csv"))
+    """Step records with `comp_enc`, `run_id`, `prev_*`, `prompt_idx` (0..4 within its task)
+    and `prompt`: read, validated, split into runs and joined to their previous step by the
+    training protocol's own loader (predictor_service.dataset), then joined to the prompts."""
+    records = read_step_records(_require(data_dir, "phase2_step_results.csv"))
     runs = pd.read_csv(_require(data_dir, "phase2_experiment_results.csv"))
-    steps["comp_enc"] = steps["compression"].map(COMP_ENC)
-    if steps["comp_enc"].isna().any():
-        bad = sorted(set(steps.loc[steps["comp_enc"].isna(), "compression"]))
-        raise ValueError(f"unknown compression values {bad}; expected {list(COMP_ENC)}")
-    run_id = np.cumsum(steps["step"].to_numpy() == 0) - 1
-    steps["run_id"] = run_id
+    steps = records_frame(records)
+    run_id = records.run_id
     n_runs = int(run_id.max()) + 1
     if n_runs != len(runs):
         raise ValueError(
@@ -73,6 +78,33 @@ def load_steps(data_dir: Path) -> pd.DataFrame:
     steps["prompt_idx"] = runs["prompt_idx"].to_numpy()[run_id]
     steps["prompt"] = runs["prompt"].to_numpy()[run_id]
     return steps
+
+
+def records_frame(records: StepRecords) -> pd.DataFrame:
+    """The shared loader's records as a frame: the seed's columns, `comp_enc`, `run_id` and the
+    shared previous-step join as `prev_*` (NaN where a step has no previous step)."""
+    if records.accepted is None or records.tokens_produced is None:
+        raise ValueError(
+            f"{records.path}: the paper's judge needs the 'accepted' and 'tokens_produced' columns"
+        )
+    frame = pd.DataFrame(
+        {
+            "compression": records.compression,
+            "gamma": records.gamma,
+            "task": records.task,
+            "step": records.step,
+            "accepted": records.accepted,
+            "acceptance_rate": records.acceptance_rate,
+            "tokens_produced": records.tokens_produced,
+            **{s: records.signals[:, i] for i, s in enumerate(DRAFT_FEATURES)},
+            "comp_enc": records.comp_enc,
+            "run_id": records.run_id,
+        }
+    )
+    prev = previous_signals(records)
+    for i, col in enumerate(PREV_COLUMNS):
+        frame[col] = prev[:, i]
+    return frame
 
 
 def load_runs(data_dir: Path) -> pd.DataFrame:

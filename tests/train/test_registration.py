@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from predictor_service import training
-from predictor_service.seed_data import DataError
+from predictor_service.dataset import DataError
 from predictor_service.training import TrainConfig, VersionExistsError, train_and_register
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from predictor_service.seed_data import read_step_records, window_data
+from predictor_service.dataset import read_step_records, window_data
 
 HEADER = (
     "sequence_id,compression,gamma,task,step,accepted,acceptance_rate,tokens_produced,"

@@ -36,7 +36,7 @@ from decode_worker.records import (
     complete_record_files,
 )
 from decode_worker.server import WorkerServer
-from predictor_service.seed_data import read_step_records, window_data
+from predictor_service.dataset import read_step_records, window_data
 from tests.worker.engine_helpers import prompts, random_pair, target_greedy
 
 pytestmark = pytest.mark.timeout(180)

@@ -1,16 +1,23 @@
-"""Read and validate step records in the seed's CSV schema (phase2_step_results.csv).
+"""The one training/data protocol: loader, previous-step join, held-out folds, MLP factory.
 
-Training must refuse bad data before it writes anything, and say exactly where the data is
-wrong: every error names the file, the column and the 1-based CSV line (line 1 is the
-header). Extra columns (the worker's timings, decision, history) are tolerated and ignored,
-except:
+Both `speckv-predictor train` (predictor_service/training.py, plan_training.py) and
+`speckv-eval paper` (speckv_eval/paper_data.py, paper.py) use these functions, so a step
+record means the same thing, a "previous step" is the same step and "held out" keeps the
+same rows out of training in both (docs/training.md, "The protocol").
+
+Step records in the seed's CSV schema (phase2_step_results.csv): training must refuse bad
+data before it writes anything, and say exactly where the data is wrong: every error names
+the file, the column and the 1-based CSV line (line 1 is the header). Extra columns (the
+worker's timings, decision, history) are tolerated and ignored, except:
 - `sequence_id`, which, when present, defines the runs (across files: a sequence's records
   may span two files of a worker's `--record-steps` directory);
 - `prev_mean_draft_entropy`, `prev_mean_draft_confidence`, `prev_max_draft_entropy`,
   `prev_min_draft_confidence` (all four): the signals of the sequence's previous *drafted*
   step, exactly what the worker sent a `previous_step` model for this step. When present
   they are the `previous_step` features; without them (the seed's file) the previous step is
-  found by joining step - 1 of the same run.
+  found by joining step - 1 of the same run;
+- `accepted`, `tokens_produced` (the seed's and the worker's): kept when present, for the
+  paper's judge of observed outcomes.
 
 A path may be a directory: every `*.csv` file in it (not hidden), sorted by name, read as
 one data set — the worker's `--record-steps DIR` (its files being written are hidden temp
@@ -23,8 +30,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
@@ -34,11 +43,13 @@ from predictor_service.manifest import (
     FEATURES_BY_WINDOW,
     WINDOW_PREVIOUS_STEP,
     WINDOW_SAME_STEP,
+    SplitMetrics,
 )
 
 REQUIRED_COLUMNS = ("compression", "gamma", "task", "step", "acceptance_rate", *DRAFT_SIGNALS)
 SEQUENCE_ID_COLUMN = "sequence_id"
 PREV_COLUMNS = tuple(f"prev_{s}" for s in DRAFT_SIGNALS)
+OUTCOME_COLUMNS = ("accepted", "tokens_produced")  # kept when every file has them
 
 
 class DataError(ValueError):
@@ -66,6 +77,8 @@ class StepRecords:
     files: tuple[Path, ...] = ()  # the CSV files read, in order
     file_index: np.ndarray | None = None  # [N] int64 index into `files`
     skipped_undrafted: int = 0  # gamma-0 rows skipped
+    accepted: np.ndarray | None = None  # [N] int64 drafted tokens accepted, when present
+    tokens_produced: np.ndarray | None = None  # [N] int64, when present
 
     @property
     def rows(self) -> int:
@@ -127,6 +140,7 @@ def step_record_files(path: str | Path) -> list[Path]:
 class _FileRows:
     has_seq: bool
     has_prev: bool
+    has_outcome: bool
     comp: list[str]
     task: list[str]
     step: list[int]
@@ -137,6 +151,7 @@ class _FileRows:
     seq: list[str]
     lines: list[int]
     skipped: int
+    outcome: list[tuple[int, int]]
 
 
 _NAN4 = [math.nan] * 4
@@ -156,7 +171,8 @@ def _read_file(p: Path) -> _FileRows:
             )
         has_seq = SEQUENCE_ID_COLUMN in header
         has_prev = all(c in header for c in PREV_COLUMNS)
-        out = _FileRows(has_seq, has_prev, [], [], [], [], [], [], [], [], [], 0)
+        has_outcome = all(c in header for c in OUTCOME_COLUMNS)
+        out = _FileRows(has_seq, has_prev, has_outcome, [], [], [], [], [], [], [], [], [], 0, [])
         for row in reader:
             line = reader.line_num
             if None in row:
@@ -189,6 +205,13 @@ def _read_file(p: Path) -> _FileRows:
                 )
             out.acc.append(a)
             out.sig.append([_number(p, s, line, cell(s)) for s in DRAFT_SIGNALS])
+            if has_outcome:
+                out.outcome.append(
+                    (
+                        _integer(p, "accepted", line, cell("accepted"), minimum=0),
+                        _integer(p, "tokens_produced", line, cell("tokens_produced"), minimum=0),
+                    )
+                )
             if has_prev:
                 texts = [cell(col) for col in PREV_COLUMNS]
                 if not any(texts):
@@ -255,9 +278,13 @@ def read_step_records(path: str | Path) -> StepRecords:
     if has_prev:
         prev = np.asarray([x for part in parts for x in part.prev], dtype=np.float64)
         prev = prev.reshape(n, len(DRAFT_SIGNALS))
+    outcome = None
+    if all(part.has_outcome for part in parts):
+        outcome = np.asarray([x for part in parts for x in part.outcome], dtype=np.int64)
+        outcome = outcome.reshape(n, len(OUTCOME_COLUMNS))
     return StepRecords(
         path=p,
-        sha256=file_sha256(files[0]) if len(files) == 1 and files[0] == p else _files_sha256(files),
+        sha256=file_sha256(files[0]) if len(files) == 1 and files[0] == p else files_sha256(files),
         compression=np.asarray([x for part in parts for x in part.comp], dtype=object),
         task=np.asarray([x for part in parts for x in part.task], dtype=object),
         step=step_arr,
@@ -273,10 +300,12 @@ def read_step_records(path: str | Path) -> StepRecords:
         files=tuple(files),
         file_index=file_arr,
         skipped_undrafted=skipped,
+        accepted=None if outcome is None else outcome[:, 0],
+        tokens_produced=None if outcome is None else outcome[:, 1],
     )
 
 
-def _files_sha256(files: list[Path]) -> str:
+def files_sha256(files: list[Path]) -> str:
     """One digest of a data set of several files: over each file's name and digest."""
     h = hashlib.sha256()
     for f in files:
@@ -354,14 +383,34 @@ def _integer(p: Path, col: str, line: int, text: str, minimum: int) -> int:
     return int(v)
 
 
+def previous_signals(records: StepRecords) -> np.ndarray:
+    """The previous-step join: [N, 4] signals of each record's previous drafted step (NaN where
+    there is none, e.g. a run's first step), in DRAFT_SIGNALS order.
+
+    With the records' `prev_*` columns those are the signals the worker sent for this step
+    (its latest drafted step's, even across gamma-0 steps); without them (the seed), the
+    signals of step - 1 of the same run.
+    """
+    if records.prev_signals is not None:
+        return records.prev_signals
+    where = {
+        (int(r), int(s)): i
+        for i, (r, s) in enumerate(zip(records.run_id, records.step, strict=True))
+    }
+    out = np.full((records.rows, len(DRAFT_SIGNALS)), np.nan)
+    for i, (r, s) in enumerate(zip(records.run_id, records.step, strict=True)):
+        j = where.get((int(r), int(s) - 1))
+        if j is not None:
+            out[i] = records.signals[j]
+    return out
+
+
 def window_data(records: StepRecords, window: str) -> WindowedData:
     """Build model inputs for `window` (features in the manifest's order).
 
     `same_step`: this step's four signals, comp_enc, gamma -> this step's acceptance rate.
-    `previous_step`: the previous drafted step's four signals, this step's comp_enc and
-    gamma -> this step's acceptance rate. With the records' `prev_*` columns those are the
-    signals the worker sent for this step (its latest drafted step's, even across gamma-0
-    steps); without them (the seed), step - 1 of the same run. Steps without a previous
+    `previous_step`: the previous drafted step's four signals (`previous_signals`), this
+    step's comp_enc and gamma -> this step's acceptance rate. Steps without a previous
     drafted step (each run's first) are dropped.
     """
     comp_enc = records.comp_enc.astype(np.float64)
@@ -369,45 +418,176 @@ def window_data(records: StepRecords, window: str) -> WindowedData:
     if window == WINDOW_SAME_STEP:
         idx = np.arange(records.rows)
         sig = records.signals[idx]
-    elif window == WINDOW_PREVIOUS_STEP and records.prev_signals is not None:
-        idx = np.flatnonzero(~np.isnan(records.prev_signals).any(axis=1))
+    elif window == WINDOW_PREVIOUS_STEP:
+        prev = previous_signals(records)
+        idx = np.flatnonzero(~np.isnan(prev).any(axis=1))
         if idx.size == 0:
             raise DataError(
-                f"{records.path}: no step has a previous drafted step in its sequence (every "
-                "prev_* cell is empty), so there is nothing to train a previous_step model on"
+                f"{records.path}: no step has a previous drafted step in its run (a run's "
+                "first step has none; with prev_* columns, every prev_* cell is empty), so "
+                "there is nothing to train a previous_step model on"
             )
-        sig = records.prev_signals[idx]
-    elif window == WINDOW_PREVIOUS_STEP:
-        where = {
-            (int(r), int(s)): i
-            for i, (r, s) in enumerate(zip(records.run_id, records.step, strict=True))
-        }
-        pairs = [
-            (i, where[(int(r), int(s) - 1)])
-            for i, (r, s) in enumerate(zip(records.run_id, records.step, strict=True))
-            if (int(r), int(s) - 1) in where
-        ]
-        if not pairs:
-            raise DataError(
-                f"{records.path}: no step has a previous step in its run, so there is nothing "
-                "to train a previous_step model on"
-            )
-        idx = np.asarray([i for i, _ in pairs], dtype=np.int64)
-        prev = np.asarray([j for _, j in pairs], dtype=np.int64)
-        sig = records.signals[prev]
+        sig = prev[idx]
     else:
         raise ValueError(f"unknown window {window!r}; expected one of {tuple(FEATURES_BY_WINDOW)}")
     x = np.column_stack([sig, comp_enc[idx], gamma[idx]])
-    strata = np.asarray(
-        [f"{c}_{t}" for c, t in zip(records.compression[idx], records.task[idx], strict=True)],
-        dtype=object,
-    )
     return WindowedData(
         window=window,
         feature_names=FEATURES_BY_WINDOW[window],
         x=x,
         y=records.acceptance_rate[idx],
         run_id=records.run_id[idx],
-        strata=strata,
+        strata=strata_of(records.compression[idx], records.task[idx]),
         record_index=idx,
     )
+
+
+def strata_of(compression: Any, task: Any) -> np.ndarray:
+    """The seed's stratify key per row: compression + "_" + task."""
+    return np.asarray(
+        [f"{c}_{t}" for c, t in zip(compression, task, strict=True)],
+        dtype=object,
+    )
+
+
+# ---------------------------------------------------------------- splits and folds
+
+SPLIT_RANDOM_STATE = 42  # the seed's split; fixed so metrics stay comparable across --seed
+TEST_SIZE = 0.2
+HELDOUT_FOLDS = 5  # one fold of 5 = 20% of the groups held out
+
+HeldOutAssignment = Literal["stratified", "index_mod", "balanced"]
+
+
+def seed_split(strata: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The seed's split of rows (not a held-out one: steps of a run fall on both sides):
+    `train_test_split(test_size=0.2, random_state=42, stratify=compression_task)`.
+    Returns sorted-as-sklearn-returns (train, test) row indices."""
+    from sklearn.model_selection import train_test_split
+
+    labels, counts = np.unique(strata, return_counts=True)
+    if counts.min() < 2:
+        raise DataError(
+            f"stratum {labels[counts.argmin()]!r} (compression_task) has only {counts.min()} "
+            "record; the seed's stratified split needs at least 2 per stratum"
+        )
+    idx = np.arange(len(strata))
+    try:
+        tr, te = train_test_split(
+            idx, test_size=TEST_SIZE, random_state=SPLIT_RANDOM_STATE, stratify=strata
+        )
+    except ValueError as e:
+        raise DataError(f"the seed's stratified 80/20 split is impossible on this data: {e}") from e
+    return tr, te
+
+
+def heldout_folds(
+    groups: np.ndarray,
+    strata: np.ndarray | None = None,
+    *,
+    n_folds: int = HELDOUT_FOLDS,
+    assignment: HeldOutAssignment = "stratified",
+) -> np.ndarray:
+    """The held-out definition: the fold (0..n_folds-1) of every row, such that all rows of
+    one group (a run, a sequence, a prompt) share a fold. Fold k held out = train on the
+    rows whose fold is not k; no group is on both sides.
+
+    `assignment` (how groups are dealt to folds; the definition above is the same):
+    - "stratified" (`speckv-predictor train`, groups = runs): `StratifiedGroupKFold(
+      n_folds, shuffle=True, random_state=42)` with classes = `strata` (compression_task),
+      so each fold is about 1/n_folds of the groups, balanced over compression and task;
+    - "index_mod" (`speckv-eval paper`, groups = the seed's prompt index 0..4 within its
+      task): fold = group mod n_folds, so fold k holds out the k-th prompt of every task —
+      the folds the honest ladder in docs/results.md was measured with;
+    - "balanced" (the draft_plan model, groups = prompt ids): `GroupKFold(n_folds)`,
+      groups dealt by size, no shuffling.
+    """
+    groups = np.asarray(groups)
+    n_groups = np.unique(groups).size
+    if n_groups < n_folds:
+        raise DataError(
+            f"held-out metrics need at least {n_folds} groups (runs or prompts), the data has "
+            f"{n_groups}; add runs or skip that evaluation"
+        )
+    if assignment == "index_mod":
+        return (groups.astype(np.int64) % n_folds).astype(np.int64)
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    fold = np.full(groups.shape[0], -1, dtype=np.int64)
+    x = np.zeros((groups.shape[0], 1))
+    if assignment == "stratified":
+        if strata is None:
+            raise ValueError("the 'stratified' assignment needs strata")
+        folds = StratifiedGroupKFold(
+            n_splits=n_folds, shuffle=True, random_state=SPLIT_RANDOM_STATE
+        )
+        with warnings.catch_warnings():
+            # It warns when a stratum has fewer groups than folds; the split is still by group.
+            warnings.simplefilter("ignore", UserWarning)
+            splits = list(folds.split(x, strata, groups=groups))
+    elif assignment == "balanced":
+        splits = list(GroupKFold(n_splits=n_folds).split(x, groups=groups))
+    else:
+        raise ValueError(f"unknown held-out assignment {assignment!r}")
+    for k, (_, te) in enumerate(splits):
+        fold[te] = k
+    return fold
+
+
+def heldout_split(
+    groups: np.ndarray,
+    strata: np.ndarray | None = None,
+    *,
+    fold: int = 0,
+    n_folds: int = HELDOUT_FOLDS,
+    assignment: HeldOutAssignment = "stratified",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) row indices with fold `fold` of `heldout_folds` held out."""
+    f = heldout_folds(groups, strata, n_folds=n_folds, assignment=assignment)
+    return np.flatnonzero(f != fold), np.flatnonzero(f == fold)
+
+
+# ---------------------------------------------------------------- the model
+
+MLP16_HIDDEN = (16,)
+MLP16_MAX_ITER = 500
+
+
+def make_mlp16(seed: int = 42) -> Any:
+    """SpecKV-MLP16 (the seed's "fast" predictor, exactly as its notebook builds it):
+    `MLPRegressor(hidden_layer_sizes=(16,), max_iter=500, random_state=seed)`."""
+    from sklearn.neural_network import MLPRegressor
+
+    return MLPRegressor(hidden_layer_sizes=MLP16_HIDDEN, max_iter=MLP16_MAX_ITER, random_state=seed)
+
+
+def estimator_repr(seed: int) -> str:
+    """The manifest's `estimator`: how `make_mlp16(seed)` is built."""
+    return (
+        f"MLPRegressor(hidden_layer_sizes={MLP16_HIDDEN}, max_iter={MLP16_MAX_ITER}, "
+        f"random_state={seed})"
+    )
+
+
+def fit_quiet(model: Any, x: np.ndarray, y: np.ndarray) -> Any:
+    """Fit without the MLP's ConvergenceWarning (the seed's 500 iterations need not
+    converge; the metrics say how good the fit is)."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y)
+    return model
+
+
+def fit_mlp16(x: np.ndarray, y: np.ndarray, seed: int = 42) -> Any:
+    return fit_quiet(make_mlp16(seed), x, y)
+
+
+def score(model: Any, x: np.ndarray, y: np.ndarray, n_train: int) -> SplitMetrics:
+    """MSE and Pearson correlation of clip(prediction, 0, 1) against `y` (the seed clips
+    before scoring; the server clips too)."""
+    pred = np.clip(model.predict(x), 0.0, 1.0)
+    mse = float(np.mean((pred - y) ** 2))
+    corr = float(np.corrcoef(y, pred)[0, 1]) if np.std(pred) > 0 and np.std(y) > 0 else 0.0
+    return SplitMetrics(mse=mse, corr=corr, n_train=n_train, n_test=int(y.size))
