@@ -110,7 +110,7 @@ class OutcomeConfig:
     shadow_memory: int = 65_536
     max_routing_key_bytes: int = 256
     max_name_bytes: int = 256
-    # Largest gamma a remote decision can ask for (EngineConfig.max_gamma).
+    # Largest gamma a remote decision can ask for (DeciderConfig.max_gamma).
     max_gamma: int = 64
     # A step's draft or verify seconds above this is refused as malformed.
     max_step_seconds: float = 3600.0
@@ -184,6 +184,20 @@ class RecordSummary:
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
     # (model, shadow version, predicted acceptance, realised acceptance) per calibrated step.
     shadow: list[tuple[str, int, float, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ShadowScores:
+    """The handoff from the decide path to the shadow calibration: a shadow version's
+    predicted acceptance for rows just decided, remembered by (model, routing key, step)
+    until each step's outcome arrives (`Decider.score_shadow` -> `remember_shadow`)."""
+
+    model: str
+    version: int  # the shadow version
+    keys: Sequence[str]  # [R] routing keys
+    steps: Sequence[int]  # [R] decode steps
+    candidates: tuple[int, ...]  # [G] the γ values scored
+    acceptance: np.ndarray  # [R, G] predicted acceptance
 
 
 _FLOAT32 = struct.Struct("<f")
@@ -399,20 +413,14 @@ class ArmStatsTracker:
         c.abs_error += abs(p - r)
         summary.shadow.append((o.model_name, version, p, r))
 
-    def remember_shadow(
-        self,
-        model: str,
-        version: int,
-        keys: Sequence[str],
-        steps: Sequence[int],
-        candidates: tuple[int, ...],
-        acceptance: np.ndarray,
-    ) -> None:
+    def remember_shadow(self, scores: ShadowScores) -> None:
         """A shadow version's predicted acceptance `[rows, candidates]` for rows just
         decided; compared with the realised acceptance when each step's outcome arrives."""
         cap = self.config.shadow_memory
         if cap == 0:
             return
+        model, version, keys, steps = scores.model, scores.version, scores.keys, scores.steps
+        candidates, acceptance = scores.candidates, scores.acceptance
         acc = np.ascontiguousarray(acceptance, dtype="<f4")
         if acc.shape != (len(keys), len(candidates)):
             raise ValueError(

@@ -24,9 +24,10 @@ from prometheus_client import start_http_server
 from speckv.v1 import predictor_pb2_grpc as pb_grpc
 
 from predictor_service.auth import SERVICE, AdminTokenInterceptor
-from predictor_service.engine import EngineConfig, PredictorEngine
+from predictor_service.decider import Decider, DeciderConfig
 from predictor_service.metrics import PredictorMetrics
 from predictor_service.outcomes import OutcomeConfig
+from predictor_service.registry import ModelRegistry, RegistryConfig
 from predictor_service.router import read_routing_file
 from predictor_service.servicer import PredictorServicer, default_replica
 from predictor_service.wire import (
@@ -72,10 +73,11 @@ class ServerConfig:
     max_outcomes_per_message: int = 4096
     switch_interval_s: float | None = 0.0005
 
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            repo=self.repo,
-            default_model=self.default_model,
+    def registry_config(self) -> RegistryConfig:
+        return RegistryConfig(repo=self.repo, default_model=self.default_model)
+
+    def decider_config(self) -> DeciderConfig:
+        return DeciderConfig(
             max_batch_rows=self.max_batch_rows,
             max_candidates=self.max_candidates,
             max_gamma=self.max_gamma,
@@ -182,13 +184,16 @@ def add_servicer(servicer: PredictorServicer, server: grpc.aio.Server, max_bytes
 
 
 class PredictorServer:
-    """One gRPC predictor: engine, servicer, health, reflection, metrics and polling."""
+    """One gRPC predictor: registry, decider, servicer, health, reflection, metrics and polling."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = PredictorMetrics()
-        self.engine = PredictorEngine(config.engine_config(), self.metrics)
-        self.servicer = PredictorServicer(self.engine, config.limits(), config.outcome_config())
+        self.registry = ModelRegistry(config.registry_config(), self.metrics)
+        self.decider = Decider(self.registry, config.decider_config(), self.metrics)
+        self.servicer = PredictorServicer(
+            self.registry, self.decider, config.limits(), config.outcome_config()
+        )
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -252,13 +257,15 @@ class PredictorServer:
             self.metrics_port = int(httpd.server_address[1])
             print(f"metrics on http://{cfg.host}:{self.metrics_port}/metrics", flush=True)
         loop = asyncio.get_running_loop()
-        report = await loop.run_in_executor(None, self.engine.scan)
+        report = await loop.run_in_executor(None, self.registry.scan)
         for line in report:
             log.info("%s", line)
         if cfg.routing_file is not None:
-            await loop.run_in_executor(None, self.engine.apply_routing_file, cfg.routing_file, True)
+            await loop.run_in_executor(
+                None, self.registry.apply_routing_file, cfg.routing_file, True
+            )
         await self._update_health()
-        n = self.engine.ready_count
+        n = self.registry.ready_count
         if n:
             print(f"serving {n} model version(s) from {cfg.repo}", flush=True)
         else:
@@ -272,11 +279,11 @@ class PredictorServer:
         while True:
             await asyncio.sleep(seconds)
             try:
-                for line in await loop.run_in_executor(None, self.engine.scan):
+                for line in await loop.run_in_executor(None, self.registry.scan):
                     log.info("poll: %s", line)
                 if self.config.routing_file is not None:
                     await loop.run_in_executor(
-                        None, self.engine.apply_routing_file, self.config.routing_file, False
+                        None, self.registry.apply_routing_file, self.config.routing_file, False
                     )
                 await self._update_health()
             except asyncio.CancelledError:
@@ -291,7 +298,7 @@ class PredictorServer:
     async def _update_health(self) -> None:
         if self._stopping:
             return
-        ok = self.engine.ready_count > 0
+        ok = self.registry.ready_count > 0
         await self._set_health(
             health_pb2.HealthCheckResponse.SERVING
             if ok

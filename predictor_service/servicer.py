@@ -1,7 +1,8 @@
-"""The protobuf edge of the predictor: speckv.v1 messages in, engine calls, messages out.
+"""The protobuf edge of the predictor: speckv.v1 messages in, registry and decider calls,
+messages out.
 
 Nothing below the servicer sees protobuf. Decide errors become a per-message `error` and
-the stream stays open; unary calls map `RequestError` to a gRPC status in one place.
+the stream stays open; unary calls map `RequestRefused` to a gRPC status in one place.
 """
 
 from __future__ import annotations
@@ -25,19 +26,11 @@ from speckv.v1 import predictor_pb2_grpc as pb_grpc
 from speckv_client.convert import plan_to_pb
 from speckv_client.types import ArmStatsReport, DecisionSource
 
+from predictor_service.decider import DecideInput, Decider, DecideResult, Selector
 from predictor_service.decisions import Objective, StepTiming
-from predictor_service.engine import (
-    DecideInput,
-    DecideResult,
-    ErrorKind,
-    ModelView,
-    PredictorEngine,
-    RequestError,
-    Selector,
-    VersionState,
-    VersionStatus,
-)
 from predictor_service.outcomes import ArmKey, ArmStatsTracker, OutcomeConfig, OutcomeValues
+from predictor_service.refusals import ErrorKind, RequestRefused
+from predictor_service.registry import ModelRegistry, ModelView, VersionState, VersionStatus
 from predictor_service.router import Routing
 from predictor_service.wire import BadMessage, StreamLimits, check_selector, check_strings
 
@@ -97,14 +90,14 @@ def decide_input(req: pb.DecideRequest) -> DecideInput:
     rows = req.rows
     window = WINDOWS.get(req.window)
     if window is None:
-        raise RequestError(
+        raise RequestRefused(
             ErrorKind.INVALID_ARGUMENT,
             "window",
             f"is {req.window}; set DECISION_WINDOW_SAME_STEP (1), PREVIOUS_STEP (2), PREFIX (3) "
             "or DRAFT_PLAN (4)",
         )
     if req.objective not in OBJECTIVES:
-        raise RequestError(
+        raise RequestRefused(
             ErrorKind.INVALID_ARGUMENT,
             "objective",
             f"is {req.objective}; use OBJECTIVE_TOKENS_PER_STEP (1), OBJECTIVE_GOODPUT (2) or "
@@ -114,7 +107,7 @@ def decide_input(req: pb.DecideRequest) -> DecideInput:
     if n == 1:  # the common single-sequence message: no per-row generators
         row = rows[0]
         if not row.HasField("signals") and window != WINDOW_DRAFT_PLAN:
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT,
                 "rows[0].signals",
                 "is missing; send the four draft signals",
@@ -139,7 +132,7 @@ def decide_input(req: pb.DecideRequest) -> DecideInput:
         keys, steps, comps = [], [], []
         for i, row in enumerate(rows):
             if not row.HasField("signals") and window != WINDOW_DRAFT_PLAN:
-                raise RequestError(
+                raise RequestRefused(
                     ErrorKind.INVALID_ARGUMENT,
                     f"rows[{i}].signals",
                     "is missing; send the four draft signals",
@@ -359,11 +352,14 @@ class DecideStream:
 class PredictorServicer(pb_grpc.PredictorServiceServicer):
     def __init__(
         self,
-        engine: PredictorEngine,
+        registry: ModelRegistry,
+        decider: Decider,
         limits: StreamLimits | None = None,
         outcomes: OutcomeConfig | None = None,
     ) -> None:
-        self.engine = engine
+        self.registry = registry  # admin calls: load, unload, routing, listings
+        self.decider = decider  # Decide and Predict
+        self.metrics = decider.metrics
         self.limits = limits or StreamLimits()
         self.tracker = ArmStatsTracker(outcomes, arm_known=self.arm_known)
         # Set by the server once its port is bound.
@@ -382,7 +378,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
     ) -> None:
         limit = self.limits.max_decide_streams
         if len(self.streams) >= limit:
-            self.engine.metrics.errors.labels("Decide", "resource_exhausted", "").inc()
+            self.metrics.errors.labels("Decide", "resource_exhausted", "").inc()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{len(self.streams)} Decide streams are open; at most {limit} "
@@ -390,7 +386,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
             )
         stream = DecideStream(context)
         self.streams.add(stream)
-        metrics = self.engine.metrics
+        metrics = self.metrics
         metrics.open_streams.inc()
         loop = asyncio.get_running_loop()
         big = self.limits.big_message_cells
@@ -428,29 +424,21 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
 
     def _shadow(self, result: DecideResult) -> None:
         """Score the shadow and remember its predictions until the steps' outcomes arrive."""
-        c = self.engine.score_shadow(result)
-        if c is None or result.shadow is None:
-            return
-        self.tracker.remember_shadow(
-            result.table_model,
-            result.shadow.version,
-            result.keys,
-            result.steps,
-            result.candidates,
-            c.acceptance,
-        )
+        scores = self.decider.score_shadow(result)
+        if scores is not None:
+            self.tracker.remember_shadow(scores)
 
     def arm_known(self, key: ArmKey) -> bool:
         """May an outcome be credited to (model, version, arm)? Yes when this server decided
         through it, or when the model's version is loaded and the arm is one its routing can
         name (`pinned`, `v<N>`, a current alias): outcomes of a replica that restarted or of
         a stream that moved here still count, while made-up names never become series."""
-        if self.engine.metrics.has_arm(key):
+        if self.metrics.has_arm(key):
             return True
         model, version, arm = key
         try:
-            table = self.engine.table(model)
-        except RequestError:
+            table = self.registry.table(model)
+        except RequestRefused:
             return False
         if version not in table.versions:
             return False
@@ -467,7 +455,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
         if len(outcomes) > cap:
             return self._refused(
                 req.request_id,
-                RequestError(
+                RequestRefused(
                     ErrorKind.RESOURCE_EXHAUSTED,
                     "outcomes",
                     f"has {len(outcomes)} outcomes; at most {cap} per message "
@@ -478,13 +466,13 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
             )
         try:
             summary = self.tracker.record(outcome_values(req))
-            self.engine.metrics.record_outcomes(summary)
+            self.metrics.record_outcomes(summary)
         except Exception:  # counting outcomes never costs the rows their decisions
             log.exception("counting the outcomes of Decide request %d failed", req.request_id)
         return None
 
-    def _refused(self, request_id: int, e: RequestError, model: str) -> pb.DecideResponse:
-        self.engine.metrics.errors.labels("Decide", e.kind.value, model).inc()
+    def _refused(self, request_id: int, e: RequestRefused, model: str) -> pb.DecideResponse:
+        self.metrics.errors.labels("Decide", e.kind.value, model).inc()
         err = pb.Error(code=ERROR_CODES[e.kind], field=e.field, message=e.message)
         return pb.DecideResponse(request_id=request_id, error=err, reconnect=self.draining)
 
@@ -494,7 +482,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
         return resp.SerializeToString(), result
 
     def _decide_one(self, req: pb.DecideRequest) -> tuple[pb.DecideResponse, DecideResult | None]:
-        metrics = self.engine.metrics
+        metrics = self.metrics
         metrics.decide_messages.inc()
         if req.outcomes:
             refused = self._take_outcomes(req)
@@ -507,10 +495,10 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
             limits = self.limits
             check_strings(req, limits.max_routing_key_bytes, limits.max_name_bytes)
             inp = decide_input(req)
-            result = self.engine.decide(inp)
+            result = self.decider.decide(inp)
             return decide_response(req.request_id, inp, result, self.draining), result
-        except RequestError as e:
-            model = req.model.name or self.engine.config.default_model or ""
+        except RequestRefused as e:
+            model = req.model.name or self.registry.config.default_model or ""
             metrics.errors.labels("Decide", e.kind.value, model).inc()
             err = pb.Error(code=ERROR_CODES[e.kind], field=e.field, message=e.message)
             return pb.DecideResponse(
@@ -540,11 +528,11 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
     async def _unary(
         self, context: grpc.aio.ServicerContext, rpc: str, fn: Callable[[], Awaitable[T]]
     ) -> T:
-        self.engine.metrics.messages.labels(rpc).inc()
+        self.metrics.messages.labels(rpc).inc()
         try:
             return await fn()
-        except RequestError as e:
-            self.engine.metrics.errors.labels(rpc, e.kind.value, "").inc()
+        except RequestRefused as e:
+            self.metrics.errors.labels(rpc, e.kind.value, "").inc()
             await context.abort(
                 STATUS_CODES[e.kind], f"{e.field}: {e.message}" if e.field else e.message
             )
@@ -558,7 +546,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
                 raise request.error
             m = request.model
             self._check_predict_strings(request)
-            out, version, arm = self.engine.predict(
+            out, version, arm = self.decider.predict(
                 Selector(m.name, m.version, m.alias),
                 request.routing_key,
                 [list(r.values) for r in request.rows],
@@ -579,7 +567,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
             len(key) > limits.max_routing_key_bytes // 4
             and len(key.encode()) > limits.max_routing_key_bytes
         ):
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT,
                 "routing_key",
                 f"is {len(key.encode())} bytes; at most {limits.max_routing_key_bytes} "
@@ -591,7 +579,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         async def run() -> pb.ListModelsResponse:
-            return pb.ListModelsResponse(models=[model_to_pb(v) for v in self.engine.models()])
+            return pb.ListModelsResponse(models=[model_to_pb(v) for v in self.registry.models()])
 
         return await self._unary(context, "ListModels", run)
 
@@ -599,7 +587,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelResponse:
         async def run() -> pb.GetModelResponse:
-            return pb.GetModelResponse(model=model_to_pb(self.engine.model(request.name)))
+            return pb.GetModelResponse(model=model_to_pb(self.registry.model(request.name)))
 
         return await self._unary(context, "GetModel", run)
 
@@ -608,7 +596,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
     ) -> pb.GetRoutingResponse:
         async def run() -> pb.GetRoutingResponse:
             return pb.GetRoutingResponse(
-                routing=routing_to_pb(self.engine.routing(request.model_name))
+                routing=routing_to_pb(self.registry.routing(request.model_name))
             )
 
         return await self._unary(context, "GetRouting", run)
@@ -619,8 +607,8 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
         async def run() -> pb.LoadModelResponse:
             loop = asyncio.get_running_loop()
             # Loading validates and warms in a worker thread; decisions keep flowing meanwhile.
-            st = await loop.run_in_executor(None, self.engine.load, request.name, request.version)
-            view = self.engine.model(request.name)
+            st = await loop.run_in_executor(None, self.registry.load, request.name, request.version)
+            view = self.registry.model(request.name)
             return pb.LoadModelResponse(
                 version=version_to_pb(st, view.aliases_by_version.get(st.version, ()))
             )
@@ -631,7 +619,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadModelResponse:
         async def run() -> pb.UnloadModelResponse:
-            self.engine.unload(request.name, request.version)
+            self.registry.unload(request.name, request.version)
             return pb.UnloadModelResponse()
 
         return await self._unary(context, "UnloadModel", run)
@@ -640,7 +628,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
         self, request: pb.SetRoutingRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetRoutingResponse:
         async def run() -> pb.SetRoutingResponse:
-            r = self.engine.set_routing(request.model_name, routing_from_pb(request.routing))
+            r = self.registry.set_routing(request.model_name, routing_from_pb(request.routing))
             return pb.SetRoutingResponse(routing=routing_to_pb(r))
 
         return await self._unary(context, "SetRouting", run)
@@ -653,14 +641,14 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
             return
         limit = self.limits.max_name_bytes
         if len(name) > limit // 4 and len(name.encode()) > limit:
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT,
                 "model_name",
                 f"is {len(name.encode())} bytes; at most {limit}",
             )
-        known = [m.name for m in self.engine.models()]
+        known = [m.name for m in self.registry.models()]
         if name not in known:
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.NOT_FOUND,
                 "model_name",
                 f"unknown model {name!r}; this server has {known or 'no models'}",
@@ -672,7 +660,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
         async def run() -> pb.GetArmStatsResponse:
             window = request.window_seconds
             if not (math.isfinite(window) and window >= 0):
-                raise RequestError(
+                raise RequestRefused(
                     ErrorKind.INVALID_ARGUMENT,
                     "window_seconds",
                     f"is {window}; send a finite number of seconds >= 0 (0 = since reset)",

@@ -20,7 +20,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from speckv.v1 import predictor_pb2 as pb
 
-from predictor_service.engine import ErrorKind, RequestError
+from predictor_service.refusals import ErrorKind, RequestRefused
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class BadMessage:
     """A message the server could not turn into a request, with what to answer."""
 
     request_id: int
-    error: RequestError
+    error: RequestRefused
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -166,19 +166,19 @@ def _bad_utf8(strict: Any, msg: Message, prefix: str = "") -> Iterator[str]:
                     yield from _bad_utf8(sub, v, where + ".")
 
 
-def undecodable(cls: type[Message], data: bytes, e: DecodeError) -> RequestError:
+def undecodable(cls: type[Message], data: bytes, e: DecodeError) -> RequestRefused:
     """Why `data` does not parse as `cls`, naming the field when it is a non-UTF-8 string."""
     try:
         loose = _lenient_class(cls.DESCRIPTOR).FromString(data)
     except Exception:  # not protobuf at all (or a bad map key): say what the parser said
-        return RequestError(
+        return RequestRefused(
             ErrorKind.INVALID_ARGUMENT, "", f"the message is not a valid {cls.__name__}: {e}"
         )
     for path in _bad_utf8(cls.DESCRIPTOR, loose):
-        return RequestError(
+        return RequestRefused(
             ErrorKind.INVALID_ARGUMENT, path, "is not valid UTF-8; string fields must be UTF-8"
         )
-    return RequestError(
+    return RequestRefused(
         ErrorKind.INVALID_ARGUMENT, "", f"the message is not a valid {cls.__name__}: {e}"
     )
 
@@ -192,7 +192,7 @@ def lenient_deserializer(
         if len(data) > max_bytes:
             return BadMessage(
                 request_id_of(data),
-                RequestError(
+                RequestRefused(
                     ErrorKind.RESOURCE_EXHAUSTED,
                     "",
                     f"the {what} message is {len(data)} bytes; at most {max_bytes} are "
@@ -206,18 +206,18 @@ def lenient_deserializer(
                 return BadMessage(request_id_of(data), undecodable(cls, data, e))
             except Exception:  # never end the stream over a message we cannot explain
                 log.exception("explaining an undecodable %s message failed", what)
-                why = RequestError(ErrorKind.INVALID_ARGUMENT, "", f"not a valid message: {e}")
+                why = RequestRefused(ErrorKind.INVALID_ARGUMENT, "", f"not a valid message: {e}")
                 return BadMessage(request_id_of(data), why)
 
     return decode
 
 
 def check_strings(req: pb.DecideRequest, max_key_bytes: int, max_name_bytes: int) -> None:
-    """Bound the client-supplied strings of a Decide message (RequestError names the field)."""
+    """Bound the client-supplied strings of a Decide message (RequestRefused names the field)."""
     for i, row in enumerate(req.rows):
         key = row.routing_key
         if len(key) > max_key_bytes // 4 and len(key.encode()) > max_key_bytes:
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT,
                 f"rows[{i}].routing_key",
                 f"is {len(key.encode())} bytes; at most {max_key_bytes} (--max-routing-key-bytes)",
@@ -228,7 +228,7 @@ def check_strings(req: pb.DecideRequest, max_key_bytes: int, max_name_bytes: int
 def check_selector(name: str, alias: str, max_name_bytes: int) -> None:
     for field, value in (("model.name", name), ("model.alias", alias)):
         if len(value) > max_name_bytes // 4 and len(value.encode()) > max_name_bytes:
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT,
                 field,
                 f"is {len(value.encode())} bytes; at most {max_name_bytes}",

@@ -75,7 +75,7 @@ def test_a_model_that_answers_nan_is_never_passed_on(
     server: PredictorServer, stub: pb_grpc.PredictorServiceStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model can overflow inside on finite float32 input; its NaN never reaches a client."""
-    for version in server.engine.table(MODEL).versions.values():
+    for version in server.registry.table(MODEL).versions.values():
         monkeypatch.setattr(
             version, "predict", lambda x: np.full(x.shape[0], np.nan, dtype=np.float32)
         )

@@ -24,7 +24,7 @@ from speckv_client.errors import AdminAuthError, InvalidArgument, NotFound
 from speckv_client.predictor import PredictorClient
 from speckv_client.types import DecisionSource, StepOutcome
 
-from predictor_service.outcomes import ArmStatsTracker, OutcomeConfig
+from predictor_service.outcomes import ArmStatsTracker, OutcomeConfig, ShadowScores
 from predictor_service.server import PredictorServer
 from tests.predictor.helpers import ADMIN, MODEL, TOKEN, decide_one, request
 
@@ -296,8 +296,10 @@ def test_shadow_calibration_by_hand() -> None:
     t = ArmStatsTracker(OutcomeConfig(shadow_memory=4), clock=Clock())
     cands = (0, 2, 4)
     # predictions for (key, step): acceptance per candidate
-    t.remember_shadow("m", 2, ["a", "b", "c"], [1, 1, 1], cands, np.array([[0, 0.9, 0.8]] * 3))
-    t.remember_shadow("m", 2, ["a"], [2], cands, np.array([[0, 0.5, 0.25]]))
+    t.remember_shadow(
+        ShadowScores("m", 2, ["a", "b", "c"], [1, 1, 1], cands, np.array([[0, 0.9, 0.8]] * 3))
+    )
+    t.remember_shadow(ShadowScores("m", 2, ["a"], [2], cands, np.array([[0, 0.5, 0.25]])))
     t.record(
         [
             out("a", 1, 4, 2, 3),  # predicted 0.8, realised 0.5
@@ -313,11 +315,13 @@ def test_shadow_calibration_by_hand() -> None:
     assert c.mean_realised_acceptance == pytest.approx(0.75)
     assert c.mean_absolute_error == pytest.approx((0.3 + 0.1) / 2)
     # an outcome is compared once; a draft-plan step (decision_step != step) never
-    t.remember_shadow("m", 2, ["d", "e"], [5, 6], cands, np.full((2, 3), 0.5))
+    t.remember_shadow(ShadowScores("m", 2, ["d", "e"], [5, 6], cands, np.full((2, 3), 0.5)))
     t.record([out("a", 1, 4, 4, 5), out("d", 5, 4, 4, 5, decision_step=3)])
     assert t.report().shadows[0].steps == 2
     # bounded: 4 entries; the least recently stored are dropped
-    t.remember_shadow("m", 2, [f"k{i}" for i in range(6)], [1] * 6, cands, np.ones((6, 3)))
+    t.remember_shadow(
+        ShadowScores("m", 2, [f"k{i}" for i in range(6)], [1] * 6, cands, np.ones((6, 3)))
+    )
     t.record([out("k0", 1, 2, 2, 3), out("k1", 1, 2, 2, 3), out("k5", 1, 2, 2, 3)])
     assert t.report().shadows[0].steps == 3  # only k5 was still remembered
 

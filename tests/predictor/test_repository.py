@@ -14,7 +14,9 @@ import pytest
 from speckv.v1 import predictor_pb2 as pb
 from speckv.v1 import predictor_pb2_grpc as pb_grpc
 
-from predictor_service.engine import EngineConfig, PredictorEngine, RequestError, Selector
+from predictor_service.decider import Decider, Selector
+from predictor_service.refusals import RequestRefused
+from predictor_service.registry import ModelRegistry, RegistryConfig
 from predictor_service.server import PredictorServer
 from tests.predictor.helpers import ADMIN, MODEL, copy_version, decide_one, request
 
@@ -80,16 +82,16 @@ def test_unload_keeps_the_last_and_the_routed_version(stub: pb_grpc.PredictorSer
 
 
 def test_a_request_holding_a_version_finishes_on_it_after_unload(model_repo: Path) -> None:
-    engine = PredictorEngine(EngineConfig(repo=model_repo, default_model=MODEL))
-    engine.scan()
-    table = engine.table(MODEL)  # what a message in flight holds
+    registry = ModelRegistry(RegistryConfig(repo=model_repo, default_model=MODEL))
+    registry.scan()
+    table = registry.table(MODEL)  # what a message in flight holds
     v2 = table.versions[2]
-    engine.unload(MODEL, 2)
-    assert 2 not in engine.table(MODEL).versions
+    registry.unload(MODEL, 2)
+    assert 2 not in registry.table(MODEL).versions
     x = np.zeros((3, 6), dtype=np.float32)
     assert v2.predict(x).shape == (3,)  # the session is alive while referenced
-    with pytest.raises(RequestError) as err:
-        engine.predict(Selector(MODEL, 2), "", [[0.0] * 6])
+    with pytest.raises(RequestRefused) as err:
+        Decider(registry).predict(Selector(MODEL, 2), "", [[0.0] * 6])
     assert err.value.field == "model.version"
 
 

@@ -1,55 +1,39 @@
-"""The predictor's data plane: loaded versions, routing snapshots, decisions and admin acts.
+"""The predictor's decide path: validate a message's rows, route, score, answer.
 
+Reads only what the registry (`registry.py`, the control plane) publishes: each message
+reads the current immutable `RouteTable` of its model once, without a lock, so a load,
+unload or routing change never waits on a model run and never changes a message mid-way.
 Works on numpy arrays and dataclasses only; `servicer.py` converts protobuf at the edge.
-Reads never take a lock: each message reads the current `RouteTable` of its model once,
-and every change (load, unload, routing) publishes a new table. Writes are serialised by one
-lock and never wait on a model run.
+After an answer is sent, `score_shadow` scores the shadow version on the same rows and
+hands its predictions to the outcomes calibration (`outcomes.ShadowScores`).
 """
 
 from __future__ import annotations
 
-import enum
-import hashlib
-import logging
-import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from speckv.draft_plan import WINDOW_DRAFT_PLAN, DraftPlan
+from speckv.vocabulary import (
+    COMP_ENC_BY_WIRE,
+    WINDOW_SERVED_BY,
+    WIRE_COMPRESSION_MAX,
+    WIRE_COMPRESSION_MIN,
+    comp_enc_from_wire,
+)
 
 from predictor_service.decisions import CandidateSet, Choice, Objective, StepTiming, decide
-from predictor_service.manifest import DRAFT_SIGNALS, WINDOW_PREVIOUS_STEP, WINDOW_SAME_STEP
+from predictor_service.manifest import DRAFT_SIGNALS
 from predictor_service.metrics import PredictorMetrics
+from predictor_service.outcomes import ShadowScores
 from predictor_service.plan import PlanTables, build_plan
-from predictor_service.repository import (
-    LoadedVersion,
-    LoaderLock,
-    LoadError,
-    VersionRef,
-    complete_versions,
-    load_version,
-)
-from predictor_service.router import (
-    RouteTable,
-    Routing,
-    RoutingError,
-    read_routing_file,
-    referenced_versions,
-    resolve,
-)
+from predictor_service.refusals import ErrorKind, RequestRefused
+from predictor_service.repository import LoadedVersion
+from predictor_service.router import RouteTable
 
-log = logging.getLogger(__name__)
-
-# Request windows and the model window that serves them (common.proto, DecisionWindow).
-WINDOW_SERVED_BY = {
-    "same_step": WINDOW_SAME_STEP,
-    "prefix": WINDOW_SAME_STEP,
-    "previous_step": WINDOW_PREVIOUS_STEP,
-    WINDOW_DRAFT_PLAN: WINDOW_DRAFT_PLAN,
-}
 CONFIDENCE_SLACK = 1e-6
 CANDIDATE_CACHE_SIZE = 256
 # Valid signal ranges per column (DRAFT_SIGNALS order: entropy, confidence, entropy,
@@ -69,59 +53,18 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 
 # comp_enc of a single-row message, shared read-only instead of allocated per message.
-_ONE_ROW_COMP_ENC = {c: _frozen(np.array([c - 1], dtype=np.float32)) for c in (1, 2, 3)}
-
-
-class ErrorKind(enum.Enum):
-    INVALID_ARGUMENT = "invalid_argument"
-    NOT_FOUND = "not_found"
-    RESOURCE_EXHAUSTED = "resource_exhausted"
-    UNAVAILABLE = "unavailable"
-    FAILED_PRECONDITION = "failed_precondition"
-    INTERNAL = "internal"
-
-
-class RequestError(Exception):
-    """A refused request: which field, why, and what kind of failure (maps to a gRPC code)."""
-
-    def __init__(self, kind: ErrorKind, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}" if field else message)
-        self.kind = kind
-        self.field = field
-        self.message = message
+_ONE_ROW_COMP_ENC = {
+    c: _frozen(np.array([e], dtype=np.float32)) for c, e in COMP_ENC_BY_WIRE.items()
+}
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    repo: Path
-    default_model: str | None = None
+class DeciderConfig:
+    """Per-message limits of the decide path (the `serve` flags of the same names)."""
+
     max_batch_rows: int = 1024
     max_candidates: int = 16
     max_gamma: int = 64
-
-
-class VersionState(enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-    UNLOADED = "unloaded"
-
-
-@dataclass
-class VersionStatus:
-    version: int
-    state: VersionState
-    error: str = ""
-    loaded: LoadedVersion | None = None
-
-
-@dataclass(frozen=True)
-class ModelView:
-    name: str
-    versions: tuple[VersionStatus, ...]
-    routing: Routing | None
-    is_default: bool
-    aliases_by_version: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -185,7 +128,7 @@ def check_choice(choice: Choice, timing: StepTiming | None) -> None:
     bad_acc = ~((acc >= 0.0) & (acc <= 1.0))  # NaN compares False
     if bad_acc.any():
         i = int(np.argwhere(bad_acc)[0][0])
-        raise RequestError(
+        raise RequestRefused(
             ErrorKind.INVALID_ARGUMENT,
             f"rows[{i}].signals",
             "the model's predicted acceptance for these signals is not a number in [0, 1] "
@@ -193,7 +136,7 @@ def check_choice(choice: Choice, timing: StepTiming | None) -> None:
         )
     i = int(np.argwhere(~np.isfinite(score))[0][0])
     what = f"timing {timing}" if timing is not None else "these inputs"
-    raise RequestError(
+    raise RequestRefused(
         ErrorKind.INVALID_ARGUMENT,
         "timing",
         f"the objective is not a finite number for rows[{i}] with {what}; send the "
@@ -201,80 +144,42 @@ def check_choice(choice: Choice, timing: StepTiming | None) -> None:
     )
 
 
-class PredictorEngine:
-    """Everything the servicer asks of the predictor, on plain values."""
+class PublishedTables(Protocol):
+    """What the decide path reads of the control plane: a model's current snapshot
+    (`ModelRegistry.table`), or `RequestRefused` naming the choices."""
 
-    def __init__(self, config: EngineConfig, metrics: PredictorMetrics | None = None) -> None:
-        self.config = config
+    def table(self, name: str) -> RouteTable: ...
+
+
+class Decider:
+    """The decide path on plain values: Decide messages, raw Predict rows, shadow scoring."""
+
+    def __init__(
+        self,
+        tables: PublishedTables,
+        config: DeciderConfig | None = None,
+        metrics: PredictorMetrics | None = None,
+    ) -> None:
+        self.tables = tables
+        self.config = config or DeciderConfig()
         self.metrics = metrics or PredictorMetrics()
         self.plan_tables = PlanTables()
-        self._lock = threading.RLock()
-        self._loader_locks = LoaderLock()
-        self._status: dict[str, dict[int, VersionStatus]] = {}
-        self._routing: dict[str, Routing] = {}
-        self._tables: dict[str, RouteTable] = {}
-        self._routing_file_digest: str | None = None
-        self._routing_file_error: str | None = None
         self._candidates: dict[tuple[int, ...], CandidateSet] = {}
-
-    # ----- reads -------------------------------------------------------------------------
-
-    @property
-    def ready_count(self) -> int:
-        return sum(len(t.versions) for t in self._tables.values())
-
-    def table(self, name: str) -> RouteTable:
-        """The current snapshot of a model, or RequestError naming the choices."""
-        if not name:
-            name = self.default_model_name()
-        t = self._tables.get(name)
-        if t is not None:
-            return t
-        with self._lock:
-            known = self._status.get(name)
-            if known:
-                why = "; ".join(
-                    f"v{s.version} {s.state.value}" + (f": {s.error}" if s.error else "")
-                    for s in known.values()
-                )
-                raise RequestError(
-                    ErrorKind.UNAVAILABLE,
-                    "model.name",
-                    f"model {name!r} has no loaded version ({why})",
-                )
-        raise RequestError(
-            ErrorKind.NOT_FOUND,
-            "model.name",
-            f"unknown model {name!r}; this server has {sorted(self._status) or 'no models'}",
-        )
-
-    def default_model_name(self) -> str:
-        if self.config.default_model:
-            return self.config.default_model
-        names = sorted(self._status)
-        if len(names) == 1:
-            return names[0]
-        raise RequestError(
-            ErrorKind.NOT_FOUND,
-            "model.name",
-            f"no default model: this server has {names or 'no models'}; name one in "
-            "ModelSelector.name or start the server with --default-model",
-        )
 
     def _pick(self, table: RouteTable, sel: Selector) -> tuple[LoadedVersion, str] | None:
         """A pinned version and its arm name, or None to follow the routing."""
         if sel.version and sel.alias:
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT, "model", "pin a version or an alias, not both"
             )
         if sel.version < 0:
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT, "model.version", f"must be >= 0, got {sel.version}"
             )
         if sel.version:
             v = table.versions.get(sel.version)
             if v is None:
-                raise RequestError(
+                raise RequestRefused(
                     ErrorKind.NOT_FOUND,
                     "model.version",
                     f"{table.model} v{sel.version} is not loaded (loaded: "
@@ -284,7 +189,7 @@ class PredictorEngine:
         if sel.alias:
             v = table.aliases.get(sel.alias)
             if v is None:
-                raise RequestError(
+                raise RequestRefused(
                     ErrorKind.NOT_FOUND,
                     "model.alias",
                     f"{table.model} has no alias {sel.alias!r} (aliases: {sorted(table.aliases)})",
@@ -308,13 +213,13 @@ class PredictorEngine:
 
     def _check_candidates(self, gammas: Sequence[int]) -> CandidateSet:
         if not gammas:
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT,
                 "gamma_candidates",
                 "is empty; send the gamma values to choose among (e.g. [0, 2, 4, 6, 8])",
             )
         if len(gammas) > self.config.max_candidates:
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT,
                 "gamma_candidates",
                 f"has {len(gammas)} values; at most {self.config.max_candidates} are allowed",
@@ -322,14 +227,14 @@ class PredictorEngine:
         seen: set[int] = set()
         for i, g in enumerate(gammas):
             if g < 0 or g > self.config.max_gamma:
-                raise RequestError(
+                raise RequestRefused(
                     ErrorKind.INVALID_ARGUMENT,
                     f"gamma_candidates[{i}]",
                     f"is {g}; candidates must lie in [0, {self.config.max_gamma}] "
                     "(0 = a plain target step)",
                 )
             if g in seen:
-                raise RequestError(
+                raise RequestRefused(
                     ErrorKind.INVALID_ARGUMENT,
                     f"gamma_candidates[{i}]",
                     f"{g} is listed twice; candidates must be distinct",
@@ -341,11 +246,11 @@ class PredictorEngine:
         """Validate row values; returns comp_enc `[R]` float32 (Compression value - 1)."""
         r = signals.shape[0]
         if r == 0:
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT, "rows", "is empty; send one row per sequence"
             )
         if r > self.config.max_batch_rows:
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.RESOURCE_EXHAUSTED,
                 "rows",
                 f"has {r} rows; at most {self.config.max_batch_rows} per message (split the batch)",
@@ -361,10 +266,10 @@ class PredictorEngine:
                     return one
         elif (
             ((signals >= _SIGNAL_LOW) & (signals <= _SIGNAL_HIGH)).all()
-            and compression.min() >= 1
-            and compression.max() <= 3
+            and compression.min() >= WIRE_COMPRESSION_MIN
+            and compression.max() <= WIRE_COMPRESSION_MAX
         ):
-            return (compression - 1).astype(np.float32)
+            return comp_enc_from_wire(compression)
         # Something is refused: find the first bad value and name it.
         bad = ~np.isfinite(signals)
         bad |= np.abs(signals) > _FLOAT_MAX
@@ -375,28 +280,28 @@ class PredictorEngine:
             i, j = (int(v) for v in np.argwhere(bad)[0])
             name = DRAFT_SIGNALS[j]
             want = "in [0, 1]" if "confidence" in name else f">= 0 (bits) and <= {_FLOAT_MAX:.8g}"
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT,
                 f"rows[{i}].signals.{name}",
                 f"is {signals[i, j]}; must be a finite float32 number {want} (the model runs in "
                 "float32)",
             )
-        bad_comp = (compression < 1) | (compression > 3)
+        bad_comp = (compression < WIRE_COMPRESSION_MIN) | (compression > WIRE_COMPRESSION_MAX)
         if bad_comp.any():
             i = int(np.argmax(bad_comp))
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT,
                 f"rows[{i}].compression",
                 f"is {int(compression[i])}; must be COMPRESSION_FP16 (1), COMPRESSION_INT8 (2) "
                 "or COMPRESSION_NF4 (3)",
             )
-        return (compression - 1).astype(np.float32)
+        return comp_enc_from_wire(compression)
 
     def decide(self, inp: DecideInput) -> DecideResult:
         """γ for every row; one onnxruntime run per version the rows route to (usually one)."""
         served_by = WINDOW_SERVED_BY.get(inp.window)
         if served_by is None:
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT,
                 "window",
                 f"is {inp.window!r}; set DECISION_WINDOW_SAME_STEP, _PREVIOUS_STEP or _PREFIX",
@@ -406,8 +311,8 @@ class PredictorEngine:
         if inp.timing is not None:
             problem = inp.timing.problem()
             if problem:
-                raise RequestError(ErrorKind.INVALID_ARGUMENT, f"timing.{problem[0]}", problem[1])
-        table = self.table(inp.model.name)
+                raise RequestRefused(ErrorKind.INVALID_ARGUMENT, f"timing.{problem[0]}", problem[1])
+        table = self.tables.table(inp.model.name)
         pinned = self._pick(table, inp.model)
         if pinned is not None:
             groups: tuple[Group, ...] = (Group(pinned[0], pinned[1], None),)
@@ -435,7 +340,7 @@ class PredictorEngine:
         for g in groups:
             v = g.version
             if v.window != served_by:
-                raise RequestError(
+                raise RequestRefused(
                     ErrorKind.INVALID_ARGUMENT,
                     "window",
                     f"{v.name} v{v.version} is a {v.window} model; a {inp.window} request needs "
@@ -443,7 +348,7 @@ class PredictorEngine:
                 )
             obj = objective or Objective(v.manifest.default_objective)
             if obj is Objective.GOODPUT and inp.timing is None:
-                raise RequestError(
+                raise RequestRefused(
                     ErrorKind.INVALID_ARGUMENT,
                     "timing",
                     "is missing; the goodput objective needs the worker's measured draft and "
@@ -511,7 +416,7 @@ class PredictorEngine:
         r = comp_enc.shape[0]
         top = max(candidates.gammas)
         if top < 1:
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT,
                 "gamma_candidates",
                 "has no value ≥ 1; a draft plan needs a largest draft length",
@@ -544,9 +449,12 @@ class PredictorEngine:
     def _record(self, model: str, g: Group, gammas: np.ndarray, seconds: float) -> None:
         self.metrics.record_decisions(model, g.version.version, g.arm, gammas, seconds)
 
-    def score_shadow(self, result: DecideResult) -> Choice | None:
-        """Score the shadow version on the rows just answered; only metrics and the shadow's
-        calibration (outcomes.py) see the result, which is returned for the latter."""
+    def score_shadow(self, result: DecideResult) -> ShadowScores | None:
+        """Score the shadow version on the rows just answered (after the answer was sent).
+
+        Only metrics and the shadow's calibration see the result: the returned predictions
+        go to `ArmStatsTracker.remember_shadow` until the steps' outcomes arrive.
+        """
         shadow = result.shadow
         if shadow is None:
             return None
@@ -563,17 +471,24 @@ class PredictorEngine:
         self.metrics.record_shadow(
             result.table_model, shadow.version, int(c.gamma.shape[0]), disagree, diff
         )
-        return c
+        return ShadowScores(
+            model=result.table_model,
+            version=shadow.version,
+            keys=result.keys,
+            steps=result.steps,
+            candidates=result.candidates,
+            acceptance=c.acceptance,
+        )
 
     def predict(
         self, sel: Selector, routing_key: str, rows: Sequence[Sequence[float]]
     ) -> tuple[np.ndarray, LoadedVersion, str]:
         """Raw predicted acceptance for feature vectors in the manifest's order."""
-        table = self.table(sel.name)
+        table = self.tables.table(sel.name)
         if not rows:
-            raise RequestError(ErrorKind.INVALID_ARGUMENT, "rows", "is empty")
+            raise RequestRefused(ErrorKind.INVALID_ARGUMENT, "rows", "is empty")
         if len(rows) > self.config.max_batch_rows:
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.RESOURCE_EXHAUSTED,
                 "rows",
                 f"has {len(rows)} rows; at most {self.config.max_batch_rows} per call",
@@ -587,7 +502,7 @@ class PredictorEngine:
         n = version.n_features
         for i, row in enumerate(rows):
             if len(row) != n:
-                raise RequestError(
+                raise RequestRefused(
                     ErrorKind.INVALID_ARGUMENT,
                     f"rows[{i}].values",
                     f"has {len(row)} values; {version.name} v{version.version} takes {n}: "
@@ -600,7 +515,7 @@ class PredictorEngine:
         bad = ~((out >= 0.0) & (out <= 1.0))  # NaN compares False
         if bad.any():
             i = int(np.argmax(bad))
-            raise RequestError(
+            raise RequestRefused(
                 ErrorKind.INVALID_ARGUMENT,
                 f"rows[{i}].values",
                 "the model's predicted acceptance for this row is not a number in [0, 1] "
@@ -629,239 +544,8 @@ class PredictorEngine:
                 ok, want = np.abs(col) <= _FLOAT_MAX, "a finite float32 number"
             if not ok.all():
                 i = int(np.argmin(ok))
-                raise RequestError(
+                raise RequestRefused(
                     ErrorKind.INVALID_ARGUMENT,
                     f"rows[{i}].values[{j}]",
                     f"is {x[i, j]} ({name}); must be {want}",
                 )
-
-    # ----- repository and admin ----------------------------------------------------------
-
-    def load(self, name: str, version: int) -> VersionStatus:
-        """Load one version (0 = the highest on disk); blocking, call it off the event loop."""
-        if not name or "/" in name or name.startswith("."):
-            raise RequestError(ErrorKind.INVALID_ARGUMENT, "name", f"{name!r} is not a model name")
-        if version < 0:
-            raise RequestError(
-                ErrorKind.INVALID_ARGUMENT, "version", f"must be >= 0, got {version}"
-            )
-        on_disk = complete_versions(self.config.repo).get(name, {})
-        if version == 0:
-            if not on_disk:
-                raise RequestError(
-                    ErrorKind.NOT_FOUND,
-                    "name",
-                    f"no complete version of {name!r} under {self.config.repo}",
-                )
-            version = max(on_disk)
-        folder = self.config.repo / name / str(version)
-        if version not in on_disk:
-            why = "has no manifest.json yet" if folder.is_dir() else "does not exist"
-            raise RequestError(ErrorKind.NOT_FOUND, "version", f"{folder} {why}")
-        ref = VersionRef(name, version)
-        with self._loader_locks.for_ref(ref):
-            with self._lock:
-                current = self._status.get(name, {}).get(version)
-                if current is not None and current.state is VersionState.READY:
-                    return current
-                self._status.setdefault(name, {})[version] = VersionStatus(
-                    version, VersionState.LOADING
-                )
-            t0 = time.perf_counter()
-            try:
-                loaded = load_version(folder, root=self.config.repo)
-            except LoadError as e:
-                status = VersionStatus(version, VersionState.FAILED, error=str(e))
-                with self._lock:
-                    self._status[name][version] = status
-                self.metrics.loads.labels(name, str(version), "failed").inc()
-                log.error("load of %s failed, what was serving is unchanged: %s", ref, e)
-                raise RequestError(
-                    ErrorKind.FAILED_PRECONDITION,
-                    "version",
-                    f"{ref} failed to load and serves nothing (other versions are unchanged): {e}",
-                ) from e
-            with self._lock:
-                status = VersionStatus(version, VersionState.READY, loaded=loaded)
-                self._status[name][version] = status
-                self._publish(name)
-            self.metrics.loads.labels(name, str(version), "ok").inc()
-            self.metrics.ready.labels(name, str(version)).set(1)
-            log.info(
-                "loaded %s (%s, %.0f ms, validated on %d known answers)",
-                ref,
-                loaded.window,
-                1e3 * (time.perf_counter() - t0),
-                len(loaded.manifest.known_answers),
-            )
-            return status
-
-    def unload(self, name: str, version: int) -> None:
-        with self._lock:
-            versions = self._status.get(name)
-            if not versions:
-                raise RequestError(ErrorKind.NOT_FOUND, "name", f"unknown model {name!r}")
-            st = versions.get(version)
-            if st is None or st.state is not VersionState.READY:
-                state = "unknown" if st is None else st.state.value
-                raise RequestError(
-                    ErrorKind.NOT_FOUND, "version", f"{name} v{version} is not loaded ({state})"
-                )
-            ready = [v for v, s in versions.items() if s.state is VersionState.READY]
-            if ready == [version]:
-                raise RequestError(
-                    ErrorKind.FAILED_PRECONDITION,
-                    "version",
-                    f"{name} v{version} is the last serving version of {name!r}; load another "
-                    "version first",
-                )
-            routing = self._routing.get(name)
-            if routing is not None:
-                refs = referenced_versions(routing)
-                if version in refs:
-                    raise RequestError(
-                        ErrorKind.FAILED_PRECONDITION,
-                        "version",
-                        f"{name} v{version} is still routed ({refs[version]}); move traffic off "
-                        "it with SetRouting first",
-                    )
-            versions[version] = VersionStatus(version, VersionState.UNLOADED)
-            self._publish(name)
-        self.metrics.ready.labels(name, str(version)).set(0)
-        log.info("unloaded %s v%d (requests holding it finish on it)", name, version)
-
-    def set_routing(self, name: str, routing: Routing) -> Routing:
-        if not name:
-            name = self.default_model_name()
-        with self._lock:
-            loaded = self._loaded(name)
-            if name not in self._status:
-                raise RequestError(
-                    ErrorKind.NOT_FOUND,
-                    "model_name",
-                    f"unknown model {name!r}; this server has {sorted(self._status)}",
-                )
-            try:
-                table = resolve(name, routing, loaded)
-            except RoutingError as e:
-                raise RequestError(ErrorKind.INVALID_ARGUMENT, e.field, e.message) from e
-            self._routing[name] = routing
-            tables = dict(self._tables)
-            tables[name] = table
-            self._tables = tables
-        log.info("routing of %s is now %s", name, routing.to_json_dict())
-        return routing
-
-    def routing(self, name: str) -> Routing:
-        return self.table(name).routing
-
-    def _loaded(self, name: str) -> dict[int, LoadedVersion]:
-        return {
-            v: s.loaded
-            for v, s in sorted(self._status.get(name, {}).items())
-            if s.state is VersionState.READY and s.loaded is not None
-        }
-
-    def _publish(self, name: str) -> None:
-        """Rebuild a model's snapshot after its loaded set changed (lock held)."""
-        loaded = self._loaded(name)
-        tables = dict(self._tables)
-        if not loaded:
-            tables.pop(name, None)
-        else:
-            routing = self._routing.get(name, Routing())
-            try:
-                tables[name] = resolve(name, routing, loaded)
-            except RoutingError as e:
-                # Only reachable when a routing names a version that never loaded; keep the
-                # previous snapshot if there is one, else fall back to the default.
-                log.error("routing of %s cannot be applied: %s", name, e)
-                if name not in tables:
-                    tables[name] = resolve(name, Routing(), loaded)
-        self._tables = tables
-
-    def models(self) -> list[ModelView]:
-        with self._lock:
-            try:
-                default = self.default_model_name()
-            except RequestError:
-                default = ""
-            views = []
-            for name in sorted(self._status):
-                t = self._tables.get(name)
-                by_version: dict[int, list[str]] = {}
-                if t is not None:
-                    for alias, v in t.routing.aliases.items():
-                        by_version.setdefault(v, []).append(alias)
-                views.append(
-                    ModelView(
-                        name=name,
-                        versions=tuple(self._status[name][v] for v in sorted(self._status[name])),
-                        routing=t.routing if t is not None else self._routing.get(name),
-                        is_default=name == default,
-                        aliases_by_version={v: tuple(sorted(a)) for v, a in by_version.items()},
-                    )
-                )
-            return views
-
-    def model(self, name: str) -> ModelView:
-        if not name:
-            name = self.default_model_name()
-        for m in self.models():
-            if m.name == name:
-                return m
-        raise RequestError(
-            ErrorKind.NOT_FOUND,
-            "name",
-            f"unknown model {name!r}; this server has {sorted(self._status) or 'no models'}",
-        )
-
-    def scan(self) -> list[str]:
-        """Load every complete version never seen before; returns what it loaded or why not."""
-        report = []
-        for name, versions in complete_versions(self.config.repo).items():
-            for version in sorted(versions):
-                with self._lock:
-                    seen = version in self._status.get(name, {})
-                if seen:
-                    continue
-                try:
-                    self.load(name, version)
-                    report.append(f"loaded {name} v{version}")
-                except RequestError as e:
-                    report.append(f"failed {name} v{version}: {e.message}")
-        return report
-
-    def apply_routing_file(self, path: Path, force: bool = False) -> bool:
-        """Apply a routing file when its content changed (or a previous try failed)."""
-        try:
-            text = path.read_bytes()
-        except OSError as e:
-            self._routing_file_problem(f"{path}: cannot read the routing file: {e}")
-            return False
-        digest = hashlib.sha256(text).hexdigest()
-        if not force and digest == self._routing_file_digest and self._routing_file_error is None:
-            return False
-        try:
-            wanted = read_routing_file(path)
-            with self._lock:
-                # All models or none: check every entry before the first one takes effect.
-                for name, routing in wanted.items():
-                    if name not in self._status:
-                        raise RoutingError(name, f"unknown model; known: {sorted(self._status)}")
-                    resolve(name, routing, self._loaded(name))
-                for name, routing in wanted.items():
-                    self.set_routing(name, routing)
-        except (RoutingError, RequestError) as e:
-            self._routing_file_digest = digest
-            self._routing_file_problem(f"{path}: {e}; the routing in force is unchanged")
-            return False
-        self._routing_file_digest = digest
-        self._routing_file_error = None
-        log.info("applied routing file %s for %s", path, sorted(wanted))
-        return True
-
-    def _routing_file_problem(self, message: str) -> None:
-        if message != self._routing_file_error:
-            log.error("%s", message)
-        self._routing_file_error = message
