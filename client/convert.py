@@ -6,8 +6,9 @@ dataclasses. Everything above this module works on `speckv_client.types`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+from speckv import vocabulary as vocab
 from speckv.draft_plan import DraftPlan, PlanAxis
 from speckv.v1 import common_pb2, decoder_pb2, predictor_pb2
 from speckv_client.types import (
@@ -28,6 +29,7 @@ from speckv_client.types import (
     ModelState,
     ModelVersionInfo,
     Objective,
+    OutcomeValues,
     Prediction,
     RouteWeight,
     Routing,
@@ -41,25 +43,16 @@ from speckv_client.types import (
     WorkerInfo,
 )
 
-_COMPRESSION_TO_PB = {
-    Compression.FP16: common_pb2.COMPRESSION_FP16,
-    Compression.INT8: common_pb2.COMPRESSION_INT8,
-    Compression.NF4: common_pb2.COMPRESSION_NF4,
-}
+# Each wire enum is mapped here once. Compression, DecisionWindow and Objective take their
+# wire values from the shared vocabulary (speckv.vocabulary; checked against the stubs by
+# tests/contract/test_vocabulary.py); the client enums' values are its names.
+_COMPRESSION_TO_PB = {Compression(n): v for n, v in vocab.COMPRESSION_WIRE.items()}
 _COMPRESSION_FROM_PB = {v: k for k, v in _COMPRESSION_TO_PB.items()}
 
-_WINDOW_TO_PB = {
-    Window.SAME_STEP: common_pb2.DECISION_WINDOW_SAME_STEP,
-    Window.PREVIOUS_STEP: common_pb2.DECISION_WINDOW_PREVIOUS_STEP,
-    Window.PREFIX: common_pb2.DECISION_WINDOW_PREFIX,
-    Window.DRAFT_PLAN: common_pb2.DECISION_WINDOW_DRAFT_PLAN,
-}
+_WINDOW_TO_PB = {Window(n): v for n, v in vocab.WINDOW_WIRE.items()}
 _WINDOW_FROM_PB = {v: k for k, v in _WINDOW_TO_PB.items()}
 
-_OBJECTIVE_TO_PB = {
-    Objective.TOKENS_PER_STEP: common_pb2.OBJECTIVE_TOKENS_PER_STEP,
-    Objective.GOODPUT: common_pb2.OBJECTIVE_GOODPUT,
-}
+_OBJECTIVE_TO_PB = {Objective(n): v for n, v in vocab.OBJECTIVE_WIRE.items()}
 _OBJECTIVE_FROM_PB = {v: k for k, v in _OBJECTIVE_TO_PB.items()}
 
 _STATE_FROM_PB = {
@@ -86,6 +79,7 @@ _FINISH_FROM_PB = {
     decoder_pb2.FINISH_REASON_STOP_STRING: FinishReason.STOP_STRING,
     decoder_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
 }
+_FINISH_TO_PB = {v: k for k, v in _FINISH_FROM_PB.items()}
 
 
 def error_code_name(code: int) -> str:
@@ -124,8 +118,36 @@ def selector_to_pb(sel: ModelSelector | None) -> common_pb2.ModelSelector | None
     return common_pb2.ModelSelector(name=sel.name, version=sel.version, alias=sel.alias)
 
 
+# --- enums, for the servicers (the only mappings of these enums) ---
+
+
 def objective_to_pb(objective: Objective | None) -> int:
     return common_pb2.OBJECTIVE_UNSPECIFIED if objective is None else _OBJECTIVE_TO_PB[objective]
+
+
+def objective_from_pb(value: int) -> Objective | None:
+    """None for OBJECTIVE_UNSPECIFIED and for a value this version does not know."""
+    return _OBJECTIVE_FROM_PB.get(value)
+
+
+def compression_to_pb(compression: Compression | str | None) -> int:
+    if compression is None:
+        return common_pb2.COMPRESSION_UNSPECIFIED
+    return _COMPRESSION_TO_PB[Compression(compression)]
+
+
+def window_to_pb(window: Window | str | None) -> int:
+    if window is None:
+        return common_pb2.DECISION_WINDOW_UNSPECIFIED
+    return _WINDOW_TO_PB[Window(window)]
+
+
+def source_to_pb(source: DecisionSource) -> int:
+    return _SOURCE_TO_PB[DecisionSource(source)]
+
+
+def finish_reason_to_pb(reason: FinishReason) -> int:
+    return _FINISH_TO_PB[FinishReason(reason)]
 
 
 # --- predictor: Decide ---
@@ -213,23 +235,36 @@ def outcome_to_pb(o: StepOutcome) -> predictor_pb2.StepOutcome:
     return m
 
 
-def outcome_from_pb(m: predictor_pb2.StepOutcome) -> StepOutcome:
-    return StepOutcome(
-        routing_key=m.routing_key,
-        step=m.step,
-        source=_SOURCE_FROM_PB.get(m.source, DecisionSource.UNSPECIFIED),
-        drafted=m.drafted,
-        accepted=m.accepted,
-        tokens=m.tokens,
-        draft_seconds=m.draft_seconds,
-        verify_seconds=m.verify_seconds,
-        compression=_COMPRESSION_FROM_PB.get(m.compression),
-        model_name=m.model_name,
-        model_version=m.model_version,
-        arm=m.arm,
-        decision_step=m.decision_step,
-        sequence_end=m.sequence_end,
-    )
+def outcome_from_pb(m: predictor_pb2.StepOutcome) -> OutcomeValues:
+    """A received outcome as the lean tuple the predictor reads (see `outcomes_from_pb`)."""
+    return outcomes_from_pb((m,))[0]
+
+
+def outcomes_from_pb(ms: Iterable[predictor_pb2.StepOutcome]) -> list[OutcomeValues]:
+    """The one mapping of received `StepOutcome` messages: plain tuples, not frozen
+    dataclasses, because the predictor maps every outcome of every Decide message."""
+    source = _SOURCE_FROM_PB.get
+    compression = _COMPRESSION_FROM_PB.get
+    unspecified = DecisionSource.UNSPECIFIED
+    return [
+        OutcomeValues(
+            m.routing_key,
+            m.step,
+            source(m.source, unspecified),
+            m.model_name,
+            m.model_version,
+            m.arm,
+            m.decision_step,
+            m.drafted,
+            m.accepted,
+            m.tokens,
+            m.draft_seconds,
+            m.verify_seconds,
+            m.sequence_end,
+            compression(m.compression),
+        )
+        for m in ms
+    ]
 
 
 def arm_stats_from_pb(m: predictor_pb2.GetArmStatsResponse) -> ArmStatsReport:
@@ -277,6 +312,55 @@ def arm_stats_from_pb(m: predictor_pb2.GetArmStatsResponse) -> ArmStatsReport:
         rejected_outcomes=m.rejected_outcomes,
         seconds_since_reset=m.seconds_since_reset,
         replica=m.replica,
+    )
+
+
+def arm_stats_to_pb(r: ArmStatsReport) -> predictor_pb2.GetArmStatsResponse:
+    """What the predictor answers GetArmStats with (the inverse of `arm_stats_from_pb`)."""
+    return predictor_pb2.GetArmStatsResponse(
+        arms=[
+            predictor_pb2.ArmStats(
+                model_name=a.model_name,
+                model_version=a.model_version,
+                arm=a.arm,
+                sequences=a.sequences,
+                steps=a.steps,
+                drafted=a.drafted,
+                accepted=a.accepted,
+                tokens=a.tokens,
+                draft_seconds=a.draft_seconds,
+                verify_seconds=a.verify_seconds,
+                sequence_outcomes=[
+                    predictor_pb2.SequenceOutcome(
+                        routing_key=q.routing_key,
+                        steps=q.steps,
+                        drafted=q.drafted,
+                        accepted=q.accepted,
+                        tokens=q.tokens,
+                        seconds=q.seconds,
+                        ended=q.ended,
+                    )
+                    for q in a.sequence_outcomes
+                ],
+            )
+            for a in r.arms
+        ],
+        shadows=[
+            predictor_pb2.ShadowCalibration(
+                model_name=c.model_name,
+                model_version=c.model_version,
+                steps=c.steps,
+                mean_predicted_acceptance=c.mean_predicted_acceptance,
+                mean_realised_acceptance=c.mean_realised_acceptance,
+                mean_absolute_error=c.mean_absolute_error,
+            )
+            for c in r.shadows
+        ],
+        fallback_steps=r.fallback_steps,
+        local_steps=r.local_steps,
+        rejected_outcomes=r.rejected_outcomes,
+        seconds_since_reset=r.seconds_since_reset,
+        replica=r.replica,
     )
 
 

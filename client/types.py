@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from speckv import vocabulary as vocab
 from speckv.draft_plan import DraftPlan
@@ -272,6 +273,28 @@ class StepOutcome:
     arm: str = ""
     decision_step: int = 0
     sequence_end: bool = False
+
+
+class OutcomeValues(NamedTuple):
+    """A received `StepOutcome` message as a plain tuple (`convert.outcome_from_pb`): what the
+    predictor reads per outcome on its Decide hot path, where building the frozen
+    `StepOutcome` would cost about three times as much (docs/predictor.md, "Outcomes and
+    arm statistics")."""
+
+    routing_key: str
+    step: int
+    source: DecisionSource
+    model_name: str
+    model_version: int
+    arm: str
+    decision_step: int
+    drafted: int
+    accepted: int
+    tokens: int
+    draft_seconds: float
+    verify_seconds: float
+    sequence_end: bool
+    compression: Compression | None
 
 
 @dataclass(frozen=True)

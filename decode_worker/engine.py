@@ -20,11 +20,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Protocol
 
 import torch
-from speckv_client.types import Compression, DraftSignals, StepOutcome
+from speckv_client.types import Compression, DraftSignals, FinishReason, StepOutcome
 from transformers import DynamicCache
 
 from decode_worker.config import EngineConfig
@@ -69,13 +68,6 @@ class PairLike(Protocol):
 
     @property
     def compression(self) -> str: ...
-
-
-class FinishReason(str, Enum):
-    EOS = "eos"
-    LENGTH = "length"
-    STOP_STRING = "stop_string"
-    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)

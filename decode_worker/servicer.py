@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import grpc
 from speckv.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
-from speckv_client.types import ModelSelector, Objective, Window
+from speckv_client import convert
+from speckv_client.types import ModelSelector, Objective
 
 import decode_worker
 from decode_worker.batching import BatchScheduler, QueueFull
@@ -24,44 +25,11 @@ from decode_worker.config import WorkerConfig
 from decode_worker.engine import FinishReason, GenerationResult, RequestError, SpeculativeEngine
 from decode_worker.engine import StepResult as EngineStep
 from decode_worker.metrics import WorkerMetrics
-from decode_worker.policies import DecisionSource, GammaPolicy, PolicyError, parse_local_policy
+from decode_worker.policies import GammaPolicy, PolicyError, parse_local_policy
 from decode_worker.remote_policy import RemotePolicy
 from decode_worker.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-
-_SOURCE_TO_PB = {
-    DecisionSource.REMOTE: decoder_pb2.DECISION_SOURCE_REMOTE,
-    DecisionSource.FALLBACK: decoder_pb2.DECISION_SOURCE_FALLBACK,
-    DecisionSource.LOCAL: decoder_pb2.DECISION_SOURCE_LOCAL,
-}
-_FINISH_TO_PB = {
-    FinishReason.EOS: decoder_pb2.FINISH_REASON_EOS,
-    FinishReason.LENGTH: decoder_pb2.FINISH_REASON_LENGTH,
-    FinishReason.STOP_STRING: decoder_pb2.FINISH_REASON_STOP_STRING,
-    FinishReason.CANCELLED: decoder_pb2.FINISH_REASON_CANCELLED,
-}
-_COMPRESSION_TO_PB = {
-    "fp16": common_pb2.COMPRESSION_FP16,
-    "int8": common_pb2.COMPRESSION_INT8,
-    "nf4": common_pb2.COMPRESSION_NF4,
-}
-_WINDOW_TO_PB = {
-    Window.PREVIOUS_STEP: common_pb2.DECISION_WINDOW_PREVIOUS_STEP,
-    Window.PREFIX: common_pb2.DECISION_WINDOW_PREFIX,
-    Window.SAME_STEP: common_pb2.DECISION_WINDOW_SAME_STEP,
-    Window.DRAFT_PLAN: common_pb2.DECISION_WINDOW_DRAFT_PLAN,
-}
-_OBJECTIVE_TO_PB = {
-    None: common_pb2.OBJECTIVE_UNSPECIFIED,
-    Objective.TOKENS_PER_STEP: common_pb2.OBJECTIVE_TOKENS_PER_STEP,
-    Objective.GOODPUT: common_pb2.OBJECTIVE_GOODPUT,
-}
-_OBJECTIVE_FROM_PB = {
-    common_pb2.OBJECTIVE_TOKENS_PER_STEP: Objective.TOKENS_PER_STEP,
-    common_pb2.OBJECTIVE_GOODPUT: Objective.GOODPUT,
-}
-
 
 # Fixed bounds of the short strings a request may carry (docs/worker.md, "Limits").
 MAX_POLICY_BYTES = 64
@@ -281,7 +249,10 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                     f"predictor_model.version must be ≥ 0 (0: the alias or default), "
                     f"got {sel.version}"
                 )
-        if request.objective not in (common_pb2.OBJECTIVE_UNSPECIFIED, *_OBJECTIVE_FROM_PB):
+        if (
+            request.objective != common_pb2.OBJECTIVE_UNSPECIFIED
+            and convert.objective_from_pb(request.objective) is None
+        ):
             raise RequestError(f"objective: unknown enum value {request.objective}")
         if not (math.isfinite(request.temperature) and request.temperature >= 0):
             raise RequestError(
@@ -302,7 +273,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             sel = request.predictor_model
             if sel.name or sel.version or sel.alias:
                 model = ModelSelector(name=sel.name, version=sel.version, alias=sel.alias)
-        objective = _OBJECTIVE_FROM_PB.get(request.objective)
+        objective = convert.objective_from_pb(request.objective)
         spec = request.policy or self.policies.default_spec
         policy = self.policies.resolve(spec, model, objective)
         top_p = request.top_p if request.top_p > 0 else 1.0
@@ -329,13 +300,13 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         return decoder_pb2.GetInfoResponse(
             draft_model=self.info.draft_model,
             target_model=self.info.target_model,
-            compression=_COMPRESSION_TO_PB[self.engine.pair.compression],
+            compression=convert.compression_to_pb(self.engine.pair.compression),
             target_dtype=self.info.target_dtype,
             device=self.info.device,
             policy=self.policies.default.spec,
             predictor_address=self.info.predictor_address,
-            window=_WINDOW_TO_PB[cfg.window] if cfg else common_pb2.DECISION_WINDOW_UNSPECIFIED,
-            objective=_OBJECTIVE_TO_PB[cfg.objective] if cfg else common_pb2.OBJECTIVE_UNSPECIFIED,
+            window=convert.window_to_pb(cfg.window if cfg else None),
+            objective=convert.objective_to_pb(cfg.objective if cfg else None),
             fallback_gamma=cfg.fallback_gamma if cfg else 0,
             max_new_tokens_limit=self.engine.max_new_tokens_limit,
             concurrency=(self.scheduler or self.engine).concurrency,
@@ -364,7 +335,7 @@ def _chunk_to_pb(step: EngineStep) -> decoder_pb2.TokenChunk:
         gamma=step.gamma,
         accepted=step.accepted,
         tokens_produced=len(step.token_ids),
-        source=_SOURCE_TO_PB[d.source],
+        source=convert.source_to_pb(d.source),
         model_name=d.model_name,
         model_version=d.model_version,
         arm=d.arm,
@@ -399,7 +370,7 @@ def _summary_to_pb(result: GenerationResult) -> decoder_pb2.GenerationSummary:
         fallback_decisions=s.fallback_decisions,
         local_decisions=s.local_decisions,
         decision_wait_seconds=s.decision_wait_seconds,
-        finish_reason=_FINISH_TO_PB[result.finish_reason],
+        finish_reason=convert.finish_reason_to_pb(result.finish_reason),
         text=result.text,
         request_id=result.request_id,
         model_versions=s.model_versions,

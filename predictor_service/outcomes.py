@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import numpy as np
 from speckv_client.types import (
@@ -33,6 +33,7 @@ from speckv_client.types import (
     SequenceOutcome,
     ShadowCalibration,
 )
+from speckv_client.types import OutcomeValues as OutcomeValues
 
 log = logging.getLogger(__name__)
 
@@ -74,26 +75,6 @@ class Outcome(Protocol):
     def verify_seconds(self) -> float: ...
     @property
     def sequence_end(self) -> bool: ...
-
-
-class OutcomeValues(NamedTuple):
-    """The fields of a `StepOutcome` the tracker reads, as a tuple: what the servicer builds
-    per outcome on the Decide hot path (measured 1.6 us per outcome against 4.4 us for the
-    frozen `StepOutcome` of speckv_client.convert.outcome_from_pb)."""
-
-    routing_key: str
-    step: int
-    source: DecisionSource
-    model_name: str
-    model_version: int
-    arm: str
-    decision_step: int
-    drafted: int
-    accepted: int
-    tokens: int
-    draft_seconds: float
-    verify_seconds: float
-    sequence_end: bool
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,14 @@ import grpc
 import numpy as np
 from speckv.draft_plan import WINDOW_DRAFT_PLAN
 from speckv.v1 import common_pb2 as cpb
-from speckv.v1 import decoder_pb2 as dpb
 from speckv.v1 import predictor_pb2 as pb
 from speckv.v1 import predictor_pb2_grpc as pb_grpc
-from speckv_client.convert import plan_to_pb
-from speckv_client.types import ArmStatsReport, DecisionSource
+from speckv.vocabulary import OBJECTIVE_FROM_WIRE, WINDOW_FROM_WIRE
+from speckv_client.convert import arm_stats_to_pb, outcomes_from_pb, plan_to_pb
 
 from predictor_service.decider import DecideInput, Decider, DecideResult, Selector
 from predictor_service.decisions import Objective, StepTiming
-from predictor_service.outcomes import ArmKey, ArmStatsTracker, OutcomeConfig, OutcomeValues
+from predictor_service.outcomes import ArmKey, ArmStatsTracker, OutcomeConfig
 from predictor_service.refusals import ErrorKind, RequestRefused
 from predictor_service.registry import ModelRegistry, ModelView, VersionState, VersionStatus
 from predictor_service.router import Routing
@@ -38,28 +37,17 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SOURCES = {
-    dpb.DECISION_SOURCE_REMOTE: DecisionSource.REMOTE,
-    dpb.DECISION_SOURCE_FALLBACK: DecisionSource.FALLBACK,
-    dpb.DECISION_SOURCE_LOCAL: DecisionSource.LOCAL,
-}
-
 # How many cells (rows x candidates) one reported outcome weighs when choosing the lane:
 # a message whose cells plus OUTCOME_CELLS x outcomes exceed big_message_cells runs on the
 # big-message lane, off the event loop (measured: docs/predictor.md, "Outcomes and arm
 # statistics").
 OUTCOME_CELLS = 4
 
-WINDOWS = {
-    cpb.DECISION_WINDOW_SAME_STEP: "same_step",
-    cpb.DECISION_WINDOW_PREVIOUS_STEP: "previous_step",
-    cpb.DECISION_WINDOW_PREFIX: "prefix",
-    cpb.DECISION_WINDOW_DRAFT_PLAN: WINDOW_DRAFT_PLAN,
-}
-OBJECTIVES = {
+# Wire enum values -> the names the decide path uses (speckv.vocabulary, the one table).
+WINDOWS = WINDOW_FROM_WIRE
+OBJECTIVES: dict[int, Objective | None] = {
     cpb.OBJECTIVE_UNSPECIFIED: None,
-    cpb.OBJECTIVE_TOKENS_PER_STEP: Objective.TOKENS_PER_STEP,
-    cpb.OBJECTIVE_GOODPUT: Objective.GOODPUT,
+    **{v: Objective(name) for v, name in OBJECTIVE_FROM_WIRE.items()},
 }
 ERROR_CODES = {
     ErrorKind.INVALID_ARGUMENT: pb.ERROR_CODE_INVALID_ARGUMENT,
@@ -261,79 +249,6 @@ def model_to_pb(v: ModelView) -> pb.ModelInfo:
     return info
 
 
-def outcome_values(req: pb.DecideRequest) -> list[OutcomeValues]:
-    """A message's outcomes as the tuples the tracker reads (the fields of
-    speckv_client.convert.outcome_from_pb without building frozen dataclasses: the hot path)."""
-    unspecified = DecisionSource.UNSPECIFIED
-    get = SOURCES.get
-    return [
-        OutcomeValues(
-            o.routing_key,
-            o.step,
-            get(o.source, unspecified),
-            o.model_name,
-            o.model_version,
-            o.arm,
-            o.decision_step,
-            o.drafted,
-            o.accepted,
-            o.tokens,
-            o.draft_seconds,
-            o.verify_seconds,
-            o.sequence_end,
-        )
-        for o in req.outcomes
-    ]
-
-
-def arm_stats_to_pb(r: ArmStatsReport) -> pb.GetArmStatsResponse:
-    return pb.GetArmStatsResponse(
-        arms=[
-            pb.ArmStats(
-                model_name=a.model_name,
-                model_version=a.model_version,
-                arm=a.arm,
-                sequences=a.sequences,
-                steps=a.steps,
-                drafted=a.drafted,
-                accepted=a.accepted,
-                tokens=a.tokens,
-                draft_seconds=a.draft_seconds,
-                verify_seconds=a.verify_seconds,
-                sequence_outcomes=[
-                    pb.SequenceOutcome(
-                        routing_key=q.routing_key,
-                        steps=q.steps,
-                        drafted=q.drafted,
-                        accepted=q.accepted,
-                        tokens=q.tokens,
-                        seconds=q.seconds,
-                        ended=q.ended,
-                    )
-                    for q in a.sequence_outcomes
-                ],
-            )
-            for a in r.arms
-        ],
-        shadows=[
-            pb.ShadowCalibration(
-                model_name=c.model_name,
-                model_version=c.model_version,
-                steps=c.steps,
-                mean_predicted_acceptance=c.mean_predicted_acceptance,
-                mean_realised_acceptance=c.mean_realised_acceptance,
-                mean_absolute_error=c.mean_absolute_error,
-            )
-            for c in r.shadows
-        ],
-        fallback_steps=r.fallback_steps,
-        local_steps=r.local_steps,
-        rejected_outcomes=r.rejected_outcomes,
-        seconds_since_reset=r.seconds_since_reset,
-        replica=r.replica,
-    )
-
-
 def default_replica(port: int = 0) -> str:
     """This process's identity in GetArmStats: hostname:pid, plus :port when known (two
     servers in one process, as in tests, are still told apart)."""
@@ -465,7 +380,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
                 req.model.name,
             )
         try:
-            summary = self.tracker.record(outcome_values(req))
+            summary = self.tracker.record(outcomes_from_pb(req.outcomes))
             self.metrics.record_outcomes(summary)
         except Exception:  # counting outcomes never costs the rows their decisions
             log.exception("counting the outcomes of Decide request %d failed", req.request_id)

@@ -55,6 +55,7 @@ MODEL_WINDOWS: tuple[str, ...] = (WINDOW_SAME_STEP, WINDOW_PREVIOUS_STEP, WINDOW
 WINDOW_WIRE: Mapping[str, int] = MappingProxyType(
     {WINDOW_SAME_STEP: 1, WINDOW_PREVIOUS_STEP: 2, WINDOW_PREFIX: 3, WINDOW_DRAFT_PLAN: 4}
 )
+WINDOW_FROM_WIRE: Mapping[int, str] = MappingProxyType({v: k for k, v in WINDOW_WIRE.items()})
 REQUEST_WINDOWS: tuple[str, ...] = tuple(WINDOW_WIRE)
 # Request window -> the model window whose models answer it.
 WINDOW_SERVED_BY: Mapping[str, str] = MappingProxyType(
@@ -85,6 +86,7 @@ DEFAULT_OBJECTIVE = OBJECTIVE_GOODPUT
 OBJECTIVE_WIRE: Mapping[str, int] = MappingProxyType(
     {OBJECTIVE_TOKENS_PER_STEP: 1, OBJECTIVE_GOODPUT: 2}
 )
+OBJECTIVE_FROM_WIRE: Mapping[int, str] = MappingProxyType({v: k for k, v in OBJECTIVE_WIRE.items()})
 
 # --- γ candidates ----------------------------------------------------------------------
 
