@@ -372,59 +372,47 @@ def _splitter(
 
 
 class BatchCosts:
-    """Measured costs of batched steps, per batch size b: seconds of one batched draft
-    forward, a line t_verify(b, G) = base_b + G·slope_b over the verify width G ≥ 1 (the
-    longest draft in the batch; every row is fed G + 1 positions), and the seconds of a
-    plain (G = 0) batched target step. Exponential moving averages, as timing.py; sizes
-    never measured are interpolated linearly between measured neighbours (scaled by b
-    above the largest one)."""
+    """Measured wall seconds of whole batch steps, per batch size b: a plain step (G = 0)
+    and a line T(b, G) = base_b + G·slope_b over the verify width G ≥ 1 (the longest draft;
+    every row drafts and verifies G + 1 positions). Whole steps, not the forwards alone:
+    per-row work (sampling, signals, hooks, streaming) grows with G and b too, and left out
+    it made speculation look cheaper than it is at large batches. Exponential moving
+    averages as in timing.py; when recent steps used one width the slope is kept from
+    earlier (warm-up runs G = 0, 2, 4, 8 at every size). Sizes not measured are
+    interpolated between measured neighbours (scaled by b above the largest)."""
 
-    def __init__(self, alpha: float = 0.2) -> None:
+    def __init__(self, alpha: float = 0.1) -> None:
         self._alpha = alpha
         self._lock = threading.Lock()
-        self._draft: dict[int, float] = {}
         self._plain: dict[int, float] = {}
         self._verify: dict[int, _Ewm] = {}
+        self._slope: dict[int, float] = {}
         self._counts: dict[tuple[str, int], int] = {}
-        # Seconds of a step outside the forwards (hooks, sampling, text, bookkeeping).
-        self._overhead: dict[int, float] = {}
 
-    def _ema(self, table: dict[int, float], b: int, seconds: float) -> None:
-        prev = table.get(b)
-        table[b] = seconds if prev is None else (1 - self._alpha) * prev + self._alpha * seconds
-        key = ({id(self._draft): "draft", id(self._plain): "plain"}.get(id(table), "overhead"), b)
-        self._counts[key] = self._counts.get(key, 0) + 1
-
-    def _trusted(self, kind: str, table: dict[int, float]) -> dict[int, float]:
-        """Sizes measured often enough to interpolate from (a size seen in a handful of
-        steps while the batch drained is noise)."""
-        return {b: v for b, v in table.items() if self._counts.get((kind, b), 0) >= MIN_SAMPLES}
-
-    def add(
-        self, b: int, draft_forwards: int, draft_seconds: float, width: int, verify: float
-    ) -> None:
+    def add(self, b: int, width: int, seconds: float) -> None:
+        """One batch step of `b` rows at verify width `width` took `seconds` in all."""
         with self._lock:
-            if draft_forwards:
-                self._ema(self._draft, b, draft_seconds / draft_forwards)
             if width <= 0:
-                self._ema(self._plain, b, verify)
+                prev = self._plain.get(b)
+                a = self._alpha
+                self._plain[b] = seconds if prev is None else (1 - a) * prev + a * seconds
+                key = ("plain", b)
             else:
-                self._verify.setdefault(b, _Ewm()).add(self._alpha, float(width), verify)
-                self._counts[("verify", b)] = self._counts.get(("verify", b), 0) + 1
-
-    def add_overhead(self, b: int, seconds: float) -> None:
-        with self._lock:
-            self._ema(self._overhead, b, seconds)
+                self._verify.setdefault(b, _Ewm()).add(self._alpha, float(width), seconds)
+                key = ("spec", b)
+            self._counts[key] = self._counts.get(key, 0) + 1
 
     def _line(self, b: int) -> tuple[float, float] | None:
         s = self._verify.get(b)
-        if s is None or s.w == 0.0:
+        if s is None or s.w == 0.0 or self._counts.get(("spec", b), 0) < MIN_SAMPLES:
             return None
         mean_g, mean_t = s.g / s.w, s.t / s.w
         var_g = s.gg / s.w - mean_g * mean_g
-        if var_g <= 0.05 or self._counts.get(("verify", b), 0) < MIN_SAMPLES:
-            return None  # one width only: the slope is not identified at this size
-        slope = max((s.gt / s.w - mean_g * mean_t) / var_g, 0.0)
+        if var_g > 0.05:
+            self._slope[b] = max((s.gt / s.w - mean_g * mean_t) / var_g, 0.0)
+        slope = self._slope.get(b)
+        if slope is None:
+            return None  # one width only, ever: the slope is not identified at this size
         return max(mean_t - slope * mean_g, 1e-9), slope
 
     @staticmethod
@@ -445,27 +433,22 @@ class BatchCosts:
         return values[min(upper)]
 
     def step_seconds(self, b: int, width: int) -> float | None:
-        """Expected seconds of a batch step of `b` rows at verify width `width`."""
+        """Expected wall seconds of a batch step of `b` rows at verify width `width`."""
         with self._lock:
-            overhead = self._at(self._trusted("overhead", self._overhead), b) or 0.0
             if width <= 0:
-                plain = self._at(self._trusted("plain", self._plain), b)
-                return None if plain is None else plain + overhead
+                plain = {s: v for s, v in self._plain.items()
+                         if self._counts.get(("plain", s), 0) >= MIN_SAMPLES}  # fmt: skip
+                return self._at(plain, b)
             lines = {s: ln for s in self._verify if (ln := self._line(s)) is not None}
-            draft = self._at(self._trusted("draft", self._draft), b)
-            verify = self._at({s: ln[0] + width * ln[1] for s, ln in lines.items()}, b)
-        if draft is None or verify is None:
-            return None
-        return width * draft + verify + overhead
+            return self._at({s: ln[0] + width * ln[1] for s, ln in lines.items()}, b)
 
     def snapshot(self) -> dict[str, dict[int, float]]:
         with self._lock:
+            lines = {b: ln for b in self._verify if (ln := self._line(b)) is not None}
             return {
-                "draft_forward_s": dict(self._draft),
                 "plain_step_s": dict(self._plain),
-                "overhead_s": dict(self._overhead),
-                "verify_base_s": {b: ln[0] for b in self._verify if (ln := self._line(b))},
-                "verify_per_token_s": {b: ln[1] for b in self._verify if (ln := self._line(b))},
+                "spec_step_base_s": {b: ln[0] for b, ln in lines.items()},
+                "spec_step_per_gamma_s": {b: ln[1] for b, ln in lines.items()},
             }
 
 
@@ -958,7 +941,6 @@ class BatchScheduler:
         if drafted_max:
             eng.timing.add_draft(drafted_max, draft_seconds)
         eng.timing.add_verify(width, verify_seconds)
-        self.costs.add(b, draft_forwards, draft_seconds, width, verify_seconds)
         st = self.stats
         st.steps += 1
         st.row_steps += b
@@ -984,8 +966,7 @@ class BatchScheduler:
             rows[i].handle.abandoned.set()
         self._flush()
         self._remove_finished(errors=set(failed))
-        spent = time.perf_counter() - started - draft_seconds - verify_seconds
-        self.costs.add_overhead(b, max(spent, 0.0))
+        self.costs.add(b, width, time.perf_counter() - started)
 
     def _plan_batch(self, rows: list[_Row]) -> None:
         """batch-goodput rows: one verify width for the batch (docs/worker.md, "Batching")."""

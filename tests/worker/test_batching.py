@@ -279,16 +279,14 @@ def test_batch_goodput_picks_zero_when_plain_steps_are_cheap_and_speculates_othe
 
     costs = BatchCosts()
     assert choose_batch_gamma([0.8], [8], 1, costs) is None  # nothing measured yet
-    # Batch 1: a draft forward is cheap and verifying 8 positions costs about one plain step;
-    # batch 16: every position costs (a compute-bound forward), so speculation does not pay.
+    # Whole batch steps: at batch 1 a longer draft adds little to a step; at batch 16 every
+    # drafted position costs (a compute-bound forward), so speculation does not pay.
     for _ in range(5):
         for g in (2, 4, 8):
-            costs.add(1, g, g * 0.001, g, 0.010 + 0.0002 * g)
-            costs.add(16, g, g * 0.008, g, 0.020 + 0.020 * g)
-        costs.add(1, 0, 0.0, 0, 0.009)
-        costs.add(16, 0, 0.0, 0, 0.020)
-        costs.add_overhead(1, 0.0005)
-        costs.add_overhead(16, 0.004)
+            costs.add(1, g, 0.0105 + 0.0012 * g)
+            costs.add(16, g, 0.024 + 0.028 * g)
+        costs.add(1, 0, 0.0095)
+        costs.add(16, 0, 0.024)
     high = [0.8] * 16
     g1 = choose_batch_gamma(high[:1], [8], 1, costs)
     g16 = choose_batch_gamma(high, [8] * 16, 16, costs)
