@@ -1,13 +1,13 @@
-"""Moving averages of the worker's measured costs, for the goodput objective.
+"""Moving averages of the worker's measured costs: the parameters of the one cost model
+(`speckv.costs.CostModel`, docs/design.md "Cost model") that the predictor's goodput
+objective reads from the reported `StepTiming`.
 
-The predictor scores a candidate gamma by (â(γ)·γ + 1) / (γ·t_draft + t_verify(γ)), so the
-worker reports its per-token draft time and a linear verify-cost model for speculative
+The worker reports its per-token draft time and a linear verify-cost model for speculative
 steps, t_verify(γ ≥ 1) = base + γ·per_token, fitted by exponentially weighted least squares
 over the γ ≥ 1 steps it has run, plus the measured cost of a plain γ = 0 step
 (`target_only_seconds`) as its own moving average. γ = 0 is costed apart because one
-position costs less than the line's intercept (the replay's cost model does the same,
-docs/design.md "Cost model"); charging it the intercept would make speculation look
-cheaper than it is. When the recent steps all used one gamma the slope is not
+position costs less than the line's intercept; charging it the intercept would make
+speculation look cheaper than it is. When the recent steps all used one gamma the slope is not
 identifiable; then the last identified slope is kept (from warm-up or earlier steps) and
 only the intercept follows the data.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from speckv.costs import MIN_SECONDS, CostModel
 from speckv_client.types import StepTiming
 
 # Relative variance of gamma below which the slope is treated as unidentifiable.
@@ -75,8 +76,9 @@ class TimingModel:
             else:
                 self._verify.add(self._alpha, float(gamma), seconds)
 
-    def snapshot(self) -> StepTiming | None:
-        """Current estimate, or None before both a draft and a verify were measured."""
+    def costs(self) -> CostModel | None:
+        """The fitted cost model (speckv.costs), or None before both a draft and a verify
+        were measured."""
         with self._lock:
             if self._draft_per_token is None:
                 return None
@@ -84,22 +86,18 @@ class TimingModel:
             if self._verify.w == 0.0:
                 if self._target_only is None:
                     return None
-                return StepTiming(
-                    draft_seconds_per_token=self._draft_per_token,
-                    verify_base_seconds=self._target_only,
-                    verify_seconds_per_token=self._slope,
-                    target_only_seconds=target_only,
-                )
+                # Only plain steps so far: the line starts at the plain step.
+                return CostModel(self._draft_per_token, self._target_only, self._slope, target_only)
             s = self._verify
             mean_g, mean_t = s.g / s.w, s.t / s.w
             var_g = s.gg / s.w - mean_g * mean_g
             if var_g > _MIN_GAMMA_VARIANCE:
                 slope = (s.gt / s.w - mean_g * mean_t) / var_g
                 self._slope = max(slope, 0.0)
-            base = max(mean_t - self._slope * mean_g, 1e-9)
-            return StepTiming(
-                draft_seconds_per_token=self._draft_per_token,
-                verify_base_seconds=base,
-                verify_seconds_per_token=self._slope,
-                target_only_seconds=target_only,
-            )
+            base = max(mean_t - self._slope * mean_g, MIN_SECONDS)
+            return CostModel(self._draft_per_token, base, self._slope, target_only)
+
+    def snapshot(self) -> StepTiming | None:
+        """The current estimate as the worker reports it, or None (see `costs`)."""
+        model = self.costs()
+        return None if model is None else StepTiming(*model.timing_fields())

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 import pandas as pd
+from speckv.costs import CostModel, expected_tokens
 
 from predictor_service.dataset import (
     PREV_COLUMNS,
@@ -533,12 +534,7 @@ def _wallclock_policies(
         sub = frame if comp == "Overall" else frame[frame["compression"] == comp]
         row: dict[str, object] = {"compression": comp}
         for p in policies:
-            secs = np.array(
-                [
-                    step_s.loc[c, int(g)]
-                    for c, g in zip(sub["compression"], sub[f"{p}_gamma"].astype(int), strict=True)
-                ]
-            )
+            secs = _seed_step_seconds(step_s, sub["compression"], sub[f"{p}_gamma"].to_numpy())
             row[p] = round(float(sub[p].sum() / secs.sum()), 1)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -550,9 +546,33 @@ def _goodput_choice(
     step_s: pd.DataFrame,
 ) -> np.ndarray:
     g = np.asarray(SEED_GAMMAS, dtype=float)
-    secs = np.vstack([step_s.loc[c, list(SEED_GAMMAS)].to_numpy() for c in steps["compression"]])
-    score = (acc * g + 1.0) / secs
+    score = np.empty(acc.shape)
+    for rows, costs in _seed_costs(step_s, steps["compression"]):
+        score[rows] = costs.goodput(expected_tokens(acc[rows], g), g)
     return g[np.argmax(score, axis=1)].astype(int)
+
+
+def _seed_costs(step_s: pd.DataFrame, compression: pd.Series) -> list[tuple[np.ndarray, CostModel]]:
+    """(rows, cost model) per compression: the one cost model with the seed's measured
+    seconds per step by γ as its table (whole steps, drafting included: t_draft = 0)."""
+    comps = compression.to_numpy()
+    missing = set(comps) - set(step_s.index)
+    if missing:
+        raise KeyError(f"the seed timed no steps at compression {sorted(missing)}")
+    return [
+        (comps == c, CostModel.tabulated(step_s.loc[c].dropna().to_dict())) for c in step_s.index
+    ]
+
+
+def _seed_step_seconds(
+    step_s: pd.DataFrame, compression: pd.Series, gamma: np.ndarray
+) -> np.ndarray:
+    """Seconds of each step (compression, γ) under `_seed_costs`."""
+    gammas = np.asarray(gamma).astype(int)
+    out = np.empty(len(gammas))
+    for rows, costs in _seed_costs(step_s, compression):
+        out[rows] = costs.step_seconds(gammas[rows])
+    return out
 
 
 def compare_to_paper(rep: SeedReproduction, data_dir: Path) -> pd.DataFrame:

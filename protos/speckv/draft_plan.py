@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # The plan's feature names and window live in the shared vocabulary; re-exported here.
+from speckv.costs import MIN_SECONDS, CostModel
 from speckv.vocabulary import COMP_ENC_FEATURE as COMP_ENC_FEATURE
 from speckv.vocabulary import HISTORY_FEATURES as HISTORY_FEATURES
 from speckv.vocabulary import PLAN_FEATURES as PLAN_FEATURES
@@ -134,11 +135,12 @@ def goodput_thresholds(
     first token also opens the rest of the draft (so `first_scale` < 1 pays), and a token
     saves less than t0 once speculation runs (so `continue_scale` > 1 pays).
     """
-    t0 = target_only_seconds if target_only_seconds > 0 else verify_base_seconds
-    t0 = max(t0, 1e-9)
-    t1 = verify_base_seconds + verify_seconds_per_token
-    first = max(0.0, t1 - t0) / t0 * first_scale
-    keep = (draft_seconds_per_token + verify_seconds_per_token) / t0 * continue_scale
+    costs = CostModel(
+        draft_seconds_per_token, verify_base_seconds, verify_seconds_per_token, target_only_seconds
+    )
+    t0 = max(costs.plain_step_seconds, MIN_SECONDS)
+    first = max(0.0, costs.verify_seconds(1) - t0) / t0 * first_scale
+    keep = costs.token_seconds / t0 * continue_scale
     return StopThresholds(min(first, 1.0), min(keep, 1.0))
 
 
