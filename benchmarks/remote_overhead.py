@@ -15,7 +15,7 @@ client stream. Three arms run on the same greedy prompts, interleaved prompt by 
 - with `--plan-model DIR` (a draft_plan version folder, e.g.
   .cache/selector/repo/speckv-instep/1, copied into the served repository):
   `plan in-process` — the worker's own `RemotePlanSequence` over an in-process submitter
-  (the replay's `InProcessPlans`: the predictor's plan code, no gRPC) — and `plan remote`,
+  (the replay's `InProcessPredictor`: the predictor's plan code, no gRPC) — and `plan remote`,
   the same policy over the real stream; same plans, same steps, so remote − in-process is
   what the split costs per step in the draft_plan window;
 - with `--aio-prototype`, also `aio {2}`: `remote {2}` over a minimal grpc.aio Decide
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 arms["aio {2}"] = RemotePolicy(aio, only2, engine.timing)
             if plan_version is not None:
                 from speckv_client.types import ModelSelector, Window
-                from speckv_eval.replay import InProcessPlans
+                from speckv_eval.replay import InProcessPredictor
 
                 plan_cfg = RemotePolicyConfig(
                     window=Window.DRAFT_PLAN,
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                     model=ModelSelector(name=plan_version.name),
                 )
                 arms["plan in-process"] = RemotePolicy(
-                    InProcessPlans(plan_version, pair.comp_enc), plan_cfg, engine.timing
+                    InProcessPredictor(plan_version, pair.comp_enc), plan_cfg, engine.timing
                 )
                 arms["plan remote"] = RemotePolicy(stream, plan_cfg, engine.timing)
             for policy in arms.values():  # one untimed pass: first-call costs

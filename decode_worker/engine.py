@@ -174,6 +174,12 @@ class GenerationResult:
         return len(self.token_ids) / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
 
+def cap_gamma(requested: int, max_gamma: int, remaining: int) -> int:
+    """The draft length a step may use: what was asked, at most the engine's max_gamma,
+    and short enough that the step's γ + 1 tokens fit in the `remaining` ones."""
+    return max(0, min(requested, max_gamma, remaining - 1))
+
+
 def step_outcome(
     request_id: str, compression: str, r: StepResult, finish: FinishReason | None
 ) -> StepOutcome:
@@ -385,7 +391,6 @@ class GenerationRun:
                     finish = FinishReason.CANCELLED
                     break
                 remaining = self.max_new_tokens - len(new)
-                cap = min(eng.config.max_gamma, remaining - 1)
                 decision: GammaDecision | None = None
                 if seq_policy.prefix_tokens == 0:
                     decision = seq_policy.decide(step, None)
@@ -397,7 +402,7 @@ class GenerationRun:
                     draft_fed = 0
                     draft_seconds = 0.0
                     if decision is None:
-                        k = min(seq_policy.prefix_tokens, cap)
+                        k = cap_gamma(seq_policy.prefix_tokens, eng.config.max_gamma, remaining)
                         with eng.device_lock:
                             t0 = time.perf_counter()
                             d_len, draft_fed = self._draft(
@@ -408,7 +413,7 @@ class GenerationRun:
                             aggregate(token_signals(torch.stack(draft_logits))) if drafts else None
                         )
                         decision = seq_policy.decide(step, prefix)
-                    gamma = max(0, min(decision.gamma, cap))
+                    gamma = cap_gamma(decision.gamma, eng.config.max_gamma, remaining)
                     step_signals: list[TokenSignals] | None = None
                     with eng.device_lock:
                         t0 = time.perf_counter()

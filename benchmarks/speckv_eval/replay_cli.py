@@ -123,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
                 f"measured: draft {1e3 * c.draft_per_token:.2f} ms/token; target forward "
                 + ", ".join(f"γ={g}: {1e3 * c.verify[g]:.2f}" for g in (0, 1, 2, 4, 8, 16))
                 + " ms (min over interleaved rounds); linear fit base "
-                f"{1e3 * c.speculative_verify()[0]:.2f} ms + "
-                f"{1e3 * c.speculative_verify()[1]:.2f} ms/γ over γ ≥ 1 (γ = 0 steps: measured); "
+                f"{1e3 * c.model.verify_base_seconds:.2f} ms + "
+                f"{1e3 * c.model.verify_seconds_per_token:.2f} ms/γ over γ ≥ 1 "
+                "(γ = 0 steps: measured); "
                 "cost ratio draft/target(γ=0) "
                 f"{c.draft_per_token / c.verify[0]:.2f}"
             )
@@ -166,7 +167,11 @@ def run(args: argparse.Namespace) -> int:
                     "draft_ms_per_token": round(1e3 * r.costs.draft_per_token, 3),
                     "verify_ms_by_gamma": [round(1e3 * v, 3) for v in r.costs.verify],
                     "verify_fit_ms_gamma_ge_1": [
-                        round(1e3 * x, 3) for x in r.costs.speculative_verify()
+                        round(1e3 * x, 3)
+                        for x in (
+                            r.costs.model.verify_base_seconds,
+                            r.costs.model.verify_seconds_per_token,
+                        )
                     ],
                 }
                 for r in results

@@ -15,9 +15,8 @@ import pandas as pd
 from speckv_eval.replay import (
     Costs,
     CostsTiming,
-    InProcessPlans,
+    InProcessPredictor,
     InStepOracle,
-    PredictorSequence,
     SequenceOutcome,
     Trace,
     build_trace,
@@ -139,7 +138,7 @@ def _policies(
     cfg: ReplayConfig, compression: str, comp_enc: int, costs: Costs, models: Sequence[Any]
 ) -> list[tuple[str, Callable[[Trace, PolicyRun], SequenceOutcome]]]:
     from decode_worker.policies import FixedPolicy, HeuristicContextPolicy, HeuristicPolicy
-    from predictor_service.decisions import Objective, StepTiming
+    from predictor_service.decisions import Objective
 
     out: list[tuple[str, Callable[[Trace, PolicyRun], SequenceOutcome]]] = []
 
@@ -156,46 +155,26 @@ def _policies(
     out.append(("heuristic (HF schedule, start 4)", local(HeuristicPolicy())))
     out.append(("heuristic + context stop", local(HeuristicContextPolicy())))
     out.append(("HF confidence stop (0.4, ROC re-fit)", lambda t, _r: replay_confidence_stop(t)))
-    base, per_token = costs.speculative_verify()
-    timing = StepTiming(costs.draft_per_token, base, per_token, costs.verify[0])
-    for version in [m for m in models if m.window == "draft_plan"]:
-        label = f"{version.name}:v{version.version} draft_plan goodput"
-
-        def plan_go(t: Trace, r: PolicyRun, version: Any = version) -> SequenceOutcome:
-            submitter = InProcessPlans(version, comp_enc)
-            o = replay_plan(cfg, t, compression, submitter, costs)
-            r.decide_seconds += submitter.seconds
-            r.decide_calls += submitter.messages
-            return o
-
-        out.append((label, plan_go))
-    for version in [m for m in models if m.window != "draft_plan"]:
+    # draft_plan models first (the table's order since they were added)
+    for version in sorted(models, key=lambda m: m.window != "draft_plan"):
         label = f"{version.name}:v{version.version}"
-        gammas = tuple(version.manifest.gamma_candidates)
-        for objective in (Objective.TOKENS_PER_STEP, Objective.GOODPUT):
+        if version.window == "draft_plan":
+            objectives: tuple[Objective, ...] = (Objective.GOODPUT,)
+        else:
+            objectives = (Objective.TOKENS_PER_STEP, Objective.GOODPUT)
+        for objective in objectives:
 
             def go(
-                t: Trace,
-                r: PolicyRun,
-                version: Any = version,
-                objective: Any = objective,
-                gammas: tuple[int, ...] = gammas,
+                t: Trace, r: PolicyRun, version: Any = version, objective: Objective = objective
             ) -> SequenceOutcome:
-                seq = PredictorSequence(
-                    version.predict,
-                    comp_enc,
-                    gammas,
-                    objective,
-                    timing,
-                    cfg.fallback_gamma,
-                    r.calibration,
-                )
-                o = replay_sequence(t, seq, cfg.max_gamma)
-                r.decide_seconds += seq.decide_seconds
-                r.decide_calls += seq.decide_calls
+                submitter = InProcessPredictor(version, comp_enc, calibration=r.calibration)
+                o = replay_remote(cfg, t, compression, submitter, costs, version, objective)
+                r.decide_seconds += submitter.seconds
+                r.decide_calls += submitter.messages
                 return o
 
-            out.append((f"{label} {objective.value}", go))
+            window = " draft_plan" if version.window == "draft_plan" else ""
+            out.append((f"{label}{window} {objective.value}", go))
     out.append(
         (
             "in-step oracle (knows agreement, pays the probe)",
@@ -206,11 +185,19 @@ def _policies(
     return out
 
 
-def replay_plan(
-    cfg: ReplayConfig, trace: Trace, compression: str, submitter: InProcessPlans, costs: Costs
+def replay_remote(
+    cfg: ReplayConfig,
+    trace: Trace,
+    compression: str,
+    submitter: InProcessPredictor,
+    costs: Costs,
+    version: Any,
+    objective: Any = None,
 ) -> SequenceOutcome:
-    """Replay the worker's own draft_plan policy (goodput, the replay's measured costs as
-    its timing) over an in-process plan submitter."""
+    """Replay the worker's own `remote` policy for one model version, in the window a
+    worker asks it in, over an in-process submitter; its timing is the replay's cost
+    model (what the worker's TimingModel would report)."""
+    from speckv.vocabulary import WORKER_REQUEST_WINDOW
     from speckv_client.types import Objective, Window
 
     from decode_worker.config import RemotePolicyConfig
@@ -219,8 +206,9 @@ def replay_plan(
     policy = RemotePolicy(
         submitter,
         RemotePolicyConfig(
-            window=Window.DRAFT_PLAN,
-            objective=Objective.GOODPUT,
+            window=Window(WORKER_REQUEST_WINDOW[version.window]),
+            objective=Objective(objective.value) if objective is not None else Objective.GOODPUT,
+            gamma_candidates=tuple(version.manifest.gamma_candidates),
             plan_max_gamma=cfg.max_gamma,
             fallback_gamma=cfg.fallback_gamma,
         ),
@@ -271,6 +259,7 @@ def run_replay(cfg: ReplayConfig) -> list[CompressionResult]:
     """Traces per compression (one target run + one teacher-forced draft pass per prompt),
     then every policy replayed on them."""
     import torch
+    from speckv.vocabulary import WORKER_REQUEST_WINDOW
     from tqdm import tqdm
 
     from predictor_service.repository import load_version
@@ -279,10 +268,9 @@ def run_replay(cfg: ReplayConfig) -> list[CompressionResult]:
     prompts = load_prompts(cfg.prompts, cfg.limit)
     models = [load_version(p) for p in cfg.models]
     for m in models:
-        if m.window not in ("previous_step", "draft_plan"):
+        if m.window not in WORKER_REQUEST_WINDOW:
             raise ValueError(
-                f"model {m.name} v{m.version} has window {m.window!r}; replay serves "
-                "previous_step and draft_plan models (the windows a worker runs causally)"
+                f"model {m.name} v{m.version} has window {m.window!r}, which no worker asks in"
             )
     results = []
     for comp in cfg.compressions:
@@ -360,7 +348,9 @@ def tune_plan(
         base = tok0 / sec0
         for f, c in tqdm(grid, desc=f"{comp}: scales", disable=not cfg.progress):
             outcomes = [
-                replay_plan(cfg, t, comp, InProcessPlans(version, pair.comp_enc, (f, c)), costs)
+                replay_remote(
+                    cfg, t, comp, InProcessPredictor(version, pair.comp_enc, (f, c)), costs, version
+                )
                 for t in traces
             ]
             tok, sec = seconds(outcomes)

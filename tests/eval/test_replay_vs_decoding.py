@@ -1,14 +1,17 @@
-"""Replay must equal real decoding: for each fixed γ (and HF's heuristic), the steps the
-replay derives from one target run and one teacher-forced draft pass are the steps the
-worker's engine actually takes — same γ, same accepted count, same tokens, same signals."""
+"""Replay must equal real decoding: for each fixed γ, HF's heuristic and the worker's
+`remote` policy in every window (over an in-process predictor), the steps the replay
+derives from one target run and one teacher-forced draft pass are the steps the worker's
+engine actually takes — same γ, same accepted count, same tokens, same signals."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from speckv_client.types import Objective, StepTiming, Window
 from speckv_eval.replay import (
     Costs,
+    InProcessPredictor,
     Trace,
     agreeing_runs,
     build_trace,
@@ -16,14 +19,18 @@ from speckv_eval.replay import (
     replay_sequence,
 )
 
-from decode_worker.config import EngineConfig
+from decode_worker.config import EngineConfig, RemotePolicyConfig
 from decode_worker.engine import SpeculativeEngine
 from decode_worker.policies import (
+    DecisionSource,
     FixedPolicy,
     HeuristicContextPolicy,
     HeuristicPolicy,
     SequenceInfo,
 )
+from decode_worker.remote_policy import RemotePolicy
+from predictor_service.repository import load_version
+from tests.conftest import MODEL_NAME, SAME_STEP_MODEL_NAME
 from tests.worker.engine_helpers import random_pair
 
 VOCAB = 64
@@ -90,44 +97,82 @@ def test_replayed_steps_equal_real_steps(engine: SpeculativeEngine, traces, poli
     assert rejected_somewhere and accepted_somewhere  # the pair exercises both branches
 
 
-def test_replayed_draft_plan_equals_real_decoding(
+class FixedTiming:
+    """What a worker's TimingModel reports, frozen so both runs see the same costs."""
+
+    def snapshot(self) -> StepTiming:
+        return StepTiming(0.0012, 0.0116, 0.00025, 0.0078)
+
+
+@pytest.mark.parametrize(
+    ("model", "window", "objective"),
+    [
+        ("speckv-instep/1", Window.DRAFT_PLAN, Objective.GOODPUT),
+        (f"{MODEL_NAME}/1", Window.PREVIOUS_STEP, Objective.GOODPUT),
+        (f"{MODEL_NAME}/1", Window.PREVIOUS_STEP, Objective.TOKENS_PER_STEP),
+        (f"{SAME_STEP_MODEL_NAME}/1", Window.PREFIX, Objective.GOODPUT),
+    ],
+    ids=["draft_plan", "previous_step-goodput", "previous_step-tokens", "prefix-goodput"],
+)
+def test_replayed_remote_policy_equals_real_decoding(
+    engine: SpeculativeEngine, traces, plan_repo_template, model, window, objective
+) -> None:  # type: ignore[no-untyped-def]
+    """The worker's own RemotePolicy, over an in-process submitter with the predictor's
+    decision and plan code, takes the same steps in the replay as in the engine (same γ,
+    same dropped drafts, same fallbacks), given the same timing; the outcomes it reports
+    reach the submitter step by step in both."""
+    version = load_version(plan_repo_template / model)
+    gammas = tuple(version.manifest.gamma_candidates)
+
+    def policy() -> tuple[RemotePolicy, InProcessPredictor]:
+        cfg = RemotePolicyConfig(
+            window=window, objective=objective, plan_max_gamma=8, gamma_candidates=gammas
+        )
+        sub = InProcessPredictor(version, 0, calibration=[])
+        return RemotePolicy(sub, cfg, FixedTiming()), sub  # type: ignore[arg-type]
+
+    sources = set()
+    for i, (ids, trace) in enumerate(traces):
+        real_policy, real_sub = policy()
+        real = engine.generate(ids, real_policy, max_new_tokens=MAX_NEW, request_id=f"p{i}")
+        assert list(real.token_ids) == trace.output
+        replay_policy, replay_sub = policy()
+        replayed = replay_sequence(
+            trace, replay_policy.start(SequenceInfo(f"p{i}", "fp16")), engine.config.max_gamma
+        )
+        assert [(s.gamma, s.drafted, s.accepted, s.kept) for s in replayed.steps] == [
+            (s.gamma, s.drafted, s.accepted, len(s.token_ids)) for s in real.steps
+        ]
+        assert replay_sub.messages == real_sub.messages > 0
+        assert replay_sub.outcomes == real_sub.outcomes == len(real.steps)
+        # Predicted acceptance from signals the replay recomputes (equal to 1e-3, see above).
+        np.testing.assert_allclose(
+            np.asarray(replay_sub.calibration).reshape(-1, 3),
+            np.asarray(real_sub.calibration).reshape(-1, 3),
+            rtol=1e-3,
+            atol=1e-3,
+        )
+        sources |= {s.decision.source for s in real.steps}
+    assert DecisionSource.REMOTE in sources
+    if window == Window.PREVIOUS_STEP:  # its first step has no signals yet
+        assert DecisionSource.FALLBACK in sources
+
+
+def test_replayed_draft_plan_drops_drafts_and_speculation(
     engine: SpeculativeEngine, traces, plan_repo_template
 ) -> None:  # type: ignore[no-untyped-def]
-    """The draft_plan window: the worker's own RemotePlanSequence, over an in-process
-    submitter with the predictor's plan code, takes the same steps in the replay as in the
-    engine (same γ, same dropped drafts), given the same timing."""
-    from speckv_client.types import Objective, StepTiming, Window
-    from speckv_eval.replay import InProcessPlans
-
-    from decode_worker.config import RemotePolicyConfig
-    from decode_worker.remote_policy import RemotePolicy
-    from predictor_service.repository import load_version
-
+    """The draft_plan case above exercises the stop rule: drafts dropped, γ = 0 steps."""
     version = load_version(plan_repo_template / "speckv-instep" / "1")
-
-    class Fixed:
-        def snapshot(self) -> StepTiming:
-            return StepTiming(0.0012, 0.0116, 0.00025, 0.0078)
-
-    def policy() -> RemotePolicy:
-        cfg = RemotePolicyConfig(
-            window=Window.DRAFT_PLAN, objective=Objective.GOODPUT, plan_max_gamma=8
-        )
-        return RemotePolicy(InProcessPlans(version, 0), cfg, Fixed())  # type: ignore[arg-type]
-
+    cfg = RemotePolicyConfig(
+        window=Window.DRAFT_PLAN, objective=Objective.GOODPUT, plan_max_gamma=8
+    )
     dropped = zero = 0
-    for i, (ids, trace) in enumerate(traces):
-        real = engine.generate(ids, policy(), max_new_tokens=MAX_NEW)
-        assert list(real.token_ids) == trace.output
-        replayed = replay_sequence(
-            trace, policy().start(SequenceInfo(f"p{i}", "fp16")), engine.config.max_gamma
-        )
-        assert [(s.gamma, s.drafted, s.accepted) for s in replayed.steps] == [
-            (s.gamma, s.drafted, s.accepted) for s in real.steps
-        ]
-        dropped += sum(s.drafted - s.gamma for s in real.steps)
-        zero += sum(s.gamma == 0 for s in real.steps)
-    assert dropped > 0 and zero > 0  # the stop rule cut drafts, γ = 0 included
+    for i, (_, trace) in enumerate(traces):
+        seq = RemotePolicy(InProcessPredictor(version, 0), cfg, FixedTiming())  # type: ignore[arg-type]
+        replayed = replay_sequence(trace, seq.start(SequenceInfo(f"p{i}", "fp16")), 16)
+        dropped += sum(s.drafted - s.gamma for s in replayed.steps)
+        zero += sum(s.gamma == 0 for s in replayed.steps)
+    assert dropped > 0 and zero > 0
 
 
 def test_agreeing_runs() -> None:
