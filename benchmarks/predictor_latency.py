@@ -77,7 +77,7 @@ def bench_sklearn(x_row: np.ndarray, seed_csv: Path, seconds: float) -> dict[str
 
 
 def bench_onnx(repo: Path, name: str, x_row: np.ndarray, seconds: float) -> list[dict[str, Any]]:
-    from predictor_service.decisions import CandidateSet, Objective, StepTiming, decide
+    from predictor_service.decisions import CandidateSet, Objective, StepTiming, choose_gamma
     from predictor_service.repository import load_version
 
     version = load_version(repo / name / "1")
@@ -91,7 +91,8 @@ def bench_onnx(repo: Path, name: str, x_row: np.ndarray, seconds: float) -> list
     cands = CandidateSet.of(GAMMAS)
     timing = StepTiming(0.0014, 0.0051, 0.0004)
     full = time_calls(
-        lambda: decide(version.predict, signals, comp, cands, Objective.GOODPUT, timing), seconds
+        lambda: choose_gamma(version.predict, signals, comp, cands, Objective.GOODPUT, timing),
+        seconds,
     )
     return [
         {"name": "(b0) onnxruntime session.run, 4 candidates", **percentiles(bare), "n": len(bare)},

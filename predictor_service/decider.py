@@ -25,7 +25,13 @@ from speckv.vocabulary import (
     comp_enc_from_wire,
 )
 
-from predictor_service.decisions import CandidateSet, Choice, Objective, StepTiming, decide
+from predictor_service.decisions import (
+    CandidateSet,
+    Choice,
+    Objective,
+    StepTiming,
+    choose_gamma,
+)
 from predictor_service.manifest import DRAFT_SIGNALS
 from predictor_service.metrics import PredictorMetrics
 from predictor_service.outcomes import ShadowScores
@@ -359,7 +365,7 @@ class Decider:
             return self._decide_plans(inp, candidates, comp_enc, groups, row_group, table.model)
         if len(groups) == 1:
             t0 = time.perf_counter()
-            choice = decide(
+            choice = choose_gamma(
                 groups[0].version.predict, inp.signals, comp_enc, candidates, resolved, inp.timing
             )
             self._record(table.model, groups[0], choice.gamma, time.perf_counter() - t0)
@@ -373,7 +379,7 @@ class Decider:
                 obj = objective or Objective(g.version.manifest.default_objective)
                 rows = g.rows
                 assert rows is not None
-                c = decide(
+                c = choose_gamma(
                     g.version.predict,
                     inp.signals[rows],
                     comp_enc[rows],
@@ -458,7 +464,7 @@ class Decider:
         shadow = result.shadow
         if shadow is None:
             return None
-        c = decide(
+        c = choose_gamma(
             shadow.predict,
             result.signals,
             result.comp_enc,

@@ -1,6 +1,6 @@
 """Choosing γ: feature batches for every candidate and the objectives that score them.
 
-Pure numpy so the engine and the benchmark share one code path and nothing here knows gRPC.
+Pure numpy so the decider and the benchmark share one code path and nothing here knows gRPC.
 All rows and all candidates of one message become one `[rows * candidates, 6]` batch, so
 the model runs once per message whatever the number of sequences it carries.
 """
@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from speckv.costs import CostModel
 
 
 class Objective(enum.Enum):
@@ -113,7 +112,12 @@ def scores(
         return tokens
     if timing is None:
         raise ValueError("the goodput objective needs the worker's StepTiming")
-    return CostModel.of(timing).goodput(tokens, gamma_array)
+    per_token = timing.draft_seconds_per_token + timing.verify_seconds_per_token
+    cost = gamma_array * per_token + timing.verify_base_seconds
+    if timing.target_only_seconds > 0:
+        cost = np.where(gamma_array == 0, timing.target_only_seconds, cost)
+    tokens /= cost
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,7 @@ class Choice:
     score: np.ndarray  # [R, G] float64
 
 
-def decide(
+def choose_gamma(
     predict: Callable[[np.ndarray], np.ndarray],
     signals: np.ndarray,
     comp_enc: np.ndarray,

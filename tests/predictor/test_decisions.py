@@ -12,7 +12,13 @@ from speckv.v1 import common_pb2 as cpb
 from speckv.v1 import predictor_pb2 as pb
 from speckv.v1 import predictor_pb2_grpc as pb_grpc
 
-from predictor_service.decisions import CandidateSet, Objective, StepTiming, build_features, decide
+from predictor_service.decisions import (
+    CandidateSet,
+    Objective,
+    StepTiming,
+    build_features,
+    choose_gamma,
+)
 from tests.predictor.helpers import MODEL, SAME_STEP_MODEL, TIMING, request, signals
 
 
@@ -42,7 +48,7 @@ def test_gamma_zero_is_not_evaluated_and_goodput_can_prefer_it() -> None:
     t = StepTiming(
         draft_seconds_per_token=0.01, verify_base_seconds=0.01, verify_seconds_per_token=0
     )
-    c = decide(
+    c = choose_gamma(
         predict,
         np.ones((1, 4)) * 0.5,
         np.zeros(1, np.float32),
@@ -54,7 +60,7 @@ def test_gamma_zero_is_not_evaluated_and_goodput_can_prefer_it() -> None:
     assert c.gamma.tolist() == [0]
     assert c.acceptance[0, 0] == 0.0 and c.score[0, 0] == pytest.approx(1 / 0.01)
     # the same rows under tokens_per_step take the longest draft
-    c2 = decide(
+    c2 = choose_gamma(
         predict,
         np.ones((1, 4)) * 0.5,
         np.zeros(1, np.float32),
