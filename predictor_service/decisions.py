@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from speckv.costs import CostModel
 
 
 class Objective(enum.Enum):
@@ -112,12 +113,7 @@ def scores(
         return tokens
     if timing is None:
         raise ValueError("the goodput objective needs the worker's StepTiming")
-    per_token = timing.draft_seconds_per_token + timing.verify_seconds_per_token
-    cost = gamma_array * per_token + timing.verify_base_seconds
-    if timing.target_only_seconds > 0:
-        cost = np.where(gamma_array == 0, timing.target_only_seconds, cost)
-    tokens /= cost
-    return tokens
+    return CostModel.of(timing).goodput(tokens, gamma_array)
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,20 @@ real draft forwards on demand (and memoises them), giving exactly what the worke
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
+from speckv.costs import CostModel
+from speckv.vocabulary import DRAFT_SIGNALS
 from speckv_client.types import DraftSignals
+from speckv_client.types import StepOutcome as ReportedOutcome
 from transformers import DynamicCache
 
+from decode_worker.engine import cap_gamma
 from decode_worker.features import (
     ContextIndex,
     SequenceHistory,
@@ -148,41 +153,21 @@ def build_trace(
 
 @dataclass(frozen=True)
 class Costs:
-    """Measured seconds: one draft forward of one token, one target forward of γ+1 tokens.
-
-    Modelled step time: a γ = 0 step is the measured one-position target forward; a
-    speculative step is γ draft forwards plus the least-squares line through the measured
-    verify times at γ ≥ 1 (smoothing the noise of a shared CPU). The line is fitted without
-    γ = 0 because the step from 1 to 2 positions costs more than each further position, and
-    charging target-only decoding the line's intercept would inflate every speed-up.
-    """
+    """Measured seconds on the pair: one draft forward of one token, one target forward of
+    γ+1 tokens at every γ from 0. They are an input to the one cost model
+    (`speckv.costs.CostModel.fit`: γ = 0 is the measured one-position forward, speculative
+    steps follow the line fitted over γ ≥ 1; docs/design.md "Cost model")."""
 
     draft_per_token: float
     verify: tuple[float, ...]  # index γ: measured target forward over γ+1 positions
-    decide: float = 0.0  # in-process predictor decision (onnxruntime + objective)
+
+    @cached_property
+    def model(self) -> CostModel:
+        return CostModel.fit(self.draft_per_token, self.verify)
 
     def step(self, gamma: int, drafted: int | None = None) -> float:
-        """Seconds of a step that verified γ tokens and drafted `drafted` (≥ γ; a stop
-        rule may draft tokens it then drops, each still costs a draft forward)."""
-        extra = max((drafted or 0) - gamma, 0) * self.draft_per_token
-        if gamma == 0:
-            return self.verify[0] + extra
-        base, per_token = self.speculative_verify()
-        return gamma * (self.draft_per_token + per_token) + base + extra
-
-    def speculative_verify(self) -> tuple[float, float]:
-        """(base, per_token) least-squares fit of verify(γ) over γ ≥ 1."""
-        g = np.arange(1, len(self.verify), dtype=float)
-        if g.size < 2:
-            return float(self.verify[-1]), 0.0
-        slope, base = np.polyfit(g, np.asarray(self.verify[1:]), 1)
-        return float(max(base, 1e-9)), float(max(slope, 0.0))
-
-    def linear_verify(self) -> tuple[float, float]:
-        """(base, per_token) least-squares fit of verify(γ), what the worker reports."""
-        g = np.arange(len(self.verify), dtype=float)
-        slope, base = np.polyfit(g, np.asarray(self.verify), 1)
-        return float(max(base, 1e-9)), float(max(slope, 0.0))
+        """Seconds of a step that verified γ tokens and drafted `drafted` (≥ γ)."""
+        return self.model.step_seconds(gamma, drafted)
 
 
 def measure_costs(engine: Any, prompt_ids: Sequence[int], max_gamma: int, rounds: int = 7) -> Costs:
@@ -245,9 +230,10 @@ def replay_sequence(
     max_gamma: int,
     needs_signals: bool = True,
 ) -> SequenceOutcome:
-    """Replay one policy on one trace with the engine's own capping, hook order, history
-    and context features (an in-step policy is asked after every drafted token, exactly as
-    `GenerationRun._draft_in_step` asks it)."""
+    """Replay one policy on one trace in `GenerationRun._run`'s hook order (decide — after
+    a drafted prefix in the prefix window —, after_token per drafted token for an in-step
+    policy, drafted, verified, finished with the step's outcome, close), with the engine's
+    own `cap_gamma` and the same history and context features."""
     out = SequenceOutcome(trace.prompt_id, trace.task, [])
     length = len(trace.output)
     history = SequenceHistory()
@@ -259,15 +245,21 @@ def replay_sequence(
     step = 0
     while p < length:
         remaining = trace.max_new_tokens - p
-        cap = min(max_gamma, remaining - 1)
-        decision = policy.decide(step, None)
-        gamma = max(0, min(decision.gamma, cap))
-        drafted = gamma
+        prefix = 0
+        if policy.prefix_tokens == 0:
+            decision = policy.decide(step, None)
+        else:
+            assert not policy.in_step, "the engine drafts a prefix only for step-level policies"
+            prefix = cap_gamma(policy.prefix_tokens, max_gamma, remaining)
+            got = [s for _, s in trace.probe.proposals(p, prefix)]
+            decision = policy.decide(step, aggregate(got) if got else None)
+        gamma = cap_gamma(decision.gamma, max_gamma, remaining)
+        drafted = max(gamma, prefix)
         if policy.in_step and gamma > 0:
             assert context is not None
             gamma, drafted = _in_step(trace, policy, step, p, gamma, context, history)
         signals: DraftSignals | None = None
-        if gamma and (needs_signals or policy.in_step):
+        if gamma and (needs_signals or policy.in_step or prefix):
             signals = aggregate([s for _, s in trace.probe.proposals(p, gamma)])
         policy.drafted(step, gamma, signals)
         accepted = int(min(trace.run[p], gamma))
@@ -277,12 +269,39 @@ def replay_sequence(
         policy.verified(step, gamma, accepted)
         kept = min(accepted + 1, length - p)
         out.steps.append(StepOutcome(gamma, accepted, kept, drafted))
+        policy.finished(
+            _reported(trace.prompt_id, step, decision, gamma, accepted, kept, p + kept >= length)
+        )
         if context is not None:
             context.add(trace.output[p : p + kept])
         p += kept
         step += 1
     policy.close()
     return out
+
+
+def _reported(
+    key: str, step: int, d: Any, gamma: int, accepted: int, kept: int, end: bool
+) -> ReportedOutcome:
+    """The outcome the engine's `step_outcome` gives the policy (no wall clock in a replay)."""
+    from decode_worker.policies import DecisionSource
+
+    remote = d.source == DecisionSource.REMOTE
+    return ReportedOutcome(
+        routing_key=key,
+        step=step,
+        source=d.source,
+        drafted=gamma,
+        accepted=accepted,
+        tokens=kept,
+        draft_seconds=0.0,
+        verify_seconds=0.0,
+        model_name=d.model_name if remote else "",
+        model_version=d.model_version if remote else 0,
+        arm=d.arm if remote else "",
+        decision_step=d.decision_step if remote else 0,
+        sequence_end=end,
+    )
 
 
 def _in_step(
@@ -359,9 +378,9 @@ def oracle_sequence(trace: Trace, costs: Costs, max_gamma: int) -> SequenceOutco
     best = np.zeros(length + 1)
     choice = np.zeros(length, dtype=np.int64)
     for p in range(length - 1, -1, -1):
-        cap = min(max_gamma, trace.max_new_tokens - p - 1, int(trace.run[p]))
+        cap = cap_gamma(int(trace.run[p]), max_gamma, trace.max_new_tokens - p)
         vals = []
-        for g in range(0, max(cap, 0) + 1):
+        for g in range(cap + 1):
             nxt = min(p + g + 1, length)
             vals.append(costs.step(g) + best[nxt])
         g_best = int(np.argmin(vals))
@@ -375,77 +394,6 @@ def oracle_sequence(trace: Trace, costs: Costs, max_gamma: int) -> SequenceOutco
         out.steps.append(StepOutcome(g, g, kept))
         p += kept
     return out
-
-
-# ------------------------------------------------------------ predictor policy
-
-
-class PredictorSequence(SequencePolicy):
-    """The worker's `remote` policy with the predictor in-process: previous_step window,
-    fallback γ on the first step, the predictor's decision code and an ONNX model."""
-
-    def __init__(
-        self,
-        predict: Callable[[np.ndarray], np.ndarray],
-        comp_enc: int,
-        gammas: Sequence[int],
-        objective: Any,
-        timing: Any,
-        fallback: int,
-        chosen_log: list[tuple[int, float, float]] | None = None,
-    ) -> None:
-        from predictor_service.decisions import CandidateSet
-
-        self._predict = predict
-        self._comp = np.asarray([comp_enc], dtype=np.float32)
-        self._cands = CandidateSet.of(gammas)
-        self._objective = objective
-        self._timing = timing
-        self._fallback = fallback
-        self._prev: DraftSignals | None = None
-        self._pending: tuple[int, float] | None = None
-        self._log = chosen_log
-        self.decide_seconds = 0.0
-        self.decide_calls = 0
-
-    def decide(self, step: int, prefix_signals: DraftSignals | None) -> Any:
-        from decode_worker.policies import DecisionSource, GammaDecision
-        from predictor_service.decisions import choose_gamma
-
-        if self._prev is None:
-            self._pending = None
-            return GammaDecision(self._fallback, DecisionSource.FALLBACK)
-        s = self._prev
-        sig = np.asarray(
-            [
-                [
-                    s.mean_draft_entropy,
-                    s.mean_draft_confidence,
-                    s.max_draft_entropy,
-                    s.min_draft_confidence,
-                ]
-            ],
-            dtype=np.float32,
-        )
-        t0 = time.perf_counter()
-        choice = choose_gamma(
-            self._predict, sig, self._comp, self._cands, self._objective, self._timing
-        )
-        self.decide_seconds += time.perf_counter() - t0
-        self.decide_calls += 1
-        g = int(choice.gamma[0])
-        col = self._cands.gammas.index(g)
-        self._pending = (g, float(choice.acceptance[0, col]))
-        return GammaDecision(g, DecisionSource.REMOTE)
-
-    def drafted(self, step: int, gamma: int, signals: DraftSignals | None) -> None:
-        if signals is not None:
-            self._prev = signals
-
-    def verified(self, step: int, gamma: int, accepted: int) -> None:
-        if self._log is not None and self._pending is not None and gamma > 0:
-            _, pred = self._pending
-            self._log.append((gamma, pred, accepted / gamma))
 
 
 def start_sequence(policy: Any, compression: str, prompt_id: str) -> SequencePolicy:
@@ -479,19 +427,26 @@ class InStepOracle(SequencePolicy):
         self._p += accepted + 1
 
 
-# ------------------------------------------------------------- draft plan policy
+# ------------------------------------------------------------ remote policy
 
 
-class InProcessPlans:
-    """A `DecisionSubmitter` that answers draft_plan requests in this process with the
-    predictor's own plan code (`predictor_service.plan`), so the replay drives the worker's
-    own `RemotePlanSequence` — the same object `--policy remote` runs — with no clone of
-    its window, refresh or fallback logic."""
+class InProcessPredictor:
+    """A `DecisionSubmitter` that answers in this process with the predictor's own
+    decision code (`predictor_service.decisions` for γ, `predictor_service.plan` for draft
+    plans) and completed futures, so the replay drives the worker's own `RemotePolicy` —
+    the objects `--policy remote` runs, in every window — with no clone of their windows,
+    refresh or fallback. Step outcomes come back through `report`, as on the stream; a
+    remote step's (γ verified, predicted acceptance, actual acceptance) is appended to
+    `calibration` when given."""
 
     connected = True
 
     def __init__(
-        self, version: Any, comp_enc: int, scales: tuple[float, float] | None = None
+        self,
+        version: Any,
+        comp_enc: int,
+        scales: tuple[float, float] | None = None,
+        calibration: list[tuple[int, float, float]] | None = None,
     ) -> None:
         from predictor_service.plan import PlanTables
 
@@ -499,35 +454,77 @@ class InProcessPlans:
         self.scales = scales
         self.comp_enc = float(comp_enc)
         self.tables = PlanTables()
+        self.calibration = calibration
+        self._predicted: dict[tuple[str, int], float] = {}
         self.messages = 0
         self.outcomes = 0
-        self.seconds = 0.0
+        self.seconds = 0.0  # in the predictor's decision code
 
     def submit(self, batch: Any) -> Any:
         from concurrent.futures import Future
 
-        from speckv_client.types import Decision
-
         from predictor_service.decisions import Objective, StepTiming
-        from predictor_service.plan import build_plan
 
-        t0 = time.perf_counter()
-        t = batch.timing
         timing = (
             None
-            if t is None
-            else StepTiming(
-                t.draft_seconds_per_token,
-                t.verify_base_seconds,
-                t.verify_seconds_per_token,
-                t.target_only_seconds,
-            )
+            if batch.timing is None
+            else StepTiming(*CostModel.of(batch.timing).timing_fields())
         )
         objective = Objective(
             batch.objective.value
             if batch.objective is not None
             else self.version.manifest.default_objective
         )
+        if self.version.window == "draft_plan":
+            out = self._plans(batch, objective, timing)
+        else:
+            out = self._gammas(batch, objective, timing)
+        self.messages += 1
+        f: Future[list[Any]] = Future()
+        f.set_result(out)
+        return f
+
+    def _gammas(self, batch: Any, objective: Any, timing: Any) -> list[Any]:
+        from speckv_client.types import CandidateScore, Decision
+
+        from predictor_service.decisions import CandidateSet, choose_gamma
+
+        cands = CandidateSet.of(batch.gamma_candidates)
+        signals = np.asarray(
+            [[getattr(r.signals, name) for name in DRAFT_SIGNALS] for r in batch.rows],
+            dtype=np.float32,
+        )
+        comp = np.full(len(batch.rows), self.comp_enc, dtype=np.float32)
+        t0 = time.perf_counter()
+        choice = choose_gamma(self.version.predict, signals, comp, cands, objective, timing)
+        self.seconds += time.perf_counter() - t0
+        out = []
+        for i, row in enumerate(batch.rows):
+            g = int(choice.gamma[i])
+            acceptance = [float(a) for a in choice.acceptance[i]]
+            self._predicted[(row.routing_key, row.step)] = acceptance[cands.gammas.index(g)]
+            out.append(
+                Decision(
+                    routing_key=row.routing_key,
+                    step=row.step,
+                    gamma=g,
+                    candidates=tuple(
+                        CandidateScore(c, a, float(sc))
+                        for c, a, sc in zip(cands.gammas, acceptance, choice.score[i], strict=True)
+                    ),
+                    model_name=self.version.name,
+                    model_version=self.version.version,
+                    arm="pinned",
+                )
+            )
+        return out
+
+    def _plans(self, batch: Any, objective: Any, timing: Any) -> list[Any]:
+        from speckv_client.types import Decision
+
+        from predictor_service.plan import build_plan
+
+        t0 = time.perf_counter()
         out = []
         for row in batch.rows:
             plan = build_plan(
@@ -550,25 +547,34 @@ class InProcessPlans:
                     plan=plan,
                 )
             )
-        self.messages += 1
         self.seconds += time.perf_counter() - t0
-        f: Future[list[Any]] = Future()
-        f.set_result(out)
-        return f
+        return out
 
     def report(self, outcome: Any, stream: int = 0) -> None:
-        """Step outcomes have no predictor to go to in a replay; counted only."""
+        """A step's outcome: no predictor to go to in a replay; counted, and matched with
+        the acceptance predicted for it."""
+        from decode_worker.policies import DecisionSource
+
         self.outcomes += 1
+        predicted = self._predicted.pop((outcome.routing_key, outcome.decision_step), None)
+        if (
+            self.calibration is not None
+            and predicted is not None
+            and outcome.source == DecisionSource.REMOTE
+            and outcome.drafted > 0
+        ):
+            self.calibration.append(
+                (outcome.drafted, predicted, outcome.accepted / outcome.drafted)
+            )
 
 
 class CostsTiming:
-    """The replay's measured costs in the shape the worker's TimingModel reports them."""
+    """The replay's cost model in the shape the worker's TimingModel reports it."""
 
     def __init__(self, costs: Costs) -> None:
         from speckv_client.types import StepTiming
 
-        base, per_token = costs.speculative_verify()
-        self._timing = StepTiming(costs.draft_per_token, base, per_token, costs.verify[0])
+        self._timing = StepTiming(*costs.model.timing_fields())
 
     def snapshot(self) -> Any:
         return self._timing
