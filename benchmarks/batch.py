@@ -181,7 +181,9 @@ def run_generate(
     return _summary(clients, samples, time.perf_counter() - t0)
 
 
-def start_worker(pair: Path, compression: str, threads: int, batching: bool) -> Any:
+def start_worker(
+    pair: Path, compression: str, threads: int, batching: bool, extra: tuple[str, ...] = ()
+) -> Any:
     from speckv_eval.services import BIN, ServiceProcess
 
     cmd: list[str | Path] = [BIN / "speckv-worker", "serve", "--draft", pair / "draft"]
@@ -192,7 +194,93 @@ def start_worker(pair: Path, compression: str, threads: int, batching: bool) -> 
         cmd += ["--batching", "on", "--max-batch-size", "16", "--max-queue", "16"]
     else:
         cmd += ["--batching", "off", "--max-concurrent-requests", "16"]
-    return ServiceProcess("speckv-worker", cmd, timeout_s=600)
+    return ServiceProcess("speckv-worker", [*cmd, *extra], timeout_s=600)
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("speckv_worker_batch_"):
+            name, value = line.split()[:2]
+            out[name.removeprefix("speckv_worker_")] = float(value)
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_remote(args: argparse.Namespace, prompts: list[str], comp: str) -> dict[str, Any]:
+    """The remote policy (previous_step, a seed-data model served by a real predictor
+    process) on a batching worker: Decide messages per batch step, and worker / predictor
+    CPU per sequence step beside fixed:4 on the same worker."""
+    import tempfile
+
+    from speckv_eval.services import start_predictor
+
+    from predictor_service.training import TrainConfig, train_and_register
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "repo"
+        train_and_register(
+            TrainConfig(
+                repo=repo,
+                name="speckv-mlp16",
+                window="previous_step",
+                heldout_runs=False,
+                progress=False,
+            )
+        )
+        pred = start_predictor(repo, default_model="speckv-mlp16")
+        port = free_port()
+        extra: tuple[str, ...] = ("--predictor", pred.address, "--window", "previous_step")
+        extra = (*extra, "--metrics-port", str(port))
+        worker = start_worker(args.pair, comp, args.threads, batching=True, extra=extra)
+        try:
+            for pol in ("remote", "fixed:4"):
+                run_clients(worker.address, prompts, 1, 1, pol, 8)
+                for c in args.clients:
+                    n = max(c * args.requests_per_client, args.min_requests)
+                    m0, w0, p0 = scrape(port), proc_cpu(worker.pid), proc_cpu(pred.pid)
+                    lv = asdict(
+                        run_clients(worker.address, prompts, c, n, pol, args.max_new_tokens)
+                    )
+                    m1, w1, p1 = scrape(port), proc_cpu(worker.pid), proc_cpu(pred.pid)
+                    steps = m1["batch_steps"] - m0["batch_steps"]
+                    rows = m1["batch_row_steps"] - m0["batch_row_steps"]
+                    msgs = m1["batch_decide_messages"] - m0["batch_decide_messages"]
+                    lv.update(
+                        batch_steps=int(steps),
+                        mean_batch=round(rows / steps, 2) if steps else 0.0,
+                        decide_messages=int(msgs),
+                        messages_per_batch_step=round(msgs / steps, 3) if steps else 0.0,
+                        worker_cpu_ms_per_seq_step=round((w1 - w0) / rows * 1000, 3),
+                        predictor_cpu_ms_per_seq_step=round((p1 - p0) / rows * 1000, 3),
+                    )
+                    out.setdefault(f"batched {pol} (predictor connected)", []).append(lv)
+                    print(f"{comp} remote-worker {pol} c={c}: {lv['tokens_per_s']} tok/s, "
+                          f"{lv['messages_per_batch_step']} msg/step, worker CPU "
+                          f"{lv['worker_cpu_ms_per_seq_step']} ms/seq-step, load {lv['load']}",
+                          flush=True)  # fmt: skip
+        finally:
+            worker.stop()
+            pred.stop()
+    return out
 
 
 def plot(results: dict[str, Any], path: Path, lengths: str = "uniform") -> Path:
@@ -251,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks/results/batch.json")
     ap.add_argument("--img", type=Path, default=REPO_ROOT / "docs/img/batch_tokens_per_s.png")
     ap.add_argument("--replot", type=Path, help="only redraw the plot from this JSON")
+    ap.add_argument(
+        "--remote-only",
+        action="store_true",
+        help="only the remote-policy arms (a predictor process; Decide messages per batch "
+        "step and CPU per sequence step)",
+    )
     args = ap.parse_args(argv)
     if args.replot:
         data = json.loads(args.replot.read_text())
@@ -283,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     for comp in args.compression:
         out: dict[str, list[dict[str, Any]]] = {}
         results[comp] = out
+        if args.remote_only:
+            out.update(run_remote(args, prompts, comp))
+            continue
         worker = start_worker(args.pair, comp, args.threads, batching=True)
         try:
             # One unmeasured request per policy (first-request setup).

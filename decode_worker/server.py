@@ -111,6 +111,16 @@ class WorkerServer:
                 max_queue=config.max_queue,
                 coalescer=self.coalescer,
             )
+            st = self.scheduler.stats
+            self.metrics.read_gauge("batch_steps", "Batch steps run", lambda: st.steps)
+            self.metrics.read_gauge(
+                "batch_row_steps", "Sequence steps run in batches", lambda: st.row_steps
+            )
+            self.metrics.read_gauge(
+                "batch_decide_messages",
+                "Decide messages the batch sent (one per batch step at most)",
+                lambda: st.decide_messages,
+            )
         desc = describe or {}
         info = ServiceInfo(
             draft_model=desc.get("draft_model", config.draft),
