@@ -235,11 +235,6 @@ def outcome_to_pb(o: StepOutcome) -> predictor_pb2.StepOutcome:
     return m
 
 
-def outcome_from_pb(m: predictor_pb2.StepOutcome) -> OutcomeValues:
-    """A received outcome as the lean tuple the predictor reads (see `outcomes_from_pb`)."""
-    return outcomes_from_pb((m,))[0]
-
-
 def outcomes_from_pb(ms: Iterable[predictor_pb2.StepOutcome]) -> list[OutcomeValues]:
     """The one mapping of received `StepOutcome` messages: plain tuples, not frozen
     dataclasses, because the predictor maps every outcome of every Decide message."""

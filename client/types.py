@@ -276,7 +276,7 @@ class StepOutcome:
 
 
 class OutcomeValues(NamedTuple):
-    """A received `StepOutcome` message as a plain tuple (`convert.outcome_from_pb`): what the
+    """A received `StepOutcome` message as a plain tuple (`convert.outcomes_from_pb`): what the
     predictor reads per outcome on its Decide hot path, where building the frozen
     `StepOutcome` would cost about three times as much (docs/predictor.md, "Outcomes and
     arm statistics")."""

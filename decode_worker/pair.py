@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from speckv.vocabulary import COMP_ENC
@@ -22,7 +22,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-Compression = Literal["fp16", "int8", "nf4"]
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 

@@ -36,15 +36,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-
-from predictor_service.manifest import (
-    COMPRESSION_ENCODING,
+from speckv.vocabulary import COMP_ENC as COMPRESSION_ENCODING
+from speckv.vocabulary import (
     DRAFT_SIGNALS,
     FEATURES_BY_WINDOW,
     WINDOW_PREVIOUS_STEP,
     WINDOW_SAME_STEP,
-    SplitMetrics,
 )
+
+from predictor_service.manifest import SplitMetrics
 
 REQUIRED_COLUMNS = ("compression", "gamma", "task", "step", "acceptance_rate", *DRAFT_SIGNALS)
 SEQUENCE_ID_COLUMN = "sequence_id"

@@ -22,25 +22,22 @@ from speckv.vocabulary import (
     COMP_ENC_FEATURE,
     DEFAULT_GAMMA_CANDIDATES,
     DEFAULT_OBJECTIVE,
+    FEATURES_BY_WINDOW,
     MODEL_WINDOWS,
     OBJECTIVES,
     WINDOW_DRAFT_PLAN,
 )
 
-# Re-exported for the training code that reads them from here.
+# Re-exported for the decide path, which reads it from here.
 from speckv.vocabulary import DRAFT_SIGNALS as DRAFT_SIGNALS
-from speckv.vocabulary import FEATURES_BY_WINDOW as FEATURES_BY_WINDOW
-from speckv.vocabulary import WINDOW_PREVIOUS_STEP as WINDOW_PREVIOUS_STEP
-from speckv.vocabulary import WINDOW_SAME_STEP as WINDOW_SAME_STEP
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.npz"
 
-# The shared vocabulary (speckv.vocabulary), under the names the repository code uses.
+# The shared vocabulary (speckv.vocabulary), under the name the repository code uses.
 WINDOWS = MODEL_WINDOWS
-COMPRESSION_ENCODING: Mapping[str, int] = COMP_ENC
 KNOWN_ANSWER_TOLERANCE = 1e-4
 FITTED_ON_ALL_RECORDS = "all_records"
 
@@ -128,9 +125,7 @@ class Manifest:
     estimator: str
     created_at: str
     libraries: Mapping[str, str] = field(default_factory=dict)
-    compression_encoding: Mapping[str, int] = field(
-        default_factory=lambda: dict(COMPRESSION_ENCODING)
-    )
+    compression_encoding: Mapping[str, int] = field(default_factory=lambda: dict(COMP_ENC))
     gamma_candidates: tuple[int, ...] = DEFAULT_GAMMA_CANDIDATES
     default_objective: str = DEFAULT_OBJECTIVE
     output_range: tuple[float, float] = (0.0, 1.0)
@@ -285,9 +280,9 @@ def manifest_from_dict(raw: Any, source: str = "<manifest>") -> Manifest:
             f"{list(expected)}"
         )
     enc = r.obj(raw, "compression_encoding")
-    if dict(enc) != dict(COMPRESSION_ENCODING):
+    if dict(enc) != dict(COMP_ENC):
         raise ManifestError(
-            f"{source}: key 'compression_encoding' is {enc}; expected {dict(COMPRESSION_ENCODING)}"
+            f"{source}: key 'compression_encoding' is {enc}; expected {dict(COMP_ENC)}"
         )
     gammas = r.array(raw, "gamma_candidates")
     if not gammas or not all(isinstance(g, int) and not isinstance(g, bool) for g in gammas):

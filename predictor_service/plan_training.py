@@ -27,6 +27,7 @@ from speckv.draft_plan import (
     PlanAxis,
     check_axes,
 )
+from speckv.vocabulary import COMP_ENC
 
 from predictor_service.dataset import (
     DataError,
@@ -38,7 +39,6 @@ from predictor_service.dataset import (
     score,
 )
 from predictor_service.manifest import (
-    COMPRESSION_ENCODING,
     FITTED_ON_ALL_RECORDS,
     ONNX_FILE,
     KnownAnswer,
@@ -144,7 +144,7 @@ def read_token_records(paths: list[Path], axes: tuple[PlanAxis, ...]) -> TokenDa
                 )
             for line, row in enumerate(reader, start=2):
                 try:
-                    comp = COMPRESSION_ENCODING[row["compression"]]
+                    comp = COMP_ENC[row["compression"]]
                     values = {k: float(row[k]) for k in PLAN_FEATURES}
                     agreed = int(row["agreed"])
                 except (KeyError, ValueError) as e:
