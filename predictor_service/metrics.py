@@ -84,143 +84,107 @@ class PredictorMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         mva = ["model", "version", "arm"]
-        self.messages = Counter(
-            f"{PREFIX}_messages",
-            "Decide/Predict messages answered (success or error)",
-            ["rpc"],
-            registry=r,
+        mv = ["model", "version"]
+
+        def counter(name: str, doc: str, labels: list[str]) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labels, registry=r)
+
+        def summary(name: str, doc: str) -> Summary:
+            return Summary(f"{PREFIX}_{name}", doc, mv, registry=r)
+
+        def histogram(
+            name: str, doc: str, labels: list[str], buckets: tuple[float, ...]
+        ) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=r)
+
+        self.messages = counter(
+            "messages", "Decide/Predict messages answered (success or error)", ["rpc"]
         )
-        self.errors = Counter(
-            f"{PREFIX}_errors",
-            "Messages refused, by RPC, error code and model",
-            ["rpc", "code", "model"],
-            registry=r,
+        self.errors = counter(
+            "errors", "Messages refused, by RPC, error code and model", ["rpc", "code", "model"]
         )
-        self.decisions = Counter(
-            f"{PREFIX}_decisions", "Rows decided (one gamma each)", mva, registry=r
-        )
-        self.predict_rows = Counter(
-            f"{PREFIX}_predict_rows", "Rows answered by Predict", mva, registry=r
-        )
-        self.batch_rows = Histogram(
-            f"{PREFIX}_batch_rows", "Rows per message", ["rpc"], buckets=BATCH_BUCKETS, registry=r
-        )
-        self.latency = Histogram(
-            f"{PREFIX}_compute_seconds",
+        self.decisions = counter("decisions", "Rows decided (one gamma each)", mva)
+        self.predict_rows = counter("predict_rows", "Rows answered by Predict", mva)
+        self.batch_rows = histogram("batch_rows", "Rows per message", ["rpc"], BATCH_BUCKETS)
+        self.latency = histogram(
+            "compute_seconds",
             "Server time per message group: validation, model run, scoring",
             mva,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.gamma = Counter(
-            f"{PREFIX}_chosen_gamma", "Chosen gamma values", [*mva, "gamma"], registry=r
+        self.gamma = counter("chosen_gamma", "Chosen gamma values", [*mva, "gamma"])
+        self.shadow_rows = counter("shadow_rows", "Rows also scored by the shadow version", mv)
+        self.shadow_disagreements = counter(
+            "shadow_disagreements", "Shadow rows whose gamma differs from the served one", mv
         )
-        self.shadow_rows = Counter(
-            f"{PREFIX}_shadow_rows",
-            "Rows also scored by the shadow version",
-            ["model", "version"],
-            registry=r,
-        )
-        self.shadow_disagreements = Counter(
-            f"{PREFIX}_shadow_disagreements",
-            "Shadow rows whose gamma differs from the served one",
-            ["model", "version"],
-            registry=r,
-        )
-        self.shadow_abs_diff = Histogram(
-            f"{PREFIX}_shadow_abs_acceptance_diff",
+        self.shadow_abs_diff = histogram(
+            "shadow_abs_acceptance_diff",
             "Mean |shadow - served| predicted acceptance per message",
-            ["model", "version"],
-            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
-            registry=r,
+            mv,
+            (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
         )
-        self.loads = Counter(
-            f"{PREFIX}_model_loads",
-            "Version load attempts",
-            ["model", "version", "result"],
-            registry=r,
-        )
+        self.loads = counter("model_loads", "Version load attempts", [*mv, "result"])
         self.ready = Gauge(
-            f"{PREFIX}_model_ready",
-            "1 while a version is loaded and serving",
-            ["model", "version"],
-            registry=r,
+            f"{PREFIX}_model_ready", "1 while a version is loaded and serving", mv, registry=r
         )
         self.open_streams = Gauge(f"{PREFIX}_open_streams", "Open Decide streams", registry=r)
         # Outcomes workers report for decided steps (docs/predictor.md, "Outcomes and arm
         # statistics"); never reset (ResetArmStats resets GetArmStats only).
-        self.arm_outcome_steps = Counter(
-            f"{PREFIX}_arm_outcome_steps",
+        self.arm_outcome_steps = counter(
+            "arm_outcome_steps",
             "Steps an arm decided whose outcome a worker reported (REMOTE outcomes only)",
             mva,
-            registry=r,
         )
-        self.arm_outcome_drafted = Counter(
-            f"{PREFIX}_arm_outcome_drafted_tokens",
+        self.arm_outcome_drafted = counter(
+            "arm_outcome_drafted_tokens",
             "Tokens drafted and verified in the steps an arm decided",
             mva,
-            registry=r,
         )
-        self.arm_outcome_accepted = Counter(
-            f"{PREFIX}_arm_outcome_accepted_tokens",
+        self.arm_outcome_accepted = counter(
+            "arm_outcome_accepted_tokens",
             "Drafted tokens the target accepted in the steps an arm decided",
             mva,
-            registry=r,
         )
-        self.arm_outcome_tokens = Counter(
-            f"{PREFIX}_arm_outcome_tokens",
+        self.arm_outcome_tokens = counter(
+            "arm_outcome_tokens",
             "Tokens produced by the steps an arm decided (accepted + 1 per step, fewer at a stop)",
             mva,
-            registry=r,
         )
-        self.arm_outcome_seconds = Counter(
-            f"{PREFIX}_arm_outcome_step_seconds",
+        self.arm_outcome_seconds = counter(
+            "arm_outcome_step_seconds",
             "Draft plus verify seconds of the steps an arm decided (tokens / this = tokens/s)",
             mva,
-            registry=r,
         )
-        self.arm_outcome_sequences = Counter(
-            f"{PREFIX}_arm_outcome_sequences",
-            "Sequences with a first reported outcome for an arm",
-            mva,
-            registry=r,
+        self.arm_outcome_sequences = counter(
+            "arm_outcome_sequences", "Sequences with a first reported outcome for an arm", mva
         )
-        self.outcomes_unattributed = Counter(
-            f"{PREFIX}_outcomes_unattributed",
+        self.outcomes_unattributed = counter(
+            "outcomes_unattributed",
             "Reported steps no arm decided (fallback or local gamma), never credited to an arm",
             ["source"],
-            registry=r,
         )
-        self.outcomes_rejected = Counter(
-            f"{PREFIX}_outcomes_rejected",
+        self.outcomes_rejected = counter(
+            "outcomes_rejected",
             "Reported step outcomes refused: invalid (malformed) or unknown_arm (an arm this "
             "server never served)",
             ["reason"],
-            registry=r,
         )
-        self.shadow_calibration_steps = Counter(
-            f"{PREFIX}_shadow_calibration_steps",
+        self.shadow_calibration_steps = counter(
+            "shadow_calibration_steps",
             "Shadowed steps whose outcome was compared with the shadow's prediction",
-            ["model", "version"],
-            registry=r,
+            mv,
         )
-        self.shadow_calibration_abs_error = Summary(
-            f"{PREFIX}_shadow_calibration_abs_error",
+        self.shadow_calibration_abs_error = summary(
+            "shadow_calibration_abs_error",
             "|shadow predicted - realised acceptance| at the drafted gamma, per shadowed step",
-            ["model", "version"],
-            registry=r,
         )
-        self.shadow_calibration_predicted = Summary(
-            f"{PREFIX}_shadow_calibration_predicted_acceptance",
+        self.shadow_calibration_predicted = summary(
+            "shadow_calibration_predicted_acceptance",
             "The shadow's predicted acceptance at the drafted gamma, per shadowed step",
-            ["model", "version"],
-            registry=r,
         )
-        self.shadow_calibration_realised = Summary(
-            f"{PREFIX}_shadow_calibration_realised_acceptance",
+        self.shadow_calibration_realised = summary(
+            "shadow_calibration_realised_acceptance",
             "Realised acceptance (accepted / drafted), per shadowed step",
-            ["model", "version"],
-            registry=r,
         )
         self._unattributed = {
             "fallback": self.outcomes_unattributed.labels("fallback"),
