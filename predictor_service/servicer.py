@@ -414,11 +414,7 @@ class PredictorServicer(pb_grpc.PredictorServiceServicer):
             return decide_response(req.request_id, inp, result, self.draining), result
         except RequestRefused as e:
             model = req.model.name or self.registry.config.default_model or ""
-            metrics.errors.labels("Decide", e.kind.value, model).inc()
-            err = pb.Error(code=ERROR_CODES[e.kind], field=e.field, message=e.message)
-            return pb.DecideResponse(
-                request_id=req.request_id, error=err, reconnect=self.draining
-            ), None
+            return self._refused(req.request_id, e, model), None
         except Exception as e:  # the server never crashes on input
             log.exception("Decide request %d failed", req.request_id)
             metrics.errors.labels("Decide", ErrorKind.INTERNAL.value, req.model.name).inc()
