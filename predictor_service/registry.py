@@ -2,8 +2,9 @@
 
 The only writer of what serves. Every change (load, unload, routing) is serialised by one
 lock, never waits on a model run, and publishes a new immutable `RouteTable` per model by
-replacing the `tables` mapping; the decide path (`decider.py`) reads that mapping without a
-lock, once per message. Works on plain values; `servicer.py` converts protobuf at the edge.
+replacing its name -> table mapping whole; the decide path (`decider.py`) reads a model's
+table through `table(name)` without a lock, once per message. Works on plain values;
+`servicer.py` converts protobuf at the edge.
 """
 
 from __future__ import annotations
