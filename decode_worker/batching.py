@@ -462,6 +462,10 @@ def expected_tokens(accept: float, gamma: int) -> float:
 BATCH_GAMMAS = (0, 1, 2, 3, 4, 6, 8)
 # Steps a batch size needs before its costs are used.
 MIN_SAMPLES = 3
+# batch-goodput: at G = 0, one step in this many drafts one token (acceptance keeps learning).
+PROBE_EVERY = 16
+# batch-goodput's acceptance estimate for a worker's first rows (SequenceHistory's start).
+ACCEPT_PRIOR = 0.5
 
 
 def choose_batch_gamma(
@@ -551,6 +555,7 @@ class _Row:
     step_signals: list[TokenSignals] | None = None
     hist: dict[str, float] | None = None
     draft_fed: int = 0
+    spec_steps: int = 0  # steps with γ > 0 so far (batch-goodput's estimate is its own then)
 
     def reset_step(self) -> None:
         self.phase, self.want, self.gamma, self.decision = _DONE, 0, 0, None
@@ -647,6 +652,7 @@ class BatchScheduler:
         self.coalescer = coalescer
         self.stats = BatchStats()
         self.costs = BatchCosts()
+        self._accept_prior = ACCEPT_PRIOR
         self.concurrency = (
             f"continuous batching: up to {max_batch_size} sequences per batched draft/verify "
             f"forward, {max_queue} more queued"
@@ -975,9 +981,14 @@ class BatchScheduler:
             return
         max_gamma = self.engine.config.max_gamma
         caps = [min(max_gamma, r.run.max_new_tokens - len(r.new) - 1) for r in aware]
-        accepts = [r.history.accept_ema for r in aware]
+        # A row that has not drafted yet is estimated by the worker's recent rows.
+        accepts = [r.history.accept_ema if r.spec_steps else self._accept_prior for r in aware]
         cands = [g for g in BATCH_GAMMAS if g <= max_gamma]
         g = choose_batch_gamma(accepts, caps, len(rows), self.costs, cands)
+        # Rows learn their acceptance only from drafted steps: while the batch sits at
+        # G = 0, every PROBE_EVERY-th step drafts one token so the estimates stay current.
+        if g == 0 and max(caps) > 0 and self.stats.steps % PROBE_EVERY == PROBE_EVERY - 1:
+            g = 1
         for r in aware:
             r.policy.batch_gamma = g  # type: ignore[attr-defined]
         if g is not None:
@@ -1086,6 +1097,9 @@ class BatchScheduler:
             )
         history_before = row.history.values()  # what this step knew (step records)
         row.history.observe(row.drafts, g, n, verdict.next_token)
+        if g:
+            row.spec_steps += 1
+            self._accept_prior = 0.95 * self._accept_prior + 0.05 * row.history.accept_ema
         row.policy.verified(row.step, g, n)
         produced = [*row.drafts[:n], verdict.next_token]
         row.seq.extend(produced)
