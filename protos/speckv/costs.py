@@ -154,12 +154,15 @@ class CostModel:
     ) -> float | np.ndarray:
         """t(γ) = γ·t_draft + t_verify(γ), plus a draft forward for each token drafted
         beyond γ (`drafted` ≥ γ: a stop rule drafts the token it then drops)."""
-        g = np.asarray(gamma)
+        # On the predictor's hot path (every goodput decision): no copies, no branch work
+        # that cannot change the result.
+        g = gamma if isinstance(gamma, np.ndarray) else np.asarray(gamma)
         if self.verify_table:
             out = g * self.draft_seconds_per_token + self._tabulated(g)
         else:
             out = g * self.token_seconds + self.verify_base_seconds
-            out = np.where(g == 0, self.plain_step_seconds, out)
+            if self.target_only_seconds > 0:  # else a plain step costs the base: out already
+                out = np.where(g == 0, self.target_only_seconds, out)
         if drafted is not None:
             out = out + np.maximum(np.asarray(drafted) - g, 0) * self.draft_seconds_per_token
         return float(out) if out.ndim == 0 else out
