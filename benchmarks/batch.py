@@ -227,7 +227,8 @@ def free_port() -> int:
 def run_remote(args: argparse.Namespace, prompts: list[str], comp: str) -> dict[str, Any]:
     """The remote policy (previous_step, a seed-data model served by a real predictor
     process) on a batching worker: Decide messages per batch step, and worker / predictor
-    CPU per sequence step beside fixed:4 on the same worker."""
+    CPU per sequence step beside fixed:2 on the same worker (the γ the seed model picks on
+    this pair: compare like with like)."""
     import tempfile
 
     from speckv_eval.services import start_predictor
@@ -252,7 +253,7 @@ def run_remote(args: argparse.Namespace, prompts: list[str], comp: str) -> dict[
         extra = (*extra, "--metrics-port", str(port))
         worker = start_worker(args.pair, comp, args.threads, batching=True, extra=extra)
         try:
-            for pol in ("remote", "fixed:4"):
+            for pol in ("remote", "fixed:2"):
                 run_clients(worker.address, prompts, 1, 1, pol, 8)
                 for c in args.clients:
                     n = max(c * args.requests_per_client, args.min_requests)
