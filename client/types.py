@@ -11,7 +11,9 @@ from enum import Enum
 from typing import NamedTuple
 
 from speckv import vocabulary as vocab
+from speckv.costs import StepTiming as StepTiming  # defined once, beside the cost model
 from speckv.draft_plan import DraftPlan
+from speckv.vocabulary import Objective as Objective  # defined once, in the vocabulary
 
 
 # The enums' values are the shared vocabulary's names (speckv.vocabulary).
@@ -28,11 +30,6 @@ class Window(str, Enum):
     DRAFT_PLAN = vocab.WINDOW_DRAFT_PLAN
 
 
-class Objective(str, Enum):
-    TOKENS_PER_STEP = vocab.OBJECTIVE_TOKENS_PER_STEP
-    GOODPUT = vocab.OBJECTIVE_GOODPUT
-
-
 @dataclass(frozen=True)
 class DraftSignals:
     """Per-step draft signals over the step's drafted tokens (entropy in bits)."""
@@ -41,17 +38,6 @@ class DraftSignals:
     mean_draft_confidence: float
     max_draft_entropy: float
     min_draft_confidence: float
-
-
-@dataclass(frozen=True)
-class StepTiming:
-    """Measured costs for the goodput objective: t_verify(g) = base + g * per_token."""
-
-    draft_seconds_per_token: float
-    verify_base_seconds: float
-    verify_seconds_per_token: float
-    # Measured seconds of a plain (γ = 0) step; 0 = not measured (verify_base is used).
-    target_only_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -7,48 +7,13 @@ the model runs once per message whatever the number of sequences it carries.
 
 from __future__ import annotations
 
-import enum
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from speckv.costs import CostModel
-
-
-class Objective(enum.Enum):
-    """What the chosen γ maximises (docs/design.md, "Objectives")."""
-
-    TOKENS_PER_STEP = "tokens_per_step"
-    GOODPUT = "goodput"
-
-
-@dataclass(frozen=True)
-class StepTiming:
-    """The worker's measured costs; t_verify(γ ≥ 1) = verify_base + γ · verify_per_token,
-    and a plain γ = 0 step costs `target_only_seconds` when the worker measured it (0 =
-    unknown: γ = 0 then costs verify_base, as workers before this field reported it)."""
-
-    draft_seconds_per_token: float
-    verify_base_seconds: float
-    verify_seconds_per_token: float
-    target_only_seconds: float = 0.0
-
-    def problem(self) -> tuple[str, str] | None:
-        """(field, why) for the first value the goodput formula cannot use, else None."""
-        for name, value, must_be_positive in (
-            ("draft_seconds_per_token", self.draft_seconds_per_token, False),
-            ("verify_base_seconds", self.verify_base_seconds, True),
-            ("verify_seconds_per_token", self.verify_seconds_per_token, False),
-            ("target_only_seconds", self.target_only_seconds, False),
-        ):
-            if not math.isfinite(value):
-                return name, f"must be a finite number of seconds, got {value}"
-            if must_be_positive and value <= 0:
-                return name, f"must be > 0 (a plain target step takes time), got {value}"
-            if value < 0:
-                return name, f"must be >= 0, got {value}"
-        return None
+from speckv.costs import StepTiming as StepTiming  # defined once, beside the cost model
+from speckv.vocabulary import Objective as Objective  # defined once, in the vocabulary
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ stop thresholds, the replay and the paper reproduction. Stdlib and numpy only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, overload
@@ -44,6 +45,35 @@ class Timing(Protocol):
 
     @property
     def target_only_seconds(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """A worker's measured costs, as it reports them with every goodput request (the wire's
+    `StepTiming`): t_verify(γ ≥ 1) = verify_base + γ · verify_per_token, and a plain γ = 0
+    step costs `target_only_seconds` when the worker measured it (0 = unknown: γ = 0 then
+    costs verify_base, as workers before that field reported it). `CostModel.of` reads it."""
+
+    draft_seconds_per_token: float
+    verify_base_seconds: float
+    verify_seconds_per_token: float
+    target_only_seconds: float = 0.0
+
+    def problem(self) -> tuple[str, str] | None:
+        """(field, why) for the first value the goodput formula cannot use, else None."""
+        for name, value, must_be_positive in (
+            ("draft_seconds_per_token", self.draft_seconds_per_token, False),
+            ("verify_base_seconds", self.verify_base_seconds, True),
+            ("verify_seconds_per_token", self.verify_seconds_per_token, False),
+            ("target_only_seconds", self.target_only_seconds, False),
+        ):
+            if not math.isfinite(value):
+                return name, f"must be a finite number of seconds, got {value}"
+            if must_be_positive and value <= 0:
+                return name, f"must be > 0 (a plain target step takes time), got {value}"
+            if value < 0:
+                return name, f"must be >= 0, got {value}"
+        return None
 
 
 def _clip_line(base: float, per_token: float) -> tuple[float, float]:

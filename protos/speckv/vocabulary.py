@@ -12,6 +12,7 @@ tests/contract/test_vocabulary.py; mapping messages stays at the edges
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import Enum
 from types import MappingProxyType
 
 import numpy as np
@@ -82,6 +83,16 @@ OBJECTIVE_TOKENS_PER_STEP = "tokens_per_step"
 OBJECTIVE_GOODPUT = "goodput"
 OBJECTIVES: tuple[str, ...] = (OBJECTIVE_TOKENS_PER_STEP, OBJECTIVE_GOODPUT)
 DEFAULT_OBJECTIVE = OBJECTIVE_GOODPUT
+
+
+class Objective(str, Enum):
+    """What the chosen γ maximises (docs/design.md, "Objectives"); one enum for the client,
+    the worker and the predictor."""
+
+    TOKENS_PER_STEP = OBJECTIVE_TOKENS_PER_STEP
+    GOODPUT = OBJECTIVE_GOODPUT
+
+
 # common.proto Objective values (0 = OBJECTIVE_UNSPECIFIED: the model's default).
 OBJECTIVE_WIRE: Mapping[str, int] = MappingProxyType(
     {OBJECTIVE_TOKENS_PER_STEP: 1, OBJECTIVE_GOODPUT: 2}
