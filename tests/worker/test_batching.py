@@ -352,3 +352,45 @@ def test_one_decide_message_per_batch_step_with_the_remote_policy(model_repo: An
     assert st.decide_messages <= st.steps
     assert st.decide_rows >= 2 * st.decide_messages
     assert sent_before == coalescer.messages == st.decide_messages
+
+
+@pytest.mark.timeout(60)
+def test_sampled_rows_keep_their_own_seeded_stream() -> None:
+    """Rejection sampling per row with the row's own generator: a seeded sampled row in a
+    batch draws what it draws alone (same logits here, so the very same tokens), and two
+    seeds differ."""
+    from decode_worker.sampling import SamplingParams
+
+    pair = random_pair(seed=6)
+    eng = SpeculativeEngine(pair)
+    ps = [p[: 5 + 2 * i] for i, p in enumerate(prompts(3, length=12, seed=3))]
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=11 + i) for i in range(3)]
+    solo = [
+        eng.generate(p, FixedPolicy(3), max_new_tokens=30, sampling=s).token_ids
+        for p, s in zip(ps, params, strict=True)
+    ]
+    sched = BatchScheduler(eng, max_batch_size=4, max_queue=0)
+    try:
+        handles = [
+            sched.submit(p, FixedPolicy(3), max_new_tokens=30, sampling=s)
+            for p, s in zip(ps, params, strict=True)
+        ]
+        batched = [_drain(h).token_ids for h in handles]
+    finally:
+        sched.close(timeout=10)
+    assert batched == solo
+    other = eng.generate(ps[0], FixedPolicy(3), max_new_tokens=30, sampling=SamplingParams(
+        temperature=0.8, top_p=0.9, seed=99)).token_ids  # fmt: skip
+    assert other != solo[0]
+
+
+def test_batch_goodput_is_a_policy_spec() -> None:
+    from decode_worker.batching import BatchGoodputPolicy
+    from decode_worker.policies import parse_local_policy
+
+    policy = parse_local_policy("batch-goodput")
+    assert isinstance(policy, BatchGoodputPolicy) and policy.spec == "batch-goodput"
+    # Outside a batch (or before costs exist) it drafts its fallback.
+    eng = SpeculativeEngine(random_pair(seed=1))
+    result = eng.generate(prompts(1)[0], policy, max_new_tokens=12)
+    assert result.steps[0].gamma == policy.fallback
