@@ -7,6 +7,8 @@ dataclasses. Everything above this module works on `speckv_client.types`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import fields
+from typing import Any
 
 from speckv import vocabulary as vocab
 from speckv.draft_plan import DraftPlan, PlanAxis
@@ -262,51 +264,28 @@ def outcomes_from_pb(ms: Iterable[predictor_pb2.StepOutcome]) -> list[OutcomeVal
     ]
 
 
+# The arm-statistics messages and dataclasses have the same field names, so each direction
+# copies by name (one list of fields: the dataclass's).
+def _scalars(obj: object, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(cls) if f.name not in skip}
+
+
+_NESTED = ("arms", "shadows", "sequence_outcomes")
+
+
 def arm_stats_from_pb(m: predictor_pb2.GetArmStatsResponse) -> ArmStatsReport:
     return ArmStatsReport(
         arms=tuple(
             ArmStats(
-                model_name=a.model_name,
-                model_version=a.model_version,
-                arm=a.arm,
-                sequences=a.sequences,
-                steps=a.steps,
-                drafted=a.drafted,
-                accepted=a.accepted,
-                tokens=a.tokens,
-                draft_seconds=a.draft_seconds,
-                verify_seconds=a.verify_seconds,
+                **_scalars(a, ArmStats, _NESTED),
                 sequence_outcomes=tuple(
-                    SequenceOutcome(
-                        routing_key=s.routing_key,
-                        steps=s.steps,
-                        drafted=s.drafted,
-                        accepted=s.accepted,
-                        tokens=s.tokens,
-                        seconds=s.seconds,
-                        ended=s.ended,
-                    )
-                    for s in a.sequence_outcomes
+                    SequenceOutcome(**_scalars(q, SequenceOutcome)) for q in a.sequence_outcomes
                 ),
             )
             for a in m.arms
         ),
-        shadows=tuple(
-            ShadowCalibration(
-                model_name=c.model_name,
-                model_version=c.model_version,
-                steps=c.steps,
-                mean_predicted_acceptance=c.mean_predicted_acceptance,
-                mean_realised_acceptance=c.mean_realised_acceptance,
-                mean_absolute_error=c.mean_absolute_error,
-            )
-            for c in m.shadows
-        ),
-        fallback_steps=m.fallback_steps,
-        local_steps=m.local_steps,
-        rejected_outcomes=m.rejected_outcomes,
-        seconds_since_reset=m.seconds_since_reset,
-        replica=m.replica,
+        shadows=tuple(ShadowCalibration(**_scalars(c, ShadowCalibration)) for c in m.shadows),
+        **_scalars(m, ArmStatsReport, _NESTED),
     )
 
 
@@ -315,47 +294,18 @@ def arm_stats_to_pb(r: ArmStatsReport) -> predictor_pb2.GetArmStatsResponse:
     return predictor_pb2.GetArmStatsResponse(
         arms=[
             predictor_pb2.ArmStats(
-                model_name=a.model_name,
-                model_version=a.model_version,
-                arm=a.arm,
-                sequences=a.sequences,
-                steps=a.steps,
-                drafted=a.drafted,
-                accepted=a.accepted,
-                tokens=a.tokens,
-                draft_seconds=a.draft_seconds,
-                verify_seconds=a.verify_seconds,
+                **_scalars(a, ArmStats, _NESTED),
                 sequence_outcomes=[
-                    predictor_pb2.SequenceOutcome(
-                        routing_key=q.routing_key,
-                        steps=q.steps,
-                        drafted=q.drafted,
-                        accepted=q.accepted,
-                        tokens=q.tokens,
-                        seconds=q.seconds,
-                        ended=q.ended,
-                    )
+                    predictor_pb2.SequenceOutcome(**_scalars(q, SequenceOutcome))
                     for q in a.sequence_outcomes
                 ],
             )
             for a in r.arms
         ],
         shadows=[
-            predictor_pb2.ShadowCalibration(
-                model_name=c.model_name,
-                model_version=c.model_version,
-                steps=c.steps,
-                mean_predicted_acceptance=c.mean_predicted_acceptance,
-                mean_realised_acceptance=c.mean_realised_acceptance,
-                mean_absolute_error=c.mean_absolute_error,
-            )
-            for c in r.shadows
+            predictor_pb2.ShadowCalibration(**_scalars(c, ShadowCalibration)) for c in r.shadows
         ],
-        fallback_steps=r.fallback_steps,
-        local_steps=r.local_steps,
-        rejected_outcomes=r.rejected_outcomes,
-        seconds_since_reset=r.seconds_since_reset,
-        replica=r.replica,
+        **_scalars(r, ArmStatsReport, _NESTED),
     )
 
 
