@@ -23,9 +23,9 @@ On the embedded tiny pair, with the real commands (README, "The A/B loop"):
 `--canary max-gamma` replaces step 3's model with a deliberately extreme one: trained on the
 records with every drafted step's acceptance overwritten to 1.0, it always drafts the largest
 γ — bad where the draft often disagrees (the demo pair: the verdict says slower and the loop
-rolls back). `--canary min-gamma` overwrites it to 0.0 and always drafts the smallest γ. Exit code 0 when
-every generation succeeded and the predictor's per-arm counts matched the client's; 1
-otherwise (a "slower" verdict is a result, not a failure).
+rolls back). `--canary min-gamma` overwrites it to 0.0 and always drafts the smallest γ.
+Exit code 0 when every generation succeeded and the predictor's per-arm counts matched the
+client's; 1 otherwise (a "slower" verdict is a result, not a failure).
 """
 
 from __future__ import annotations
