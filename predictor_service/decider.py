@@ -122,6 +122,11 @@ class DecideResult:
     steps: Sequence[int] = ()
 
 
+def objective_for(requested: Objective | None, version: LoadedVersion) -> Objective:
+    """The objective a version decides with: the request's, else its manifest's default."""
+    return requested or Objective(version.manifest.default_objective)
+
+
 def check_choice(choice: Choice, timing: StepTiming | None) -> None:
     """Never answer a non-finite score or an acceptance outside [0, 1]: refuse the message.
 
@@ -352,7 +357,7 @@ class Decider:
                     f"{v.name} v{v.version} is a {v.window} model; a {inp.window} request needs "
                     f"a {served_by} model (pin one with ModelSelector.name)",
                 )
-            obj = objective or Objective(v.manifest.default_objective)
+            obj = objective_for(objective, v)
             if obj is Objective.GOODPUT and inp.timing is None:
                 raise RequestRefused(
                     ErrorKind.INVALID_ARGUMENT,
@@ -360,7 +365,7 @@ class Decider:
                     "is missing; the goodput objective needs the worker's measured draft and "
                     "verify times (or ask for OBJECTIVE_TOKENS_PER_STEP)",
                 )
-        resolved = objective or Objective(groups[0].version.manifest.default_objective)
+        resolved = objective_for(objective, groups[0].version)
         if served_by == WINDOW_DRAFT_PLAN:
             return self._decide_plans(inp, candidates, comp_enc, groups, row_group, table.model)
         if len(groups) == 1:
@@ -376,7 +381,7 @@ class Decider:
             score = np.empty((r, n))
             for g in groups:
                 t0 = time.perf_counter()
-                obj = objective or Objective(g.version.manifest.default_objective)
+                obj = objective_for(objective, g.version)
                 rows = g.rows
                 assert rows is not None
                 c = choose_gamma(
@@ -431,7 +436,7 @@ class Decider:
         gamma = np.empty(r, dtype=np.int64)
         for i in range(r):
             g = groups[int(row_group[i])] if row_group is not None else groups[0]
-            obj = inp.objective or Objective(g.version.manifest.default_objective)
+            obj = objective_for(inp.objective, g.version)
             t0 = time.perf_counter()
             plan = build_plan(self.plan_tables, g.version, float(comp_enc[i]), top, obj, inp.timing)
             plans.append(plan)
@@ -446,7 +451,7 @@ class Decider:
             shadow=None,
             comp_enc=comp_enc,
             signals=inp.signals,
-            objective=inp.objective or Objective(groups[0].version.manifest.default_objective),
+            objective=objective_for(inp.objective, groups[0].version),
             timing=inp.timing,
             table_model=model_name,
             plans=plans,
