@@ -8,9 +8,11 @@ Standard library only, so a server's `--help` never needs gRPC.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 from collections.abc import Callable
+from typing import Any
 
 INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
@@ -131,3 +133,16 @@ def bind_host(text: str) -> str:
             f"must be a host name or IP address (e.g. 127.0.0.1, 0.0.0.0, [::]), got {text!r}"
         )
     return text
+
+
+def default_of(config: type, name: str) -> Any:
+    """The default of field `name` of the dataclass `config`: a flag's default read from the
+    configuration it fills, so the two cannot drift (`default_factory` fields are built)."""
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise TypeError(f"{config.__name__}.{name} has no default")
+    raise AttributeError(f"{config.__name__} has no field {name!r}")

@@ -14,10 +14,10 @@ from speckv_client import flags
 from speckv_client.types import ModelSelector, Objective, Window
 
 from decode_worker.config import (
-    DEFAULT_GAMMA_CANDIDATES,
     FALLBACK_MODES,
     MAX_PROMPT_BYTES,
     MAX_ROUTING_KEY_BYTES,
+    PROMPT_BYTES_PER_POSITION,
     ConfigError,
     EngineConfig,
     RecordConfig,
@@ -26,12 +26,27 @@ from decode_worker.config import (
 )
 from decode_worker.policies import POLICY_FORMS, PolicyError, parse_local_policy
 
+# Every default below is read from the config dataclass the flag fills (one source); the
+# exceptions are flags whose empty value means "decide at start": --policy (remote with
+# --predictor, else heuristic), --window (the predictor's model's) and --objective ("model":
+# the manifest's default, where RemotePolicyConfig's own default is goodput).
+_RECORD_MAX_BYTES: int = flags.default_of(RecordConfig, "max_bytes")
+_RECORD_MAX_SECONDS: float = flags.default_of(RecordConfig, "max_seconds")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", required=True, help="draft model: local directory or hub name")
     parser.add_argument("--target", required=True, help="target model: local directory or hub name")
-    parser.add_argument("--compression", default="fp16", choices=("fp16", "int8", "nf4"))
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--compression",
+        default=flags.default_of(WorkerConfig, "compression"),
+        choices=("fp16", "int8", "nf4"),
+    )
+    parser.add_argument(
+        "--device",
+        default=flags.default_of(WorkerConfig, "device"),
+        choices=("auto", "cpu", "cuda"),
+    )
     parser.add_argument(
         "--predictor",
         default="",
@@ -44,9 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"default gamma policy: {POLICY_FORMS} (default: remote with --predictor, "
         "else heuristic)",
     )
-    parser.add_argument("--host", default="127.0.0.1", type=flags.bind_host)
     parser.add_argument(
-        "--port", type=flags.port(allow_zero=True), default=0, help="0 picks a free port"
+        "--host", default=flags.default_of(WorkerConfig, "host"), type=flags.bind_host
+    )
+    parser.add_argument(
+        "--port",
+        type=flags.port(allow_zero=True),
+        default=flags.default_of(WorkerConfig, "port"),
+        help="0 picks a free port",
     )
     parser.add_argument(
         "--window",
@@ -61,17 +81,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("goodput", "tokens_per_step", "model"),
         help="default 'model': the model manifest's default objective",
     )
-    parser.add_argument("--fallback-gamma", type=int, default=4)
-    parser.add_argument("--fallback-mode", default="fixed", choices=FALLBACK_MODES)
+    parser.add_argument(
+        "--fallback-gamma", type=int, default=flags.default_of(RemotePolicyConfig, "fallback_gamma")
+    )
+    parser.add_argument(
+        "--fallback-mode",
+        default=flags.default_of(RemotePolicyConfig, "fallback_mode"),
+        choices=FALLBACK_MODES,
+    )
     parser.add_argument(
         "--decision-timeout-ms",
         type=float,
-        default=10.0,
+        default=flags.default_of(RemotePolicyConfig, "decision_timeout_s") * 1000.0,
         help="how long a step waits for a late predictor answer before the fallback",
     )
     parser.add_argument(
         "--gamma-candidates",
-        default=",".join(str(g) for g in DEFAULT_GAMMA_CANDIDATES),
+        default=",".join(str(g) for g in flags.default_of(RemotePolicyConfig, "gamma_candidates")),
         help="comma-separated gammas the predictor chooses among (0 = plain target step)",
     )
     parser.add_argument("--predictor-model", default="", help="pin a predictor model name")
@@ -82,42 +108,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "miss this worker's steps)",
     )
     parser.add_argument(
-        "--max-new-tokens-limit", type=flags.int_range(1, flags.UINT32_MAX), default=1024
+        "--max-new-tokens-limit",
+        type=flags.int_range(1, flags.UINT32_MAX),
+        default=flags.default_of(EngineConfig, "max_new_tokens_limit"),
     )
     parser.add_argument(
-        "--default-max-new-tokens", type=flags.int_range(1, flags.UINT32_MAX), default=128
+        "--default-max-new-tokens",
+        type=flags.int_range(1, flags.UINT32_MAX),
+        default=flags.default_of(EngineConfig, "default_max_new_tokens"),
     )
-    parser.add_argument("--max-gamma", type=flags.int_range(1, 64), default=16)
+    parser.add_argument(
+        "--max-gamma",
+        type=flags.int_range(1, 64),
+        default=flags.default_of(EngineConfig, "max_gamma"),
+    )
     parser.add_argument(
         "--max-concurrent-requests",
         type=flags.int_range(1, flags.INT32_MAX),
-        default=8,
+        default=flags.default_of(WorkerConfig, "max_concurrent_requests"),
         help="Generate calls run at once; one more is refused with RESOURCE_EXHAUSTED",
     )
     parser.add_argument(
         "--max-prompt-bytes",
         type=flags.int_range(0, MAX_PROMPT_BYTES),
-        default=0,
-        help="refuse longer prompts (UTF-8 bytes) before tokenizing; 0: 32 x the pair's positions",
+        default=flags.default_of(WorkerConfig, "max_prompt_bytes"),
+        help="refuse longer prompts (UTF-8 bytes) before tokenizing; "
+        f"0: {PROMPT_BYTES_PER_POSITION} x the pair's positions",
     )
     parser.add_argument(
-        "--max-stop-strings", type=flags.int_range(0, 1024), default=16, help="per request"
+        "--max-stop-strings",
+        type=flags.int_range(0, 1024),
+        default=flags.default_of(WorkerConfig, "max_stop_strings"),
+        help="per request",
     )
     parser.add_argument(
         "--max-stop-string-bytes",
         type=flags.int_range(1, 65536),
-        default=256,
+        default=flags.default_of(WorkerConfig, "max_stop_string_bytes"),
         help="UTF-8 bytes per stop string",
     )
     parser.add_argument(
         "--max-request-id-bytes",
         type=flags.int_range(1, MAX_ROUTING_KEY_BYTES),
-        default=128,
+        default=flags.default_of(WorkerConfig, "max_request_id_bytes"),
         help="UTF-8 bytes of a request_id (it is the predictor's routing key)",
     )
     parser.add_argument(
         "--log-steps",
-        default="",
+        default=flags.default_of(WorkerConfig, "log_steps"),
         help="append drafted steps' records to this one CSV (evaluation; see --record-steps)",
     )
     parser.add_argument(
@@ -130,30 +168,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--record-max-bytes",
         type=flags.int_range(4096, 1 << 40),
-        default=64 << 20,
-        help="close a record file before it grows past this (default 64 MiB)",
+        default=_RECORD_MAX_BYTES,
+        help="close a record file before it grows past this "
+        f"(default {_RECORD_MAX_BYTES >> 20} MiB)",
     )
     parser.add_argument(
         "--record-max-seconds",
         type=flags.float_range(0.0, 86400.0, lo_open=True),
-        default=300.0,
-        help="close a record file this old, so its records become readable (default 300)",
+        default=_RECORD_MAX_SECONDS,
+        help="close a record file this old, so its records become readable "
+        f"(default {_RECORD_MAX_SECONDS:g})",
     )
     parser.add_argument(
         "--record-max-files",
         type=flags.int_range(1, 1_000_000),
-        default=64,
+        default=flags.default_of(RecordConfig, "max_files"),
         help="complete record files kept in DIR; the oldest are deleted beyond this",
     )
     parser.add_argument(
         "--metrics-port",
         type=flags.port(allow_zero=True),
-        default=None,
+        default=flags.default_of(WorkerConfig, "metrics_port"),
         help="serve Prometheus /metrics on this port (0: a free port; default: off)",
     )
-    parser.add_argument("--record-task", default="live", help="task label in step records")
     parser.add_argument(
-        "--shutdown-grace-s", type=flags.float_range(0.0, flags.MAX_SECONDS), default=5.0
+        "--record-task",
+        default=flags.default_of(EngineConfig, "record_task"),
+        help="task label in step records",
+    )
+    parser.add_argument(
+        "--shutdown-grace-s",
+        type=flags.float_range(0.0, flags.MAX_SECONDS),
+        default=flags.default_of(WorkerConfig, "shutdown_grace_s"),
     )
     parser.add_argument(
         "--threads",
@@ -164,7 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-warmup", action="store_true", help="skip the timing warm-up")
     parser.add_argument(
         "--batching",
-        default="off",
+        default="on" if flags.default_of(WorkerConfig, "batching") else "off",
         choices=("on", "off"),
         help="on: one scheduler thread runs concurrent requests as one batch (batched draft "
         "and verify forwards; docs/worker.md, 'Batching'); off: they interleave step by step",
@@ -172,13 +218,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch-size",
         type=flags.int_range(1, 1024),
-        default=8,
+        default=flags.default_of(WorkerConfig, "max_batch_size"),
         help="with --batching on: sequences in the running batch",
     )
     parser.add_argument(
         "--max-queue",
         type=flags.int_range(0, 65536),
-        default=16,
+        default=flags.default_of(WorkerConfig, "max_queue"),
         help="with --batching on: requests waiting to join; one more is refused with "
         "RESOURCE_EXHAUSTED",
     )

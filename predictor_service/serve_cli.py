@@ -1,12 +1,14 @@
 """`speckv-predictor serve`: serve a model repository over gRPC until SIGTERM.
 
 Only the standard library is imported at module level: `cli.py` builds every subcommand's
-parser, and a training-only install must still be able to show `--help`.
+parser, and a training-only install must still be able to show `--help`. The flags' defaults
+are `ServerConfig`'s (server_config.py, standard library only), read from the dataclass.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -17,6 +19,12 @@ from pathlib import Path
 
 from speckv_client import flags  # standard library only
 
+from predictor_service.server_config import ServerConfig  # standard library only
+
+
+def _default(name: str) -> object:
+    return flags.default_of(ServerConfig, name)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -24,14 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--host",
-        default="127.0.0.1",
+        default=_default("host"),
         type=flags.bind_host,
         help="address to bind (0.0.0.0 in a container)",
     )
     p.add_argument(
         "--port",
         type=flags.port(allow_zero=True),
-        default=50061,
+        default=50061,  # the service's port; ServerConfig's 0 (a free one) suits in-process use
         help="gRPC port; 0 picks a free one (printed)",
     )
     p.add_argument(
@@ -44,76 +52,88 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--poll-seconds",
         type=flags.float_range(0.0, flags.MAX_SECONDS, lo_open=True),
-        default=None,
+        default=_default("poll_seconds"),
         help="scan the repository (and the routing file) this often; new complete versions load",
     )
     p.add_argument(
         "--metrics-port",
         type=flags.port(allow_zero=True),
-        default=None,
+        default=_default("metrics_port"),
         help="Prometheus /metrics port (0 = free)",
     )
-    p.add_argument("--default-model", default=None, help="model used when a request names none")
+    p.add_argument(
+        "--default-model",
+        default=_default("default_model"),
+        help="model used when a request names none",
+    )
     p.add_argument(
         "--routing-file",
         type=Path,
-        default=None,
+        default=_default("routing_file"),
         help='JSON {model: {"weights": {target: w}, "salt", "shadow_version", "aliases"}}; '
         "applied at start and whenever it changes (with --poll-seconds)",
     )
     p.add_argument(
-        "--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)"
+        "--tls-cert",
+        type=Path,
+        default=_default("tls_cert"),
+        help="PEM certificate chain (with --tls-key)",
     )
-    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key (with --tls-cert)")
+    p.add_argument(
+        "--tls-key",
+        type=Path,
+        default=_default("tls_key"),
+        help="PEM private key (with --tls-cert)",
+    )
     p.add_argument(
         "--grace-seconds",
         type=flags.float_range(0.0, flags.MAX_SECONDS),
-        default=10.0,
+        default=_default("grace_seconds"),
         help="drain time after SIGTERM",
     )
     p.add_argument(
         "--max-connection-age-seconds",
         type=flags.float_range(0.0, flags.MAX_SECONDS, lo_open=True),
-        default=900.0,
+        default=_default("max_connection_age_seconds"),
         help="close connections after this age so clients rebalance across replicas",
     )
     p.add_argument(
         "--max-batch-rows",
         type=flags.int_range(1, flags.INT32_MAX),
-        default=1024,
+        default=_default("max_batch_rows"),
         help="rows allowed per message",
     )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument(
         "--max-message-bytes",
         type=int,
-        default=1 << 20,
+        default=_default("max_message_bytes"),
         help="largest Decide/Predict message answered; larger ones get a per-message "
         "RESOURCE_EXHAUSTED (gRPC itself ends a stream only above 4x this, min 4 MiB)",
     )
     p.add_argument(
         "--max-routing-key-bytes",
         type=int,
-        default=256,
+        default=_default("max_routing_key_bytes"),
         help="longest routing_key (UTF-8 bytes) per row; longer ones are refused per message",
     )
     p.add_argument(
         "--max-decide-streams",
         type=int,
-        default=1024,
+        default=_default("max_decide_streams"),
         help="open Decide streams allowed; more are refused (RESOURCE_EXHAUSTED), health never",
     )
     p.add_argument(
         "--arm-stats-max-sequences",
         type=flags.int_range(0, 1 << 24),
-        default=20_000,
+        default=_default("arm_stats_max_sequences"),
         help="per-sequence records kept per arm for GetArmStats (the oldest are dropped from "
         "the list; since-reset totals keep counting them)",
     )
     p.add_argument(
         "--max-outcomes-per-message",
         type=flags.int_range(1, 1 << 20),
-        default=4096,
+        default=_default("max_outcomes_per_message"),
         help="step outcomes one Decide message may carry; more: that message is refused "
         "(RESOURCE_EXHAUSTED, field outcomes)",
     )
@@ -140,30 +160,18 @@ def run(args: argparse.Namespace) -> int:
     import signal
 
     from predictor_service.router import RoutingError
-    from predictor_service.server import PredictorServer, ServerConfig
+    from predictor_service.server import PredictorServer
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    # Every flag but --log-level fills the ServerConfig field of its name.
     config = ServerConfig(
-        repo=args.repo,
-        host=args.host,
-        port=args.port,
-        admin_token=args.admin_token,
-        poll_seconds=args.poll_seconds,
-        metrics_port=args.metrics_port,
-        default_model=args.default_model,
-        routing_file=args.routing_file,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        grace_seconds=args.grace_seconds,
-        max_connection_age_seconds=args.max_connection_age_seconds,
-        max_batch_rows=args.max_batch_rows,
-        max_message_bytes=args.max_message_bytes,
-        max_routing_key_bytes=args.max_routing_key_bytes,
-        max_decide_streams=args.max_decide_streams,
-        arm_stats_max_sequences=args.arm_stats_max_sequences,
-        max_outcomes_per_message=args.max_outcomes_per_message,
+        **{
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(ServerConfig)
+            if f.name in args
+        }
     )
     try:
         config.check()

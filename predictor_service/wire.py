@@ -22,14 +22,17 @@ from speckv.v1 import predictor_pb2 as pb
 
 from predictor_service.refusals import ErrorKind, RequestRefused
 
+# The per-message limits' defaults are defined with the server's flags (server_config.py).
+from predictor_service.server_config import (
+    MAX_MESSAGE_BYTES,
+    MAX_NAME_BYTES,
+    MAX_ROUTING_KEY_BYTES,
+)
+
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
-# Defaults of the per-message limits (flags of `speckv-predictor serve`; docs/predictor.md).
-MAX_MESSAGE_BYTES = 1 << 20
-MAX_ROUTING_KEY_BYTES = 256
-MAX_NAME_BYTES = 256
 # How many top-level fields the request_id scan of a refused message looks at (bounded work
 # on hostile bytes; every serializer writes field 1 first).
 _SCAN_FIELDS = 64
