@@ -145,11 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from speckv_client.types import GenerationSummary, Objective, RouteWeight, Routing
     from speckv_eval.services import (
         ServiceProcess,
+        exit_status,
         format_pair_fingerprint,
         pair_fingerprint,
         publish_version,
         start_predictor,
         start_worker,
+        stop_services,
     )
 
     log(format_pair_fingerprint(pair_fingerprint(pair / "draft", pair / "target")))
@@ -323,15 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except KeyboardInterrupt:
                 pass
     finally:
-        codes = {}
-        if worker is not None:
-            codes["worker"] = worker.stop()
-        codes["predictor"] = predictor.stop()
-        log("stopped: " + ", ".join(f"{k} exit {v}" for k, v in codes.items()))
-    for failure in failures:
-        print(f"FAILED: {failure}", file=sys.stderr)
-    log(f"done in {time.monotonic() - started:.1f}s")
-    return 1 if failures else 0
+        stop_services([worker, predictor], log)
+    return exit_status(failures, log, f"done in {time.monotonic() - started:.1f}s")
 
 
 if __name__ == "__main__":

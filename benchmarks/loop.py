@@ -235,7 +235,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from speckv_client.predictor import PredictorClient
     from speckv_client.types import RouteWeight, Routing
-    from speckv_eval.services import publish_version, start_predictor, start_worker
+    from speckv_eval.services import (
+        exit_status,
+        publish_version,
+        start_predictor,
+        start_worker,
+        stop_services,
+    )
 
     train_prompts = load_prompts(PROMPTS_DIR / "train_prompts.jsonl", args.train_prompts)
     eval_prompts = load_prompts(PROMPTS_DIR / "prompts.jsonl", args.eval_prompts)
@@ -392,17 +398,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         pc.close()
     finally:
-        code = predictor.stop()
-        log(f"predictor stopped (exit {code})")
+        stop_services([predictor], log)
     outcome["failures"] = failures
     outcome["seconds"] = round(time.monotonic() - started, 1)
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(outcome, indent=2) + "\n")
-    for failure in failures:
-        print(f"FAILED: {failure}", file=sys.stderr)
-    log(f"done in {outcome['seconds']}s: {len(failures)} failure(s)")
-    return 1 if failures else 0
+    return exit_status(failures, log, f"done in {outcome['seconds']}s: {len(failures)} failure(s)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -131,6 +131,24 @@ def start_worker(
     return ServiceProcess(
         "speckv-worker", [*cmd, *extra_args], log_path=log_path, timeout_s=timeout_s
     )
+
+
+def stop_services(
+    services: Sequence[ServiceProcess | None], log: Callable[[str], None]
+) -> dict[str, int | None]:
+    """The end of a script that started services: SIGTERM each one started (in the order
+    given, each draining), and log their exit codes in one line."""
+    codes = {s.name: s.stop() for s in services if s is not None}
+    log("stopped: " + ", ".join(f"{name} exit {code}" for name, code in codes.items()))
+    return codes
+
+
+def exit_status(failures: Sequence[str], log: Callable[[str], None], summary: str) -> int:
+    """A script's last words: each failure on stderr, then `summary`; 1 if any failed."""
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    log(summary)
+    return 1 if failures else 0
 
 
 def publish_version(version_dir: Path, repo: Path, model: str) -> Path:
