@@ -11,8 +11,12 @@ A `GammaPolicy` is shared by the worker; `start` gives each sequence its own
     drafted(step, gamma, signals)  as soon as drafting ends, before the target verifies
     verified(step, gamma, accepted)
     finished(outcome)              the step's outcome (tokens produced, timings, the
-                                   decision that decided it); `outcome.sequence_end` on
-                                   the last step
+                                   decision that decided it), before the next step's
+                                   `decide`; `outcome.sequence_end` on a sequence's last
+                                   outcome however it ended: the step that ended it, or
+                                   the last step before a cancel, an abandoned stream or
+                                   an error between steps
+    close()                        once, after the last `finished`
 
 The remote policy (remote_policy.py) uses `drafted` to send step t's signals early so the
 answer for step t+1 arrives while the target is busy.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -128,6 +129,65 @@ def test_every_step_reaches_the_predictor_exactly_once(pair, predictor, client) 
         # Most outcomes rode on decision requests: far fewer messages than steps.
         assert stream.stats.outcome_messages < steps // 2
         _assert_counted_exactly(client.arm_stats(), results)
+    finally:
+        stream.close()
+
+
+def test_a_sequence_cut_between_steps_still_ends_at_the_predictor(pair, predictor, client) -> None:  # type: ignore[no-untyped-def]
+    """Cancelled between two steps, abandoned by its consumer, or failed: the predictor
+    still hears each completed step once, and that the sequence ended (its last outcome
+    carries sequence_end), so its arm's per-sequence record is closed."""
+    stream = client.decision_stream()
+    try:
+        wait_connected(stream)
+        engine = SpeculativeEngine(pair, EngineConfig())
+        policy = _remote(stream, engine)
+        prompt_a, prompt_b, prompt_c = prompts(3, seed=7)
+
+        def after(n: int, then: Exception | None = None):  # type: ignore[no-untyped-def]
+            # Calls alternate: top of step k (2k+1), after step k (2k+2); call 7 is the
+            # top of step 3, between steps (not the check that ends a step's outcome).
+            calls = {"n": 0}
+
+            def cancelled() -> bool:
+                calls["n"] += 1
+                if calls["n"] >= n and then is not None:
+                    raise then
+                return calls["n"] >= n
+
+            return cancelled
+
+        cancelled = engine.generate(
+            prompt_a, policy, max_new_tokens=NEW, request_id="cut-cancel", cancelled=after(7)
+        )
+        assert cancelled.finish_reason.value == "cancelled" and len(cancelled.steps) == 3
+        abandoned = engine.start(prompt_b, policy, max_new_tokens=NEW, request_id="cut-abandon")
+        it = iter(abandoned)
+        abandoned_steps = (next(it), next(it))
+        it.close()  # the consumer stops reading (a client went away)
+        failing = engine.start(
+            prompt_c,
+            policy,
+            max_new_tokens=NEW,
+            request_id="cut-error",
+            cancelled=after(7, RuntimeError("device lost")),
+        )
+        failed_steps = []
+        with pytest.raises(RuntimeError, match="device lost"):
+            for step in failing:
+                failed_steps.append(step)
+        assert len(failed_steps) == 3
+        runs = [
+            cancelled,
+            SimpleNamespace(request_id="cut-abandon", steps=abandoned_steps),
+            SimpleNamespace(request_id="cut-error", steps=tuple(failed_steps)),
+        ]
+        steps = sum(len(r.steps) for r in runs)
+        assert stream.flush(timeout=10)
+        assert stream.stats.outcomes_reported == stream.stats.outcomes_sent == steps
+        report = client.arm_stats()
+        assert all(r.steps[-1].decision.source == DecisionSource.REMOTE for r in runs)
+        _assert_counted_exactly(report, runs)  # type: ignore[arg-type]
     finally:
         stream.close()
 
