@@ -6,6 +6,7 @@ dataclasses. Everything above this module works on `speckv_client.types`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from typing import Any
@@ -93,25 +94,27 @@ def error_code_name(code: int) -> str:
     return name.removeprefix("ERROR_CODE_")
 
 
+# Where a message and its dataclass share field names, both directions copy by name: one
+# list of fields, the dataclass's; `skip` names the fields mapped by hand (enums, nested or
+# repeated fields).
+@functools.cache
+def _names(cls: type, skip: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls) if f.name not in skip)
+
+
+def _scalars(obj: object, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in _names(cls, skip)}
+
+
 # --- common ---
 
 
 def signals_to_pb(s: DraftSignals) -> common_pb2.DraftSignals:
-    return common_pb2.DraftSignals(
-        mean_draft_entropy=s.mean_draft_entropy,
-        mean_draft_confidence=s.mean_draft_confidence,
-        max_draft_entropy=s.max_draft_entropy,
-        min_draft_confidence=s.min_draft_confidence,
-    )
+    return common_pb2.DraftSignals(**_scalars(s, DraftSignals))
 
 
 def signals_from_pb(m: common_pb2.DraftSignals) -> DraftSignals:
-    return DraftSignals(
-        mean_draft_entropy=m.mean_draft_entropy,
-        mean_draft_confidence=m.mean_draft_confidence,
-        max_draft_entropy=m.max_draft_entropy,
-        min_draft_confidence=m.min_draft_confidence,
-    )
+    return DraftSignals(**_scalars(m, DraftSignals))
 
 
 def selector_to_pb(sel: ModelSelector | None) -> common_pb2.ModelSelector | None:
@@ -156,12 +159,7 @@ def finish_reason_to_pb(reason: FinishReason) -> int:
 
 
 def timing_to_pb(t: StepTiming) -> predictor_pb2.StepTiming:
-    return predictor_pb2.StepTiming(
-        draft_seconds_per_token=t.draft_seconds_per_token,
-        verify_base_seconds=t.verify_base_seconds,
-        verify_seconds_per_token=t.verify_seconds_per_token,
-        target_only_seconds=t.target_only_seconds,
-    )
+    return predictor_pb2.StepTiming(**_scalars(t, StepTiming))
 
 
 def row_to_pb(row: FeatureRow) -> predictor_pb2.FeatureRow:
@@ -218,19 +216,8 @@ def decide_request_to_pb(batch: DecideBatch, request_id: int) -> predictor_pb2.D
 
 def outcome_to_pb(o: StepOutcome) -> predictor_pb2.StepOutcome:
     m = predictor_pb2.StepOutcome(
-        routing_key=o.routing_key,
-        step=o.step,
         source=_SOURCE_TO_PB[DecisionSource(o.source)],
-        model_name=o.model_name,
-        model_version=o.model_version,
-        arm=o.arm,
-        decision_step=o.decision_step,
-        drafted=o.drafted,
-        accepted=o.accepted,
-        tokens=o.tokens,
-        draft_seconds=o.draft_seconds,
-        verify_seconds=o.verify_seconds,
-        sequence_end=o.sequence_end,
+        **_scalars(o, StepOutcome, ("source", "compression")),
     )
     if o.compression is not None:
         m.compression = _COMPRESSION_TO_PB[Compression(o.compression)]
@@ -262,12 +249,6 @@ def outcomes_from_pb(ms: Iterable[predictor_pb2.StepOutcome]) -> list[OutcomeVal
         )
         for m in ms
     ]
-
-
-# The arm-statistics messages and dataclasses have the same field names, so each direction
-# copies by name (one list of fields: the dataclass's).
-def _scalars(obj: object, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in fields(cls) if f.name not in skip}
 
 
 _NESTED = ("arms", "shadows", "sequence_outcomes")
@@ -431,38 +412,17 @@ def generate_request_to_pb(
 
 def step_stats_from_pb(m: decoder_pb2.StepStats) -> StepStats:
     return StepStats(
-        step=m.step,
-        gamma=m.gamma,
-        accepted=m.accepted,
-        tokens_produced=m.tokens_produced,
         source=_SOURCE_FROM_PB.get(m.source, DecisionSource.UNSPECIFIED),
-        model_name=m.model_name,
-        model_version=m.model_version,
-        arm=m.arm,
-        draft_seconds=m.draft_seconds,
-        verify_seconds=m.verify_seconds,
-        decision_wait_seconds=m.decision_wait_seconds,
         signals=signals_from_pb(m.signals) if m.HasField("signals") else None,
+        **_scalars(m, StepStats, ("source", "signals")),
     )
 
 
 def summary_from_pb(m: decoder_pb2.GenerationSummary) -> GenerationSummary:
     return GenerationSummary(
-        new_tokens=m.new_tokens,
-        steps=m.steps,
-        tokens_per_step=m.tokens_per_step,
-        acceptance_rate=m.acceptance_rate,
-        mean_gamma=m.mean_gamma,
-        wall_seconds=m.wall_seconds,
-        tokens_per_second=m.tokens_per_second,
-        remote_decisions=m.remote_decisions,
-        fallback_decisions=m.fallback_decisions,
-        local_decisions=m.local_decisions,
-        decision_wait_seconds=m.decision_wait_seconds,
         finish_reason=_FINISH_FROM_PB.get(m.finish_reason, FinishReason.UNSPECIFIED),
-        text=m.text,
-        request_id=m.request_id,
         model_versions=dict(sorted(m.model_versions.items())),
+        **_scalars(m, GenerationSummary, ("finish_reason", "model_versions")),
     )
 
 
@@ -482,17 +442,8 @@ def generate_event_from_pb(m: decoder_pb2.GenerateResponse) -> GenerateEvent | N
 
 def worker_info_from_pb(m: decoder_pb2.GetInfoResponse) -> WorkerInfo:
     return WorkerInfo(
-        draft_model=m.draft_model,
-        target_model=m.target_model,
         compression=_COMPRESSION_FROM_PB.get(m.compression),
-        target_dtype=m.target_dtype,
-        device=m.device,
-        policy=m.policy,
-        predictor_address=m.predictor_address,
         window=_WINDOW_FROM_PB.get(m.window),
         objective=_OBJECTIVE_FROM_PB.get(m.objective),
-        fallback_gamma=m.fallback_gamma,
-        max_new_tokens_limit=m.max_new_tokens_limit,
-        concurrency=m.concurrency,
-        version=m.version,
+        **_scalars(m, WorkerInfo, ("compression", "window", "objective")),
     )
