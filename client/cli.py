@@ -653,6 +653,17 @@ def _global_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
 
 
+def _predictor_command(
+    sub: Any, name: str, help_text: str, common: argparse.ArgumentParser, *positionals: str
+) -> argparse.ArgumentParser:
+    """A subcommand that talks to one predictor: its positionals and `--predictor`."""
+    p: argparse.ArgumentParser = sub.add_parser(name, parents=[common], help=help_text)
+    for positional in positionals:
+        p.add_argument(positional)
+    p.add_argument("--predictor", required=True, metavar="HOST:PORT", type=flags.target())
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="speckv", description="Talk to SpecKV decode workers and predictors.")
     _global_flags(parser, suppress=False)
@@ -691,10 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(run=cmd_generate)
 
-    pred = sub.add_parser(
-        "predict", parents=[common], help="ask a predictor for one gamma decision"
-    )
-    pred.add_argument("--predictor", required=True, metavar="HOST:PORT", type=flags.target())
+    pred = _predictor_command(sub, "predict", "ask a predictor for one gamma decision", common)
     pred.add_argument(
         "--features",
         required=True,
@@ -727,22 +735,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("load", "load a version (admin)"),
         ("unload", "unload a version (admin)"),
     ):
-        p = msub.add_parser(action, parents=[common], help=help_text)
-        p.add_argument("--predictor", required=True, metavar="HOST:PORT", type=flags.target())
-        if action != "list":
-            p.add_argument("name")
-        if action in ("load", "unload"):
-            p.add_argument("version")
+        positionals = {"list": (), "show": ("name",)}.get(action, ("name", "version"))
+        _predictor_command(msub, action, help_text, common, *positionals)
     models.set_defaults(run=cmd_models)
 
-    route = sub.add_parser(
+    route = _predictor_command(
+        sub,
         "route",
-        parents=[common],
-        help="set a model's routing (admin); unspecified salt/shadow/aliases are kept",
+        "set a model's routing (admin); unspecified salt/shadow/aliases are kept",
+        common,
+        "model",
     )
-    route.add_argument("model")
     route.add_argument("weights", nargs="+", metavar="TARGET=WEIGHT")
-    route.add_argument("--predictor", required=True, metavar="HOST:PORT", type=flags.target())
     route.add_argument(
         "--shadow",
         type=flags.int_range(0, flags.INT64_MAX),
@@ -753,23 +757,23 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--alias", action="append", metavar="ALIAS=VERSION")
     route.set_defaults(run=cmd_route)
 
-    rollback = sub.add_parser(
+    rollback = _predictor_command(
+        sub,
         "rollback",
-        parents=[common],
-        help="route 100%% to the `stable` alias and clear the shadow (admin)",
+        "route 100%% to the `stable` alias and clear the shadow (admin)",
+        common,
+        "model",
     )
-    rollback.add_argument("model")
-    rollback.add_argument("--predictor", required=True, metavar="HOST:PORT", type=flags.target())
     rollback.set_defaults(run=cmd_rollback)
 
-    promote = sub.add_parser(
+    promote = _predictor_command(
+        sub,
         "promote",
-        parents=[common],
-        help="point the `stable` alias at VERSION and put every weight on it (admin)",
+        "point the `stable` alias at VERSION and put every weight on it (admin)",
+        common,
+        "model",
+        "version",
     )
-    promote.add_argument("model")
-    promote.add_argument("version")
-    promote.add_argument("--predictor", required=True, metavar="HOST:PORT", type=flags.target())
     promote.set_defaults(run=cmd_promote)
 
     abp = sub.add_parser(
