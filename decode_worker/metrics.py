@@ -24,7 +24,7 @@ rest are counted under model="other", version="other", arm="other".
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -88,81 +88,60 @@ class WorkerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         mva = ["model", "version", "arm"]
-        self.tokens = Counter(
-            f"{PREFIX}_tokens", "Tokens generated (streamed to clients)", registry=r
+
+        def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}", doc, buckets=buckets, registry=r)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"{PREFIX}_{name}", doc, registry=r)
+
+        self.tokens = counter("tokens", "Tokens generated (streamed to clients)")
+        self.steps = counter("steps", "Speculative steps (one target forward each)")
+        self.drafted = counter(
+            "drafted_tokens", "Drafted tokens the target verified (sum of gamma)"
         )
-        self.steps = Counter(
-            f"{PREFIX}_steps", "Speculative steps (one target forward each)", registry=r
+        self.accepted = counter("accepted_tokens", "Drafted tokens the target accepted")
+        self.gamma = histogram(
+            "gamma", "Gamma (tokens drafted and verified) per step", GAMMA_BUCKETS
         )
-        self.drafted = Counter(
-            f"{PREFIX}_drafted_tokens",
-            "Drafted tokens the target verified (sum of gamma)",
-            registry=r,
-        )
-        self.accepted = Counter(
-            f"{PREFIX}_accepted_tokens", "Drafted tokens the target accepted", registry=r
-        )
-        self.gamma = Histogram(
-            f"{PREFIX}_gamma",
-            "Gamma (tokens drafted and verified) per step",
-            buckets=GAMMA_BUCKETS,
-            registry=r,
-        )
-        self.decisions = Counter(
-            f"{PREFIX}_decisions",
+        self.decisions = counter(
+            "decisions",
             "Steps by where their gamma came from: remote (the predictor), fallback (no "
             "answer in time, predictor down) or local (fixed/heuristic policy)",
             ["source"],
-            registry=r,
         )
-        self.decision_wait = Histogram(
-            f"{PREFIX}_decision_wait_seconds",
-            "Time a step waited for its gamma decision",
-            buckets=WAIT_BUCKETS,
-            registry=r,
+        self.decision_wait = histogram(
+            "decision_wait_seconds", "Time a step waited for its gamma decision", WAIT_BUCKETS
         )
-        self.generation_seconds = Counter(
-            f"{PREFIX}_generation_seconds",
+        self.generation_seconds = counter(
+            "generation_seconds",
             "Wall seconds of generations (summed over sequences; grows while they run)",
-            registry=r,
         )
-        self.generations = Counter(
-            f"{PREFIX}_generations",
-            "Generations finished, by finish reason",
-            ["finish_reason"],
-            registry=r,
+        self.generations = counter(
+            "generations", "Generations finished, by finish reason", ["finish_reason"]
         )
-        self.active = Gauge(
-            f"{PREFIX}_active_requests", "Generations producing steps now", registry=r
+        self.active = gauge("active_requests", "Generations producing steps now")
+        self.queued = gauge(
+            "queued_requests", "Generations admitted that have not produced their first step yet"
         )
-        self.queued = Gauge(
-            f"{PREFIX}_queued_requests",
-            "Generations admitted that have not produced their first step yet",
-            registry=r,
+        self.arm_steps = counter(
+            "arm_steps", "Steps decided remotely, by predictor model/version/arm", mva
         )
-        self.arm_steps = Counter(
-            f"{PREFIX}_arm_steps",
-            "Steps decided remotely, by predictor model/version/arm",
-            mva,
-            registry=r,
+        self.arm_tokens = counter(
+            "arm_tokens", "Tokens of steps decided remotely, by model/version/arm", mva
         )
-        self.arm_tokens = Counter(
-            f"{PREFIX}_arm_tokens",
-            "Tokens of steps decided remotely, by model/version/arm",
-            mva,
-            registry=r,
-        )
-        self.arm_drafted = Counter(
-            f"{PREFIX}_arm_drafted_tokens",
+        self.arm_drafted = counter(
+            "arm_drafted_tokens",
             "Drafted tokens of steps decided remotely, by model/version/arm",
             mva,
-            registry=r,
         )
-        self.arm_accepted = Counter(
-            f"{PREFIX}_arm_accepted_tokens",
+        self.arm_accepted = counter(
+            "arm_accepted_tokens",
             "Accepted tokens of steps decided remotely, by model/version/arm",
             mva,
-            registry=r,
         )
         self._readout = _Readout()
         self._max_arms = max_arms
