@@ -36,13 +36,18 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from predictor_service.manifest import WINDOWS
+    # numpy-level modules (the training libraries load in run()); the flags' defaults are
+    # the two configurations' own.
+    from speckv_client.flags import default_of
 
-    default_data = Path(__file__).parent / "data" / "speckv-paper" / "phase2_step_results.csv"
+    from predictor_service.manifest import WINDOWS
+    from predictor_service.plan_training import PlanTrainConfig
+    from predictor_service.training import TrainConfig
+
     parser.add_argument(
         "--data",
         type=Path,
-        default=default_data,
+        default=default_of(TrainConfig, "data"),
         help="mlp16: a step CSV in the seed's schema (default: the project's copy of the "
         "seed's phase2_step_results.csv; a sequence_id column, if present, defines the runs) "
         "or a directory of them, e.g. a worker's --record-steps DIR (every complete *.csv, "
@@ -65,24 +70,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "step's draft signals decide this step's gamma",
     )
     parser.add_argument(
-        "--max-gamma", type=_positive_int, default=16, help="instep: largest draft per step"
+        "--max-gamma",
+        type=_positive_int,
+        default=default_of(PlanTrainConfig, "max_gamma"),
+        help="instep: largest draft per step",
     )
     parser.add_argument(
         "--refresh-steps",
         type=_positive_int,
-        default=32,
+        default=default_of(PlanTrainConfig, "refresh_steps"),
         help="instep: a worker asks for a new plan after this many steps",
     )
     parser.add_argument(
         "--first-scale",
         type=float,
-        default=1.0,
+        default=default_of(PlanTrainConfig, "first_scale"),
         help="instep: multiplies the first-token stop threshold (speckv-eval tune-plan)",
     )
     parser.add_argument(
         "--continue-scale",
         type=float,
-        default=1.0,
+        default=default_of(PlanTrainConfig, "continue_scale"),
         help="instep: multiplies the continue threshold (speckv-eval tune-plan)",
     )
     parser.add_argument(
@@ -93,7 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "never overwritten",
     )
     parser.add_argument(
-        "--seed", type=int, default=42, help="the MLP's random_state (splits always use 42)"
+        "--seed",
+        type=int,
+        default=default_of(TrainConfig, "seed"),
+        help="the MLP's random_state (splits always use 42)",
     )
     parser.add_argument(
         "--skip-heldout-runs",
