@@ -1,4 +1,5 @@
-"""Command-line value checks shared by `speckv`, `speckv-worker serve` and `speckv-predictor serve`.
+"""Command-line value checks and subcommand plumbing shared by `speckv`, `speckv-worker`,
+`speckv-predictor` and `speckv-eval`.
 
 Each factory returns an argparse `type=` callable: a bad value becomes an argparse error,
 which names the flag ("argument --port: ..."), states the allowed range and exits 2.
@@ -11,8 +12,8 @@ import argparse
 import dataclasses
 import math
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
@@ -146,3 +147,30 @@ def default_of(config: type, name: str) -> Any:
                 return f.default_factory()
             raise TypeError(f"{config.__name__}.{name} has no default")
     raise AttributeError(f"{config.__name__} has no field {name!r}")
+
+
+class Subcommand(Protocol):
+    """A subcommand module: `add_arguments(parser)` and `run(args) -> exit code`."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+def add_subcommand(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    module: Subcommand,
+    help_text: str,
+) -> argparse.ArgumentParser:
+    """`PROG NAME`: the module's flags, run by `run_subcommand`."""
+    parser = sub.add_parser(name, help=help_text)
+    module.add_arguments(parser)
+    parser.set_defaults(run=module.run)
+    return parser
+
+
+def run_subcommand(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse `argv` and run the chosen subcommand's `run`; its exit code."""
+    args = parser.parse_args(argv)
+    return int(args.run(args))

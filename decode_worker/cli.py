@@ -17,6 +17,8 @@ MOVED = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from speckv_client.flags import add_subcommand
+
     from decode_worker import serve_cli
 
     parser = argparse.ArgumentParser(
@@ -25,9 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The tiny draft/target pair is built by `speckv-tiny-pair`, not by this command.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="load a pair once and serve Generate over gRPC")
-    serve_cli.add_arguments(serve)
-    serve.set_defaults(run=serve_cli.run)
+    add_subcommand(sub, "serve", serve_cli, "load a pair once and serve Generate over gRPC")
     return parser
 
 
@@ -36,8 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in MOVED:
         print(f"speckv-worker: error: no command {argv[0]!r}: {MOVED[argv[0]]}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    from speckv_client.flags import run_subcommand
+
+    return run_subcommand(build_parser(), argv)
 
 
 if __name__ == "__main__":
