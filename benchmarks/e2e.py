@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from speckv_eval.services import pair_fingerprint, start_predictor
+from speckv_eval.services import load_local_pair, pair_fingerprint, start_predictor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = REPO_ROOT / "benchmarks" / "prompts" / "prompts.jsonl"
@@ -135,19 +135,10 @@ def run_compression(
 
     from decode_worker.config import EngineConfig, RemotePolicyConfig
     from decode_worker.engine import SpeculativeEngine
-    from decode_worker.pair import PairConfig, load_pair
     from decode_worker.policies import FixedPolicy, HeuristicContextPolicy, HeuristicPolicy
     from decode_worker.remote_policy import RemotePolicy
 
-    pair = load_pair(
-        PairConfig(
-            draft=str(args.pair / "draft"),
-            target=str(args.pair / "target"),
-            compression=comp,
-            device=args.device,
-            local_files_only=True,
-        )
-    )
+    pair = load_local_pair(args.pair / "draft", args.pair / "target", comp, args.device)
     engine = SpeculativeEngine(pair, EngineConfig(default_max_new_tokens=args.max_new_tokens))
     engine.warmup()
     records = [json.loads(x) for x in args.prompts.read_text().splitlines() if x.strip()]

@@ -24,7 +24,7 @@ from speckv.vocabulary import DEFAULT_GAMMA_CANDIDATES
 
 from decode_worker.pair_manifest import read_manifest
 from speckv_eval.replay_run import Prompt, load_prompts
-from speckv_eval.services import pair_fingerprint
+from speckv_eval.services import load_local_pair, pair_fingerprint
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 DEFAULT_TRAIN_PROMPTS = PROMPTS_DIR / "train_prompts.jsonl"
@@ -102,7 +102,6 @@ def log_steps(cfg: LogConfig) -> dict[str, object]:
 
     from decode_worker.config import EngineConfig
     from decode_worker.engine import SpeculativeEngine
-    from decode_worker.pair import PairConfig, load_pair
     from decode_worker.policies import ExplorePolicy, FixedPolicy, GammaPolicy
     from decode_worker.records import StepRecorder, TokenRecorder
 
@@ -115,15 +114,7 @@ def log_steps(cfg: LogConfig) -> dict[str, object]:
     t0 = time.perf_counter()
     runs = steps = 0
     for comp in cfg.compressions:
-        pair = load_pair(
-            PairConfig(
-                draft=cfg.draft,
-                target=cfg.target,
-                compression=comp,
-                device=cfg.device,
-                local_files_only=True,
-            )
-        )
+        pair = load_local_pair(cfg.draft, cfg.target, comp, cfg.device)
         # One engine per task: the recorder writes EngineConfig.record_task in `task`.
         engines = {
             task: SpeculativeEngine(

@@ -227,17 +227,9 @@ def traces_and_costs(
 
     from decode_worker.config import EngineConfig
     from decode_worker.engine import SpeculativeEngine
-    from decode_worker.pair import PairConfig, load_pair
+    from speckv_eval.services import load_local_pair
 
-    pair = load_pair(
-        PairConfig(
-            draft=cfg.draft,
-            target=cfg.target,
-            compression=comp,
-            device=cfg.device,
-            local_files_only=True,
-        )
-    )
+    pair = load_local_pair(cfg.draft, cfg.target, comp, cfg.device)
     engine = SpeculativeEngine(
         pair,
         EngineConfig(

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 LISTENING = re.compile(r"listening on (\S+:\d+)")
 BIN = Path(sys.executable).parent
@@ -159,6 +159,22 @@ def publish_version(version_dir: Path, repo: Path, model: str) -> Path:
     shutil.copytree(version_dir, tmp)
     tmp.rename(dest)
     return dest
+
+
+def load_local_pair(draft: str | Path, target: str | Path, compression: str, device: str) -> Any:
+    """The pair as every measurement loads it: from local files only (no machine of this
+    project downloads weights), at one compression."""
+    from decode_worker.pair import PairConfig, load_pair
+
+    return load_pair(
+        PairConfig(
+            draft=str(draft),
+            target=str(target),
+            compression=compression,
+            device=device,
+            local_files_only=True,
+        )
+    )
 
 
 def pair_fingerprint(draft: str | Path, target: str | Path) -> dict[str, object]:
