@@ -22,6 +22,15 @@ def _plt():  # type: ignore[no-untyped-def]
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay the figure out, write it to `path` (folders made as needed) and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def grouped_bars(
     path: Path,
     table: pd.DataFrame,
@@ -44,11 +53,7 @@ def grouped_bars(
     ax.set_title(title)
     ax.grid(True, alpha=0.3, axis="y")
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def policy_bars(path: Path, wide: pd.DataFrame, xlabel: str, title: str) -> Path:
@@ -69,11 +74,7 @@ def policy_bars(path: Path, wide: pd.DataFrame, xlabel: str, title: str) -> Path
     ax.set_title(title)
     ax.grid(True, alpha=0.3, axis="x")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def gamma_histograms(
@@ -101,11 +102,7 @@ def gamma_histograms(
         if k % cols == 0:
             ax.set_ylabel("% of steps")
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def predicted_vs_actual(
@@ -131,11 +128,7 @@ def predicted_vs_actual(
     ax.set_title(f"{title}\n(n={len(actual)}, corr={corr:.3f})", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _shares_from_table(df: pd.DataFrame) -> dict[int, float]:
