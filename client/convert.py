@@ -163,14 +163,12 @@ def timing_to_pb(t: StepTiming) -> predictor_pb2.StepTiming:
 
 
 def row_to_pb(row: FeatureRow) -> predictor_pb2.FeatureRow:
-    m = predictor_pb2.FeatureRow(
+    return predictor_pb2.FeatureRow(
         routing_key=row.routing_key,
         step=row.step,
         compression=_COMPRESSION_TO_PB[Compression(row.compression)],
+        signals=None if row.signals is None else signals_to_pb(row.signals),
     )
-    if row.signals is not None:
-        m.signals.CopyFrom(signals_to_pb(row.signals))
-    return m
 
 
 def plan_to_pb(plan: DraftPlan) -> predictor_pb2.DraftPlan:
@@ -203,12 +201,9 @@ def decide_request_to_pb(batch: DecideBatch, request_id: int) -> predictor_pb2.D
         window=_WINDOW_TO_PB[Window(batch.window)],
         gamma_candidates=list(batch.gamma_candidates),
         objective=objective_to_pb(batch.objective),
+        timing=None if batch.timing is None else timing_to_pb(batch.timing),
+        model=selector_to_pb(batch.model),
     )
-    if batch.timing is not None:
-        req.timing.CopyFrom(timing_to_pb(batch.timing))
-    selector = selector_to_pb(batch.model)
-    if selector is not None:
-        req.model.CopyFrom(selector)
     if batch.outcomes:
         req.outcomes.extend(outcome_to_pb(o) for o in batch.outcomes)
     return req
@@ -318,14 +313,11 @@ def decisions_from_pb(m: predictor_pb2.DecideResponse) -> list[Decision]:
 def predict_request_to_pb(
     rows: Sequence[Sequence[float]], model: ModelSelector | None, routing_key: str
 ) -> predictor_pb2.PredictRequest:
-    req = predictor_pb2.PredictRequest(
+    return predictor_pb2.PredictRequest(
         rows=[predictor_pb2.FeatureVector(values=[float(v) for v in r]) for r in rows],
         routing_key=routing_key,
+        model=selector_to_pb(model),
     )
-    selector = selector_to_pb(model)
-    if selector is not None:
-        req.model.CopyFrom(selector)
-    return req
 
 
 def prediction_from_pb(m: predictor_pb2.PredictResponse) -> Prediction:
@@ -393,7 +385,7 @@ def generate_request_to_pb(
     predictor_model: ModelSelector | None,
     objective: Objective | None,
 ) -> decoder_pb2.GenerateRequest:
-    req = decoder_pb2.GenerateRequest(
+    return decoder_pb2.GenerateRequest(
         prompt=prompt,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -403,11 +395,8 @@ def generate_request_to_pb(
         request_id=request_id,
         policy=policy,
         objective=objective_to_pb(objective),
+        predictor_model=selector_to_pb(predictor_model),
     )
-    selector = selector_to_pb(predictor_model)
-    if selector is not None:
-        req.predictor_model.CopyFrom(selector)
-    return req
 
 
 def step_stats_from_pb(m: decoder_pb2.StepStats) -> StepStats:
