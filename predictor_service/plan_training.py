@@ -55,11 +55,9 @@ from predictor_service.training import (
     ONNX_OPSET,
     TrainError,
     TrainResult,
-    VersionExistsError,
-    _exists_message,
     _export_onnx,
     _library_versions,
-    _next_version,
+    _new_version,
     _onnx_max_abs_diff,
     _publish,
     _stages,
@@ -177,11 +175,7 @@ def train_plan_model(config: PlanTrainConfig) -> tuple[TrainResult, dict[str, An
     with _stages(config.progress, total=5) as stage:
         stage("reading token records")
         data = read_token_records([config.data], config.axes)
-        model_dir = Path(config.repo) / config.name
-        version = config.version or _next_version(model_dir)
-        target = model_dir / str(version)
-        if target.exists():
-            raise VersionExistsError(_exists_message(target, model_dir))
+        model_dir, version, target = _new_version(config.repo, config.name, config.version)
         stage("held-out prompts: fit on 80% of prompts, score on the rest")
         tr, te = heldout_split(data.prompt, assignment="balanced")
         held = fit_mlp16(data.x[tr], data.y[tr], config.seed)

@@ -147,11 +147,7 @@ def train_and_register(config: TrainConfig) -> TrainResult:
         stage("reading step records")
         records = read_step_records(config.data)
         data = window_data(records, config.window)
-        model_dir = Path(config.repo) / config.name
-        version = config.version or _next_version(model_dir)
-        target = model_dir / str(version)
-        if target.exists():
-            raise VersionExistsError(_exists_message(target, model_dir))
+        model_dir, version, target = _new_version(config.repo, config.name, config.version)
 
         stage("seed split: fit on 80%, score on 20%")
         split = _split_metrics(data, config.seed)
@@ -219,6 +215,17 @@ def train_and_register(config: TrainConfig) -> TrainResult:
 
 def _next_version(model_dir: Path) -> int:
     return max(existing_versions(model_dir), default=0) + 1
+
+
+def _new_version(repo: Path, name: str, version: int | None) -> tuple[Path, int, Path]:
+    """`<repo>/<name>`, the version to register (the given one, else the next free one) and
+    its folder; VersionExistsError when that folder exists (versions are immutable)."""
+    model_dir = Path(repo) / name
+    version = version or _next_version(model_dir)
+    target = model_dir / str(version)
+    if target.exists():
+        raise VersionExistsError(_exists_message(target, model_dir))
+    return model_dir, version, target
 
 
 def _exists_message(target: Path, model_dir: Path) -> str:
