@@ -393,6 +393,15 @@ def cmd_models(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return ExitCode.OK
 
 
+def _routing_out(args: argparse.Namespace, routing: Routing, out: TextIO) -> int:
+    """A routing change's answer: the model's routing as JSON or one line."""
+    if args.json:
+        _print_json(routing, out)
+    else:
+        out.write(f"{args.model}: {format_routing(routing)}\n")
+    return ExitCode.OK
+
+
 def cmd_route(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     weights = _weights(args.weights)
     aliases = _aliases(args.alias or [])
@@ -409,21 +418,13 @@ def cmd_route(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             aliases={**current.aliases, **aliases},
         )
         routing = client.set_routing(args.model, merged)
-    if args.json:
-        _print_json(routing, out)
-    else:
-        out.write(f"{args.model}: {format_routing(routing)}\n")
-    return ExitCode.OK
+    return _routing_out(args, routing, out)
 
 
 def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     with _predictor(args) as client:
         routing = client.rollback(args.model)
-    if args.json:
-        _print_json(routing, out)
-    else:
-        out.write(f"{args.model}: {format_routing(routing)}\n")
-    return ExitCode.OK
+    return _routing_out(args, routing, out)
 
 
 def cmd_promote(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -461,13 +462,10 @@ def cmd_promote(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 aliases={**current.aliases, STABLE_ARM: version},
             ),
         )
-    if args.json:
-        _print_json(routing, out)
-    else:
+    if not args.json:
         was = f"v{previous}" if previous is not None else "no stable alias"
         err.write(f"promoted {args.model} v{version} to {STABLE_ARM} (was {was})\n")
-        out.write(f"{args.model}: {format_routing(routing)}\n")
-    return ExitCode.OK
+    return _routing_out(args, routing, out)
 
 
 def _replica_addresses(target: str) -> tuple[list[str], str | None]:
