@@ -104,6 +104,14 @@ def _identity(report: ArmStatsReport, index: int) -> str:
     return report.replica or f"(unnamed replica #{index + 1})"
 
 
+_COUNTS = ("steps", "drafted", "accepted", "tokens")
+
+
+def _summed_counts(parts: Sequence[SequenceOutcome] | Sequence[ArmStats]) -> dict[str, int]:
+    """The step, drafted, accepted and token counts of several replicas' parts, summed."""
+    return {name: sum(getattr(p, name) for p in parts) for name in _COUNTS}
+
+
 def merge_sequences(
     outcomes: Sequence[SequenceOutcome],
 ) -> tuple[tuple[SequenceOutcome, ...], int]:
@@ -119,10 +127,7 @@ def merge_sequences(
         merged.append(
             SequenceOutcome(
                 routing_key=key,
-                steps=sum(p.steps for p in parts),
-                drafted=sum(p.drafted for p in parts),
-                accepted=sum(p.accepted for p in parts),
-                tokens=sum(p.tokens for p in parts),
+                **_summed_counts(parts),
                 seconds=math.fsum(p.seconds for p in parts),
                 ended=any(p.ended for p in parts),
             )
@@ -164,10 +169,7 @@ def merge_reports(reports: Sequence[ArmStatsReport]) -> MergedStats:
                     model_version=key[1],
                     arm=key[2],
                     sequences=count,
-                    steps=sum(p.steps for p in parts),
-                    drafted=sum(p.drafted for p in parts),
-                    accepted=sum(p.accepted for p in parts),
-                    tokens=sum(p.tokens for p in parts),
+                    **_summed_counts(parts),
                     draft_seconds=math.fsum(p.draft_seconds for p in parts),
                     verify_seconds=math.fsum(p.verify_seconds for p in parts),
                     sequence_outcomes=sequences,
