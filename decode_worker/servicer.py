@@ -342,17 +342,8 @@ def _chunk_to_pb(step: EngineStep) -> decoder_pb2.TokenChunk:
         draft_seconds=step.draft_seconds,
         verify_seconds=step.verify_seconds,
         decision_wait_seconds=d.wait_seconds,
+        signals=None if step.signals is None else convert.signals_to_pb(step.signals),
     )
-    if step.signals is not None:
-        s = step.signals
-        stats.signals.CopyFrom(
-            common_pb2.DraftSignals(
-                mean_draft_entropy=s.mean_draft_entropy,
-                mean_draft_confidence=s.mean_draft_confidence,
-                max_draft_entropy=s.max_draft_entropy,
-                min_draft_confidence=s.min_draft_confidence,
-            )
-        )
     return decoder_pb2.TokenChunk(text=step.text, token_ids=list(step.token_ids), step=stats)
 
 
