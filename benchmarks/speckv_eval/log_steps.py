@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speckv.vocabulary import DEFAULT_GAMMA_CANDIDATES
+from speckv_client.flags import default_of
 
 from decode_worker.pair_manifest import read_manifest
 from speckv_eval.replay_run import Prompt, load_prompts
@@ -160,7 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompts",
         type=Path,
-        default=DEFAULT_TRAIN_PROMPTS,
+        default=default_of(LogConfig, "prompts"),
         help="JSONL training prompts (default: benchmarks/prompts/train_prompts.jsonl)",
     )
     parser.add_argument(
@@ -174,14 +175,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--corpus-snippets",
         type=int,
-        default=0,
+        default=default_of(LogConfig, "corpus_snippets"),
         help="also use N prompts cut from the tiny pair's held-out stdlib/pydoc documents",
     )
     parser.add_argument(
         "--gammas",
         type=int,
         nargs="*",
-        default=list(DEFAULT_GAMMA_CANDIDATES),
+        default=list(default_of(LogConfig, "gammas")),
         help="fixed γ runs per prompt (none: only --explore-runs)",
     )
     parser.add_argument(
@@ -193,15 +194,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--explore-runs",
         type=int,
-        default=0,
+        default=default_of(LogConfig, "explore_runs"),
         help="runs per prompt and compression with a random γ in 1..8 per step",
     )
     parser.add_argument(
-        "--compression", nargs="+", default=["fp16", "int8", "nf4"], choices=["fp16", "int8", "nf4"]
+        "--compression",
+        nargs="+",
+        default=list(default_of(LogConfig, "compressions")),
+        choices=["fp16", "int8", "nf4"],
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=default_of(LogConfig, "max_new_tokens")
+    )
+    parser.add_argument("--threads", type=int, default=default_of(LogConfig, "threads"))
+    parser.add_argument(
+        "--device", default=default_of(LogConfig, "device"), choices=["cpu", "cuda", "auto"]
+    )
 
 
 def run(args: argparse.Namespace) -> int:

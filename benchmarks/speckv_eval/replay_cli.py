@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from speckv_client.flags import default_of
 
 from speckv_eval.replay_run import ReplayConfig, gamma_shares, run_replay
 from speckv_eval.services import pair_fingerprint
@@ -31,12 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compression",
         nargs="+",
-        default=["fp16"],
+        default=list(default_of(ReplayConfig, "compressions")),
         choices=["fp16", "int8", "nf4"],
         help="target compressions to replay (one target run per prompt each)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--limit", type=int, default=0, help="use the first N prompts (0: all)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=default_of(ReplayConfig, "max_new_tokens")
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=default_of(ReplayConfig, "limit"),
+        help="use the first N prompts (0: all)",
+    )
     parser.add_argument(
         "--model",
         type=Path,
@@ -45,9 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a model version folder (<repo>/<name>/<version>) to replay as a predictor "
         "policy with both objectives; repeat for several",
     )
-    parser.add_argument("--max-gamma", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--max-gamma", type=int, default=default_of(ReplayConfig, "max_gamma"))
+    parser.add_argument(
+        "--threads", type=int, default=default_of(ReplayConfig, "threads"), help="torch CPU threads"
+    )
+    parser.add_argument(
+        "--device", default=default_of(ReplayConfig, "device"), choices=["cpu", "cuda", "auto"]
+    )
     parser.add_argument("--csv-dir", type=Path, default=None, help="write tables as CSV here")
     parser.add_argument("--img-dir", type=Path, default=None, help="write PNG plots here")
 
