@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import pandas as pd
+from speckv_client.flags import default_of
 
 from speckv_eval.paper import (
     HonestResult,
@@ -28,9 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="seed data folder (default: the project copy predictor_service/data/speckv-paper)",
     )
-    parser.add_argument("--n-boot-ci", type=int, default=5000, help="bootstrap resamples per CI")
     parser.add_argument(
-        "--n-boot-paired", type=int, default=10000, help="paired bootstrap resamples"
+        "--n-boot-ci",
+        type=int,
+        default=default_of(PaperConfig, "n_boot_ci"),
+        help="bootstrap resamples per CI",
+    )
+    parser.add_argument(
+        "--n-boot-paired",
+        type=int,
+        default=default_of(PaperConfig, "n_boot_paired"),
+        help="paired bootstrap resamples",
     )
     parser.add_argument("--no-honest", action="store_true", help="only reproduce the seed")
     parser.add_argument("--csv-dir", type=Path, default=None, help="also write every table as CSV")

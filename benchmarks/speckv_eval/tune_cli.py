@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from speckv_client.flags import default_of
+
 from speckv_eval.log_steps import DEFAULT_EXCLUDE, DEFAULT_TRAIN_PROMPTS, check_disjoint
 from speckv_eval.replay_run import CONTINUE_SCALES, FIRST_SCALES, ReplayConfig, load_prompts
 
@@ -25,11 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compression", nargs="+", default=["fp16", "int8", "nf4"], choices=["fp16", "int8", "nf4"]
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--limit", type=int, default=0)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=default_of(ReplayConfig, "max_new_tokens")
+    )
+    parser.add_argument("--limit", type=int, default=default_of(ReplayConfig, "limit"))
     parser.add_argument("--first-scales", type=float, nargs="+", default=list(FIRST_SCALES))
     parser.add_argument("--continue-scales", type=float, nargs="+", default=list(CONTINUE_SCALES))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=default_of(ReplayConfig, "threads"))
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
 
 

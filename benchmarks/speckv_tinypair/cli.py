@@ -11,8 +11,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from speckv_client.flags import default_of
+
 from decode_worker.pair_manifest import ManifestError, format_fingerprint
 from speckv_tinypair.builder import SIZES, TinyPairConfig, ensure_tiny_pair
+
+_THREADS: int = default_of(TinyPairConfig, "threads")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,10 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="directory for the pair (default .cache/tiny-pair/<size>-seed<seed>)",
     )
-    parser.add_argument("--size", choices=sorted(SIZES), default="test")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=sorted(SIZES), default=default_of(TinyPairConfig, "size"))
+    parser.add_argument("--seed", type=int, default=default_of(TinyPairConfig, "seed"))
     parser.add_argument(
-        "--threads", type=int, default=2, help="torch CPU threads for training (default 2)"
+        "--threads",
+        type=int,
+        default=_THREADS,
+        help=f"torch CPU threads for training (default {_THREADS})",
     )
     parser.add_argument(
         "--force", action="store_true", help="rebuild even when the cached pair matches"
