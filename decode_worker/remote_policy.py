@@ -231,15 +231,7 @@ class RemoteSequencePolicy(SequencePolicy):
             return self._fallback(waited, f"no decision for step {step} in the answer")
         self._last_gamma = decision.gamma
         self._decision_stream = decision.stream
-        return GammaDecision(
-            gamma=decision.gamma,
-            source=DecisionSource.REMOTE,
-            model_name=decision.model_name,
-            model_version=decision.model_version,
-            arm=decision.arm,
-            wait_seconds=waited,
-            decision_step=step,
-        )
+        return _remote(decision, decision.gamma, step, waited)
 
     def _fallback(self, waited: float, why: str) -> GammaDecision:
         if why and self._failures_logged < 3:
@@ -249,6 +241,19 @@ class RemoteSequencePolicy(SequencePolicy):
         if self._config.fallback_mode == "last":
             gamma = self._last_gamma
         return GammaDecision(gamma=gamma, source=DecisionSource.FALLBACK, wait_seconds=waited)
+
+
+def _remote(d: Decision, gamma: int, decision_step: int, waited: float = 0.0) -> GammaDecision:
+    """A step decided by the predictor: the model, version and arm of the answer `d`."""
+    return GammaDecision(
+        gamma=gamma,
+        source=DecisionSource.REMOTE,
+        model_name=d.model_name,
+        model_version=d.model_version,
+        arm=d.arm,
+        wait_seconds=waited,
+        decision_step=decision_step,
+    )
 
 
 def _pick(decisions: list[Decision], routing_key: str, step: int) -> Decision | None:
@@ -372,14 +377,8 @@ class RemotePlanSequence(SequencePolicy):
             return
         assert decision is not None
         self._runner = PlanRunner(plan)
-        self._plan_meta = GammaDecision(
-            plan.max_gamma,
-            DecisionSource.REMOTE,
-            decision.model_name,
-            decision.model_version,
-            decision.arm,
-            decision_step=self._pending_step,  # the step the plan was asked for
-        )
+        # decision_step: the step the plan was asked for.
+        self._plan_meta = _remote(decision, plan.max_gamma, self._pending_step)
         self._plan_stream = decision.stream
         self._plan_step = step
         self.plans_received += 1
