@@ -6,6 +6,7 @@ dataclasses. Everything above this module works on `speckv_client.types`.
 
 from __future__ import annotations
 
+import enum
 import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
@@ -48,7 +49,8 @@ from speckv_client.types import (
 
 # Each wire enum is mapped here once. Compression, DecisionWindow and Objective take their
 # wire values from the shared vocabulary (speckv.vocabulary; checked against the stubs by
-# tests/contract/test_vocabulary.py); the client enums' values are its names.
+# tests/contract/test_vocabulary.py); the others map each wire value to the client enum member
+# of the same name (`_by_name`).
 _COMPRESSION_TO_PB = {Compression(n): v for n, v in vocab.COMPRESSION_WIRE.items()}
 _COMPRESSION_FROM_PB = {v: k for k, v in _COMPRESSION_TO_PB.items()}
 
@@ -58,30 +60,22 @@ _WINDOW_FROM_PB = {v: k for k, v in _WINDOW_TO_PB.items()}
 _OBJECTIVE_TO_PB = {Objective(n): v for n, v in vocab.OBJECTIVE_WIRE.items()}
 _OBJECTIVE_FROM_PB = {v: k for k, v in _OBJECTIVE_TO_PB.items()}
 
-_STATE_FROM_PB = {
-    predictor_pb2.MODEL_STATE_UNSPECIFIED: ModelState.UNSPECIFIED,
-    predictor_pb2.MODEL_STATE_LOADING: ModelState.LOADING,
-    predictor_pb2.MODEL_STATE_READY: ModelState.READY,
-    predictor_pb2.MODEL_STATE_FAILED: ModelState.FAILED,
-    predictor_pb2.MODEL_STATE_UNLOADED: ModelState.UNLOADED,
-}
 
-_SOURCE_FROM_PB = {
-    decoder_pb2.DECISION_SOURCE_UNSPECIFIED: DecisionSource.UNSPECIFIED,
-    decoder_pb2.DECISION_SOURCE_REMOTE: DecisionSource.REMOTE,
-    decoder_pb2.DECISION_SOURCE_FALLBACK: DecisionSource.FALLBACK,
-    decoder_pb2.DECISION_SOURCE_LOCAL: DecisionSource.LOCAL,
-}
+def _by_name(pb_enum: Any, cls: type[enum.Enum], prefix: str) -> dict[int, Any]:
+    """A wire enum's values to the client enum member of the same name (MODEL_STATE_READY ->
+    ModelState.READY); a wire value the client does not know is left out (read as
+    UNSPECIFIED)."""
+    return {
+        value: cls[name.removeprefix(prefix)]
+        for name, value in pb_enum.items()
+        if name.removeprefix(prefix) in cls.__members__
+    }
 
+
+_STATE_FROM_PB = _by_name(predictor_pb2.ModelState, ModelState, "MODEL_STATE_")
+_SOURCE_FROM_PB = _by_name(decoder_pb2.DecisionSource, DecisionSource, "DECISION_SOURCE_")
 _SOURCE_TO_PB = {v: k for k, v in _SOURCE_FROM_PB.items()}
-
-_FINISH_FROM_PB = {
-    decoder_pb2.FINISH_REASON_UNSPECIFIED: FinishReason.UNSPECIFIED,
-    decoder_pb2.FINISH_REASON_EOS: FinishReason.EOS,
-    decoder_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
-    decoder_pb2.FINISH_REASON_STOP_STRING: FinishReason.STOP_STRING,
-    decoder_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
-}
+_FINISH_FROM_PB = _by_name(decoder_pb2.FinishReason, FinishReason, "FINISH_REASON_")
 _FINISH_TO_PB = {v: k for k, v in _FINISH_FROM_PB.items()}
 
 
