@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from speckv_client.types import DecideBatch, Decision, Window
+from speckv_client.types import DecideBatch, Decision, StepOutcome, Window
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -563,6 +563,9 @@ class _Row:
     acc_k: int = 0  # drafted tokens accepted, over those steps
     acc_fail: int = 0  # steps that rejected a drafted token
     pooled: bool = True  # counts into the worker's pooled acceptance (not warm-up rows)
+    # The last step's outcome when it did not end the sequence: reported to the policy when
+    # the row's next step starts, or with sequence_end when none does (as GenerationRun).
+    unreported: StepOutcome | None = None
 
     def reset_step(self) -> None:
         self.phase, self.want, self.gamma, self.decision = _DONE, 0, 0, None
@@ -854,10 +857,19 @@ class BatchScheduler:
                 return
         b = len(rows)
         failed: dict[int, BaseException] = {}
+        for i, row in enumerate(rows):
+            if row.unreported is not None:
+                outcome, row.unreported = row.unreported, None
+                try:
+                    row.policy.finished(outcome)
+                except Exception as err:
+                    failed[i] = err
         self._plan_batch(rows)
         # --- decide (rows without a prefix window decide before drafting)
         for i, row in enumerate(rows):
             row.reset_step()
+            if i in failed:
+                continue
             remaining = row.run.max_new_tokens - len(row.new)
             row.cap = min(eng.config.max_gamma, remaining - 1)
             try:
@@ -1167,7 +1179,11 @@ class BatchScheduler:
             target_cache_len=self._tkv.lengths[i],
         )
         run.stats.observe(result)
-        row.policy.finished(step_outcome(run.request_id, pair.compression, result, finish))
+        outcome = step_outcome(run.request_id, pair.compression, result, finish)
+        if finish is None:
+            row.unreported = outcome
+        else:
+            row.policy.finished(outcome)
         if run.recorder is not None:
             run.recorder.write(
                 StepRecord(
@@ -1225,6 +1241,9 @@ class BatchScheduler:
 
 def _close(row: _Row) -> None:
     try:
+        if row.unreported is not None:  # cut between steps: its last outcome ends it
+            outcome, row.unreported = row.unreported, None
+            row.policy.finished(replace(outcome, sequence_end=True))
         row.policy.close()
     except Exception:  # a policy that fails to close must not stop the batch
         log.exception("policy close failed for %s", row.run.request_id)

@@ -14,11 +14,18 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from speckv.v1 import decoder_pb2, decoder_pb2_grpc
+from speckv_client.types import StepOutcome
 
 from decode_worker.batching import BatchScheduler, QueueFull
 from decode_worker.config import EngineConfig, WorkerConfig
 from decode_worker.engine import FinishReason, GenerationResult, SpeculativeEngine
-from decode_worker.policies import FixedPolicy, HeuristicContextPolicy, HeuristicPolicy
+from decode_worker.policies import (
+    FixedPolicy,
+    HeuristicContextPolicy,
+    HeuristicPolicy,
+    SequenceInfo,
+    SequencePolicy,
+)
 from decode_worker.server import WorkerServer
 from tests.worker.engine_helpers import ForwardCounter, prompts, random_pair, text_pair
 
@@ -148,6 +155,71 @@ def test_cancelling_one_row_leaves_the_others_untouched() -> None:
     assert len(cancelled.token_ids) < 40
     assert cancelled.token_ids == solo[1].token_ids[: len(cancelled.token_ids)]
     assert h.result is None
+
+
+class _Outcomes(FixedPolicy):
+    """fixed:3 that records every outcome its sequences report (request id → outcomes)."""
+
+    def __init__(self) -> None:
+        super().__init__(3)
+        self.seen: dict[str, list[StepOutcome]] = {}
+
+    def start(self, seq: SequenceInfo) -> SequencePolicy:
+        inner = super().start(seq)
+        seen = self.seen.setdefault(seq.request_id, [])
+
+        class Recording(SequencePolicy):
+            def decide(self, step: int, prefix_signals: Any) -> Any:
+                return inner.decide(step, prefix_signals)
+
+            def finished(self, outcome: StepOutcome) -> None:
+                seen.append(outcome)
+
+        return Recording()
+
+
+@pytest.mark.timeout(60)
+def test_rows_cut_between_steps_still_end_their_sequence() -> None:
+    """As GenerationRun: each completed step's outcome is reported once, and the last one
+    carries sequence_end — for a row that finishes, one cancelled between steps and one
+    whose consumer stopped reading."""
+    pair = random_pair(seed=3)
+    eng = SpeculativeEngine(pair)
+    ps = prompts(3, length=8, seed=5)
+    policy = _Outcomes()
+    stop = threading.Event()
+    sched = BatchScheduler(eng, max_batch_size=4, max_queue=0)
+    try:
+        done = sched.submit(ps[0], policy, max_new_tokens=24, request_id="done")
+        cut = sched.submit(
+            ps[1], policy, max_new_tokens=200, request_id="cut", cancelled=stop.is_set
+        )
+        gone = sched.submit(ps[2], policy, max_new_tokens=200, request_id="gone")
+        it = iter(gone)
+        gone_steps = [next(it), next(it)]
+        it.close()  # type: ignore[attr-defined]
+        cut_steps = []
+        for step in cut:
+            cut_steps.append(step)
+            if len(cut_steps) == 3:
+                stop.set()
+        finished = _drain(done)
+        deadline = time.monotonic() + 10
+        while sched.running or sched.queued:
+            assert time.monotonic() < deadline, "rows never left the batch"
+            time.sleep(0.01)
+    finally:
+        sched.close(timeout=10)
+    assert cut.result is not None and cut.result.finish_reason == FinishReason.CANCELLED
+    for rid, steps in (("done", finished.steps), ("cut", cut.result.steps)):
+        seen = policy.seen[rid]
+        assert [o.step for o in seen] == [s.step for s in steps], rid
+        assert seen[-1].sequence_end and not any(o.sequence_end for o in seen[:-1]), rid
+    seen = policy.seen["gone"]
+    # The abandoned row may complete a step after its consumer left (the batch ran on).
+    assert [o.step for o in seen][: len(gone_steps)] == [s.step for s in gone_steps]
+    assert [o.step for o in seen] == list(range(len(seen)))
+    assert seen[-1].sequence_end and not any(o.sequence_end for o in seen[:-1])
 
 
 @pytest.mark.timeout(60)
