@@ -116,6 +116,52 @@ def test_each_row_equals_its_solo_run(loaded_pair: Callable[[str], Any], compres
     assert st.verify_forwards == st.steps < sum(r.stats.num_steps for r in solo)
 
 
+@pytest.mark.timeout(150)
+def test_int8_rows_equal_target_greedy_up_to_documented_near_ties(
+    loaded_pair: Callable[[str], Any],
+) -> None:
+    """int8 in a batch: every row's greedy output is the target's own greedy output, except
+    at a documented near-tie (docs/worker.md, "int8 near-ties": top-2 logit gap < 0.01, the
+    runner-up chosen), now with other rows sharing the forward that picks outlier columns."""
+    from tests.worker.test_greedy_equality import NEAR_TIE_LOGIT_GAP, _divergence
+
+    pair = loaded_pair("int8")
+    eng = SpeculativeEngine(pair, EngineConfig(max_gamma=8))
+    ids = [eng.encode(t) for t in TEXTS]
+    n = 24
+    want = []
+    for i in ids:
+        x = torch.tensor([i])
+        with torch.inference_mode():
+            out = pair.target.generate(
+                x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n
+            )
+        want.append([int(t) for t in out[0, len(i) :]])
+    policies = [FixedPolicy(3), HeuristicPolicy(), FixedPolicy(0), HeuristicContextPolicy()]
+    sched = BatchScheduler(eng, max_batch_size=4, max_queue=8)
+    try:
+        handles = [
+            sched.submit(p, policies[k % len(policies)], max_new_tokens=n, request_id=f"q{k}")
+            for k, p in enumerate(ids)
+        ]
+        results = [_drain(h) for h in handles]
+    finally:
+        sched.close(timeout=10)
+    near_ties, failures = [], []
+    for k, (res, ref) in enumerate(zip(results, want, strict=True)):
+        got = list(res.token_ids)
+        if got == ref:
+            continue
+        gap, runner_up, why = _divergence(pair.target, ids[k], got, ref)
+        (near_ties if gap < NEAR_TIE_LOGIT_GAP["int8"] and runner_up else failures).append(
+            f"row {k}: {why}"
+        )
+    assert not failures, "\n".join(failures)
+    for line in near_ties:
+        print(f"near-tie divergence (documented, int8, batched): {line}")
+    assert len(near_ties) <= len(ids) // 4, "\n".join(near_ties)
+
+
 @pytest.mark.timeout(60)
 def test_cancelling_one_row_leaves_the_others_untouched() -> None:
     pair = random_pair(seed=3)
