@@ -55,6 +55,11 @@ OUTBOX_LIMIT = 8192
 """Outcomes queued at most; one more is dropped (and counted), so memory stays bounded."""
 MAX_OUTCOMES_PER_MESSAGE = 512
 """Outcomes carried by one message at most (and never more than fit max_message_bytes)."""
+STALL_TIMEOUT_S = 10.0
+"""A stream that has left a message unanswered this long, and answered nothing since it was
+sent, is cancelled and replaced: a healthy predictor answers in milliseconds, and a stream
+that swallows messages without ever breaking (seen when a new stream reached a server in
+the instant it stopped) would otherwise starve the worker of decisions for good."""
 
 
 @dataclass
@@ -67,6 +72,8 @@ class DecisionStreamStats:
     unavailable: int = 0
     streams_opened: int = 0
     reconnect_requests: int = 0
+    # Streams cancelled because a message went unanswered for `stall_timeout_s`.
+    stalls: int = 0
     # Step outcomes (`report`). Once nothing is queued or in flight:
     # outcomes_reported == outcomes_sent + outcomes_dropped.
     outcomes_reported: int = 0
@@ -118,6 +125,9 @@ class _Stream:
         self.draining = False
         self.answered = False
         self.ended = False
+        # time.monotonic() since when a message has waited with no answer in between
+        # (None: nothing unanswered); the connect loop cancels a stream stalled too long.
+        self.waiting_since: float | None = None
         self.call = stub.Decide(self._requests())
 
     def _requests(self):  # type: ignore[no-untyped-def]
@@ -165,15 +175,19 @@ class DecisionStream:
         outcome_flush_s: float = OUTCOME_FLUSH_S,
         outbox_limit: int = OUTBOX_LIMIT,
         max_outcomes_per_message: int = MAX_OUTCOMES_PER_MESSAGE,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
     ) -> None:
         if not 0.0 < outcome_flush_s <= 60.0:
             raise ValueError(f"outcome_flush_s must be in (0, 60] s, got {outcome_flush_s}")
+        if not 0.0 < stall_timeout_s <= 3600.0:
+            raise ValueError(f"stall_timeout_s must be in (0, 3600] s, got {stall_timeout_s}")
         if outbox_limit < 1 or max_outcomes_per_message < 1:
             raise ValueError(
                 f"outbox_limit ({outbox_limit}) and max_outcomes_per_message "
                 f"({max_outcomes_per_message}) must be ≥ 1"
             )
         self._max_message_bytes = max_message_bytes
+        self._stall_timeout_s = stall_timeout_s
         self._outcome_flush_s = outcome_flush_s
         self._outbox_limit = outbox_limit
         self._max_outcomes = max_outcomes_per_message
@@ -254,6 +268,8 @@ class DecisionStream:
                 return future
             request_id = next(self._ids)
             stream.pending[request_id] = future
+            if stream.waiting_since is None:
+                stream.waiting_since = time.monotonic()
             request.request_id = request_id
             if self._outbox:
                 self._attach_locked(stream, request, self._max_message_bytes - size, False)
@@ -368,7 +384,16 @@ class DecisionStream:
         while True:
             with self._lock:
                 while not self._closed and self._current is not None:
-                    self._wake.wait()
+                    self._wake.wait(min(1.0, self._stall_timeout_s / 4))
+                    stalled = self._stalled_locked()
+                    if stalled is not None:
+                        # Cancelling ends the call: its reader fails what is pending and
+                        # clears `_current`; this loop then opens the next stream.
+                        self._lock.release()
+                        try:
+                            stalled.call.cancel()
+                        finally:
+                            self._lock.acquire()
                 if self._closed:
                     return
                 immediate, self._immediate = self._immediate, False
@@ -379,6 +404,27 @@ class DecisionStream:
                     return
             if not self._open_stream():
                 return
+
+    def _stalled_locked(self) -> _Stream | None:
+        """The current stream when a message has waited `stall_timeout_s` with no answer
+        since (counted and logged once); else None."""
+        stream = self._current
+        if stream is None or stream.waiting_since is None or stream.ended:
+            return None
+        waited = time.monotonic() - stream.waiting_since
+        if waited < self._stall_timeout_s:
+            return None
+        stream.waiting_since = None  # cancel once
+        self.stats.stalls += 1
+        log.warning(
+            "decide stream %d to %s answered nothing for %.1f s with %d message(s) waiting; "
+            "cancelling it and opening another",
+            stream.number,
+            self._target,
+            waited,
+            len(stream.pending),
+        )
+        return stream
 
     def _open_stream(self) -> bool:
         """Start a Decide call and its reader; False when closed (stop connecting)."""
@@ -423,6 +469,7 @@ class DecisionStream:
         refused = response.HasField("error")
         with self._lock:
             future = stream.pending.pop(response.request_id, None)
+            stream.waiting_since = time.monotonic() if stream.pending else None
             if future is not None and not stream.answered:
                 stream.answered = True
                 self._failures = 0
@@ -523,6 +570,8 @@ class DecisionStream:
         if self._attach_locked(stream, request, budget, True) == 0:
             return
         stream.pending[request.request_id] = Future()
+        if stream.waiting_since is None:
+            stream.waiting_since = time.monotonic()
         self.stats.outcome_messages += 1
         stream.queue.put(request)
 

@@ -16,7 +16,7 @@ import grpc
 from speckv.v1 import predictor_pb2, predictor_pb2_grpc
 from speckv_client import convert
 from speckv_client.channel import ChannelConfig, TlsConfig, open_channel
-from speckv_client.decision_stream import MAX_MESSAGE_BYTES, DecisionStream
+from speckv_client.decision_stream import MAX_MESSAGE_BYTES, STALL_TIMEOUT_S, DecisionStream
 from speckv_client.errors import (
     InvalidArgument,
     PredictorRequestError,
@@ -88,7 +88,11 @@ class PredictorClient:
     # --- decisions ---
 
     def decision_stream(
-        self, *, seed: int | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES
+        self,
+        *,
+        seed: int | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
     ) -> DecisionStream:
         """A long-lived, self-reconnecting Decide stream on this client's channel.
 
@@ -100,6 +104,7 @@ class PredictorClient:
             backoff=self._config.reconnect,
             seed=seed,
             max_message_bytes=max_message_bytes,
+            stall_timeout_s=stall_timeout_s,
         )
 
     def decide(self, batch: DecideBatch, *, timeout_s: float | None = None) -> list[Decision]:

@@ -37,6 +37,9 @@ BREAK = "break-the-stream"
 half a second later (the test queues outcomes meanwhile)."""
 DRAIN = "drain"
 """A row with this routing key is answered with reconnect=true (the server is draining)."""
+SWALLOW = "swallow"
+"""A row with this routing key makes the server stop answering that Decide call (it keeps
+reading and never ends it), like a stream that reached a server in the instant it stopped."""
 
 
 @dataclass
@@ -61,6 +64,10 @@ class RecordingPredictor(predictor_pb2_grpc.PredictorServiceServicer):
                 self.received.append(Received(call, req))
                 self.cond.notify_all()
             keys = [r.routing_key for r in req.rows]
+            if SWALLOW in keys:
+                for _ in request_iterator:  # read on, answer nothing, until cancelled
+                    pass
+                return
             if BREAK in keys:
                 time.sleep(0.5)
                 context.abort(grpc.StatusCode.UNAVAILABLE, "test: stream broken")
@@ -357,3 +364,36 @@ def test_close_sends_what_is_queued(server, open_stream) -> None:  # type: ignor
     stream.report(outcome(2), stream=d.stream)  # after close: dropped, counted, no raise
     assert stream.stats.outcomes_dropped == 1
     balanced(stream)
+
+
+def test_a_stream_that_answers_nothing_is_replaced(server, open_stream) -> None:  # type: ignore[no-untyped-def]
+    servicer, _ = server
+    stream = open_stream(stall_timeout_s=0.5)
+    swallowed = stream.submit(batch(SWALLOW))
+    started = time.monotonic()
+    with pytest.raises(PredictorUnavailable):
+        swallowed.result(timeout=10)
+    assert 0.4 < time.monotonic() - started < 5.0
+    assert stream.stats.stalls == 1
+    # The next stream is a new server-side call and is answered.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            decisions = stream.submit(batch("after")).result(timeout=2)
+            break
+        except PredictorUnavailable:
+            assert time.monotonic() < deadline, "no stream answered after the stall"
+            time.sleep(0.05)
+    assert decisions[0].routing_key == "after"
+    assert servicer.calls >= 2
+    assert stream.stats.stalls == 1  # an answered stream is not cancelled
+
+
+def test_stall_timeout_is_validated(server) -> None:  # type: ignore[no-untyped-def]
+    _, address = server
+    channel = grpc.insecure_channel(address)
+    try:
+        with pytest.raises(ValueError, match="stall_timeout_s"):
+            DecisionStream(channel, target=address, stall_timeout_s=0.0)
+    finally:
+        channel.close()

@@ -120,3 +120,29 @@ def wait_connected(stream: Any, limit_s: float = 15.0) -> None:
     while not stream.connected:
         assert time.monotonic() < deadline, "decision stream did not connect"
         time.sleep(0.05)
+
+
+def wait_answering(stream: Any, limit_s: float = 30.0) -> None:
+    """Wait until a DecisionStream answers a real Decide message (`connected` can be true
+    for a stream that never answers; the stream's stall timeout replaces such a stream)."""
+    from speckv_client.errors import PredictorUnavailable
+    from speckv_client.types import (
+        Compression,
+        DecideBatch,
+        DraftSignals,
+        FeatureRow,
+        Objective,
+    )
+
+    probe = DecideBatch(
+        rows=(FeatureRow("probe", 1, DraftSignals(1.0, 0.5, 2.0, 0.2), Compression.FP16),),
+        objective=Objective.TOKENS_PER_STEP,
+    )
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            stream.decide(probe, timeout_s=1.0)
+            return
+        except PredictorUnavailable:
+            assert time.monotonic() < deadline, "decision stream answered nothing"
+            time.sleep(0.05)

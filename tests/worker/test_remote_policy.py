@@ -16,7 +16,13 @@ from decode_worker.engine import SpeculativeEngine
 from decode_worker.policies import DecisionSource
 from decode_worker.remote_policy import RemotePolicy
 from predictor_service.server import PredictorServer, ServerConfig
-from tests.worker.engine_helpers import prompts, random_pair, target_greedy, wait_connected
+from tests.worker.engine_helpers import (
+    prompts,
+    random_pair,
+    target_greedy,
+    wait_answering,
+    wait_connected,
+)
 
 NEW = 24
 # Generous: these tests check where decisions come from, not latency, on a busy CI box.
@@ -119,7 +125,9 @@ def test_kill_predictor_mid_generation_then_restart(pair, model_repo: Path) -> N
     server = _start_predictor(model_repo)
     port = server.port
     client = PredictorClient(server.address)
-    stream = client.decision_stream()
+    # A short stall timeout: a new stream that reaches the server in the instant it stops
+    # can hang unanswered without ever breaking; the stream must replace it by itself.
+    stream = client.decision_stream(stall_timeout_s=1.0)
     try:
         wait_connected(stream)
         engine = SpeculativeEngine(pair, EngineConfig())
@@ -146,7 +154,7 @@ def test_kill_predictor_mid_generation_then_restart(pair, model_repo: Path) -> N
 
         # Restart on the same port: the same stream object reconnects by itself.
         server = _start_predictor(model_repo, port=port)
-        wait_connected(stream)
+        wait_answering(stream)
         result = engine.generate(prompt, policy, max_new_tokens=n)
         assert list(result.token_ids) == target_greedy(pair.target, prompt, n)
         assert result.stats.remote_decisions >= result.stats.num_steps - 2
