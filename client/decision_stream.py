@@ -23,6 +23,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_futures
@@ -109,6 +110,13 @@ class _Carrying:
     done: Future[bool] = field(default_factory=Future)
 
 
+class _Stalled(Exception):
+    """Why a stream that answered nothing for `stall_timeout_s` was ended."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no answer for {seconds:g} s (stall timeout)")
+
+
 class _Stream:
     """One gRPC Decide call: its request queue, its futures in flight, its reader thread."""
 
@@ -176,6 +184,7 @@ class DecisionStream:
         outbox_limit: int = OUTBOX_LIMIT,
         max_outcomes_per_message: int = MAX_OUTCOMES_PER_MESSAGE,
         stall_timeout_s: float = STALL_TIMEOUT_S,
+        channel_factory: Callable[[], grpc.Channel] | None = None,
     ) -> None:
         if not 0.0 < outcome_flush_s <= 60.0:
             raise ValueError(f"outcome_flush_s must be in (0, 60] s, got {outcome_flush_s}")
@@ -193,6 +202,10 @@ class DecisionStream:
         self._max_outcomes = max_outcomes_per_message
         self._stub = predictor_pb2_grpc.PredictorServiceStub(channel)
         self._channel = channel
+        # After a stall, the next stream goes over a fresh channel from this factory (a
+        # stalled call can leave its connection unusable); channels it made are ours to close.
+        self._channel_factory = channel_factory
+        self._owned_channel: grpc.Channel | None = None
         self._target = target
         self._backoff = backoff or ReconnectBackoff()
         self._rng = random.Random(seed)
@@ -368,6 +381,8 @@ class DecisionStream:
         self._flusher.join(timeout=2.0)
         with contextlib.suppress(ValueError):
             self._channel.unsubscribe(self._on_connectivity)
+        if self._owned_channel is not None:
+            self._owned_channel.close()
 
     def __enter__(self) -> DecisionStream:
         return self
@@ -387,11 +402,14 @@ class DecisionStream:
                     self._wake.wait(min(1.0, self._stall_timeout_s / 4))
                     stalled = self._stalled_locked()
                     if stalled is not None:
-                        # Cancelling ends the call: its reader fails what is pending and
-                        # clears `_current`; this loop then opens the next stream.
+                        # Such a call may not even end when cancelled (its reader stays
+                        # blocked), so it is ended here: what is pending fails, `_current`
+                        # clears, and this loop opens the next stream.
                         self._lock.release()
                         try:
+                            self._on_end(stalled, _Stalled(self._stall_timeout_s))
                             stalled.call.cancel()
+                            self._replace_channel()
                         finally:
                             self._lock.acquire()
                 if self._closed:
@@ -404,6 +422,27 @@ class DecisionStream:
                     return
             if not self._open_stream():
                 return
+
+    def _replace_channel(self) -> None:
+        """Move to a fresh channel from `channel_factory` (none: keep this one)."""
+        if self._channel_factory is None:
+            return
+        try:
+            channel = self._channel_factory()
+        except Exception as err:  # keep the old channel rather than stop reconnecting
+            log.warning("decision stream to %s: cannot open a new channel: %r", self._target, err)
+            return
+        old, old_owned = self._channel, self._owned_channel
+        with contextlib.suppress(ValueError):
+            old.unsubscribe(self._on_connectivity)
+        with self._lock:
+            self._channel, self._owned_channel = channel, channel
+            self._stub = predictor_pb2_grpc.PredictorServiceStub(channel)
+            self._channel_ready = False
+        channel.subscribe(self._on_connectivity, try_to_connect=True)
+        log.info("decision stream to %s: reconnecting over a new channel", self._target)
+        if old_owned is not None:
+            old_owned.close()  # also cancels whatever is still stuck on it
 
     def _stalled_locked(self) -> _Stream | None:
         """The current stream when a message has waited `stall_timeout_s` with no answer
@@ -610,6 +649,8 @@ class DecisionStream:
 
     def _on_end(self, stream: _Stream, error: BaseException | None) -> None:
         with self._lock:
+            if stream.ended:  # ended already (a stalled stream whose reader came back)
+                return
             pending, stream.pending = stream.pending, {}
             stream.ended = True
             self._streams.discard(stream)
@@ -637,6 +678,8 @@ class DecisionStream:
             reason = "the client closed the stream"
         elif isinstance(error, grpc.Call):
             reason = f"{error.code().name}: {error.details()}"
+        elif isinstance(error, _Stalled):
+            reason = str(error)
         elif error is not None:
             reason = repr(error)
         else:

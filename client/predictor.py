@@ -105,6 +105,9 @@ class PredictorClient:
             seed=seed,
             max_message_bytes=max_message_bytes,
             stall_timeout_s=stall_timeout_s,
+            channel_factory=lambda: open_channel(
+                self.target, self._config, SERVICE, IDEMPOTENT_METHODS
+            ),
         )
 
     def decide(self, batch: DecideBatch, *, timeout_s: float | None = None) -> list[Decision]:

@@ -367,8 +367,14 @@ def test_close_sends_what_is_queued(server, open_stream) -> None:  # type: ignor
 
 
 def test_a_stream_that_answers_nothing_is_replaced(server, open_stream) -> None:  # type: ignore[no-untyped-def]
-    servicer, _ = server
-    stream = open_stream(stall_timeout_s=0.5)
+    servicer, address = server
+    fresh: list[grpc.Channel] = []
+
+    def new_channel() -> grpc.Channel:
+        fresh.append(grpc.insecure_channel(address))
+        return fresh[-1]
+
+    stream = open_stream(stall_timeout_s=0.5, channel_factory=new_channel)
     swallowed = stream.submit(batch(SWALLOW))
     started = time.monotonic()
     with pytest.raises(PredictorUnavailable):
@@ -387,6 +393,7 @@ def test_a_stream_that_answers_nothing_is_replaced(server, open_stream) -> None:
     assert decisions[0].routing_key == "after"
     assert servicer.calls >= 2
     assert stream.stats.stalls == 1  # an answered stream is not cancelled
+    assert len(fresh) == 1  # the next stream went over a new channel (closed with the stream)
 
 
 def test_stall_timeout_is_validated(server) -> None:  # type: ignore[no-untyped-def]
