@@ -388,10 +388,17 @@ class BatchCosts:
         self._verify: dict[int, _Ewm] = {}
         self._slope: dict[int, float] = {}
         self._counts: dict[tuple[str, int], int] = {}
+        self._seen: set[tuple[int, int]] = set()
 
     def add(self, b: int, width: int, seconds: float) -> None:
-        """One batch step of `b` rows at verify width `width` took `seconds` in all."""
+        """One batch step of `b` rows at verify width `width` took `seconds` in all. The
+        first step at each (b, width) is dropped: it pays one-off work (buffers growing to a
+        new shape), and as the first sample of a moving average it would weigh on the
+        estimate for many steps."""
         with self._lock:
+            if (b, width) not in self._seen:
+                self._seen.add((b, width))
+                return
             if width <= 0:
                 prev = self._plain.get(b)
                 a = self._alpha
@@ -1030,7 +1037,7 @@ class BatchScheduler:
         self,
         sizes: Sequence[int] = (1, 2, 4, 8, 16),
         gammas: Sequence[int] = (0, 2, 4, 8),
-        steps: int = 3,
+        steps: int = 4,
     ) -> None:
         """Measure batched step costs at each batch size and verify width (dummy prompts,
         not recorded) so `batch-goodput` starts from real numbers."""
