@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from speckv.costs import CostModel
 from speckv_client.types import DecideBatch, Decision, StepOutcome, Window
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -374,7 +375,8 @@ def _splitter(
 class BatchCosts:
     """Measured wall seconds of whole batch steps, per batch size b: a plain step (G = 0)
     and a line T(b, G) = base_b + G·slope_b over the verify width G ≥ 1 (the longest draft;
-    every row drafts and verifies G + 1 positions). Whole steps, not the forwards alone:
+    every row drafts and verifies G + 1 positions) — per size, one `speckv.costs.CostModel`
+    of whole steps (docs/design.md, "Cost model"); this class only measures and interpolates. Whole steps, not the forwards alone:
     per-row work (sampling, signals, hooks, streaming) grows with G and b too, and left out
     it made speculation look cheaper than it is at large batches. Exponential moving
     averages as in timing.py; when recent steps used one width the slope is kept from
@@ -408,6 +410,16 @@ class BatchCosts:
                 self._verify.setdefault(b, _Ewm()).add(self._alpha, float(width), seconds)
                 key = ("spec", b)
             self._counts[key] = self._counts.get(key, 0) + 1
+
+    def _model(self, b: int) -> CostModel | None:
+        """The cost model (speckv.costs) of a whole batch step at size `b`: the fitted line
+        over the verify width as its verify cost and no separate draft term (the seconds
+        measured are whole steps, drafting included, as `CostModel.tabulated` takes a
+        whole-step table); None while the line is not identified."""
+        line = self._line(b)
+        if line is None:
+            return None
+        return CostModel(0.0, line[0], line[1], self._plain.get(b, 0.0))
 
     def _line(self, b: int) -> tuple[float, float] | None:
         s = self._verify.get(b)
@@ -446,8 +458,8 @@ class BatchCosts:
                 plain = {s: v for s, v in self._plain.items()
                          if self._counts.get(("plain", s), 0) >= MIN_SAMPLES}  # fmt: skip
                 return self._at(plain, b)
-            lines = {s: ln for s in self._verify if (ln := self._line(s)) is not None}
-            return self._at({s: ln[0] + width * ln[1] for s, ln in lines.items()}, b)
+            models = {s: m for s in self._verify if (m := self._model(s)) is not None}
+            return self._at({s: m.step_seconds(width) for s, m in models.items()}, b)
 
     def snapshot(self) -> dict[str, dict[int, float]]:
         with self._lock:
