@@ -376,9 +376,10 @@ class BatchCosts:
     """Measured wall seconds of whole batch steps, per batch size b: a plain step (G = 0)
     and a line T(b, G) = base_b + G·slope_b over the verify width G ≥ 1 (the longest draft;
     every row drafts and verifies G + 1 positions) — per size, one `speckv.costs.CostModel`
-    of whole steps (docs/design.md, "Cost model"); this class only measures and interpolates. Whole steps, not the forwards alone:
-    per-row work (sampling, signals, hooks, streaming) grows with G and b too, and left out
-    it made speculation look cheaper than it is at large batches. Exponential moving
+    of whole steps (docs/design.md, "Cost model"); this class only measures and
+    interpolates. Whole steps, not the forwards alone: per-row work (sampling, signals,
+    hooks, streaming) grows with G and b too, and left out it made speculation look cheaper
+    than it is at large batches. Exponential moving
     averages as in timing.py; when recent steps used one width the slope is kept from
     earlier (warm-up runs G = 0, 2, 4, 8 at every size). Sizes not measured are
     interpolated between measured neighbours (scaled by b above the largest)."""
