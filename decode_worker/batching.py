@@ -492,18 +492,8 @@ PRIOR_EVENTS = 4.0
 POOL_DECAY = 0.995
 
 
-def position_expected_tokens(survive: Sequence[float], gamma: int) -> float:
-    """Tokens a step of draft length γ produces when drafted token j is accepted with
-    probability survive[j-1] given the ones before it were: 1 + Σ_{j≤γ} Π_{k≤j} p_k."""
-    total, s = 1.0, 1.0
-    for p in survive[:gamma]:
-        s *= p
-        total += s
-    return total
-
-
 def choose_batch_gamma(
-    accepts: Sequence[float | Sequence[float]],
+    accepts: Sequence[float],
     caps: Sequence[int],
     b: int,
     costs: BatchCosts,
@@ -512,20 +502,15 @@ def choose_batch_gamma(
     """The verify width G maximising the batch's expected tokens per second,
     Σ_i E_i(min(G, cap_i)) / step_seconds(b, G); None before costs are measured. Rows
     draft G each (capped by their remaining tokens): in a padded batched forward a
-    shorter draft saves nothing, so per-row γ below G would only lose tokens. A row's
-    acceptance is one rate (the geometric model) or its per-position conditional rates."""
-
-    def tokens_of(a: float | Sequence[float], gamma: int) -> float:
-        if isinstance(a, float | int):
-            return expected_tokens(float(a), gamma)
-        return position_expected_tokens(a, gamma)
-
+    shorter draft saves nothing, so per-row γ below G would only lose tokens."""
     best, best_rate = None, -1.0
     for g in candidates:
         seconds = costs.step_seconds(b, g)
         if seconds is None or seconds <= 0:
             continue
-        tokens = sum(tokens_of(a, max(0, min(g, c))) for a, c in zip(accepts, caps, strict=True))
+        tokens = sum(
+            expected_tokens(a, max(0, min(g, c))) for a, c in zip(accepts, caps, strict=True)
+        )
         rate = tokens / seconds
         if rate > best_rate:
             best, best_rate = g, rate
@@ -700,11 +685,6 @@ class BatchScheduler:
         # Pooled acceptance counts of recent rows (slowly forgotten): the prior of a row.
         self._pool_k = ACCEPT_PRIOR * PRIOR_EVENTS
         self._pool_fail = (1 - ACCEPT_PRIOR) * PRIOR_EVENTS
-        # Per drafted position j: pooled (accepted, tried) given positions < j were accepted.
-        # Acceptance is not geometric: on the demo pair the rate fitted to whole steps
-        # (0.615) predicted 1.99 tokens at γ = 2 where steps made 2.13.
-        self._pos_ok = [ACCEPT_PRIOR * PRIOR_EVENTS] * self.engine.config.max_gamma
-        self._pos_try = [PRIOR_EVENTS] * self.engine.config.max_gamma
         self._warming = False
         self.concurrency = (
             f"continuous batching: up to {max_batch_size} sequences per batched draft/verify "
@@ -1045,7 +1025,7 @@ class BatchScheduler:
             return
         max_gamma = self.engine.config.max_gamma
         caps = [min(max_gamma, r.run.max_new_tokens - len(r.new) - 1) for r in aware]
-        accepts = [self._survival(r) for r in aware]
+        accepts = [self._accept_estimate(r) for r in aware]
         cands = [g for g in BATCH_GAMMAS if g <= max_gamma]
         g = choose_batch_gamma(accepts, caps, len(rows), self.costs, cands)
         # Rows learn their acceptance only from drafted steps: while the batch sits at
@@ -1057,16 +1037,6 @@ class BatchScheduler:
         if g is not None:
             per = self.stats.chosen.setdefault(len(rows), {})
             per[g] = per.get(g, 0) + 1
-
-    def _survival(self, row: _Row) -> list[float]:
-        """Per-position acceptance for a row: the pooled per-position rates scaled by how the
-        row's own rate compares with the pooled rate (both the geometric estimate)."""
-        pooled = self._pool_k / max(self._pool_k + self._pool_fail, 1e-9)
-        scale = self._accept_estimate(row) / max(pooled, 1e-9)
-        return [
-            min(max(ok / max(tried, 1e-9) * scale, 0.0), 0.99)
-            for ok, tried in zip(self._pos_ok, self._pos_try, strict=True)
-        ]
 
     def _accept_estimate(self, row: _Row) -> float:
         """Per-token acceptance a of the geometric model E(γ) = Σ_{j≤γ} a^j for a row. The
@@ -1195,10 +1165,6 @@ class BatchScheduler:
             if row.pooled:  # warm-up rows (dummy prompts) would drag the prior down
                 self._pool_k = POOL_DECAY * self._pool_k + n
                 self._pool_fail = POOL_DECAY * self._pool_fail + fail
-                for j in range(len(self._pos_try)):
-                    tried = j < g and j <= n  # position j+1 was reached
-                    self._pos_try[j] = POOL_DECAY * self._pos_try[j] + tried
-                    self._pos_ok[j] = POOL_DECAY * self._pos_ok[j] + (tried and j < n)
         row.policy.verified(row.step, g, n)
         produced = [*row.drafts[:n], verdict.next_token]
         row.seq.extend(produced)

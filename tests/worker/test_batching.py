@@ -415,18 +415,6 @@ def test_batch_goodput_picks_zero_when_plain_steps_are_cheap_and_speculates_othe
     assert g8 is not None and g16 <= g8 <= g1
     # A row that cannot take more tokens caps only itself.
     assert choose_batch_gamma([0.8], [0], 1, costs) == 0
-    # Per-position acceptance: a first draft accepted 88 % of the time and the rest 32 %
-    # (the demo pair's pooled rates) makes a short draft the best, which one geometric rate
-    # fitted to the same steps (0.615 gives 1.99 tokens at γ = 2, the steps made 2.13) cannot
-    # express.
-    from decode_worker.batching import position_expected_tokens
-
-    steep = [0.88] + [0.32] * 7
-    assert position_expected_tokens(steep, 0) == 1.0
-    assert position_expected_tokens(steep, 2) == pytest.approx(1 + 0.88 + 0.88 * 0.32)
-    g_steep = choose_batch_gamma([steep], [8], 1, costs)
-    g_flat = choose_batch_gamma([[0.88] * 8], [8], 1, costs)
-    assert g_steep is not None and g_flat is not None and g_steep < g_flat
 
 
 @pytest.mark.timeout(90)
