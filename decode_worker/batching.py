@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from speckv.costs import CostModel
-from speckv_client.types import DecideBatch, Decision, StepOutcome, Window
+from speckv_client.types import DecideBatch, Decision, Window
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -54,6 +54,7 @@ from decode_worker.policies import (
     DecisionSource,
     GammaDecision,
     GammaPolicy,
+    HeldOutcome,
     SequenceInfo,
     SequencePolicy,
 )
@@ -583,9 +584,10 @@ class _Row:
     acc_k: int = 0  # drafted tokens accepted, over those steps
     acc_fail: int = 0  # steps that rejected a drafted token
     pooled: bool = True  # counts into the worker's pooled acceptance (not warm-up rows)
-    # The last step's outcome when it did not end the sequence: reported to the policy when
-    # the row's next step starts, or with sequence_end when none does (as GenerationRun).
-    unreported: StepOutcome | None = None
+    held: HeldOutcome = field(init=False)  # the last step's outcome (as GenerationRun)
+
+    def __post_init__(self) -> None:
+        self.held = HeldOutcome(self.policy)
 
     def reset_step(self) -> None:
         self.phase, self.want, self.gamma, self.decision = _DONE, 0, 0, None
@@ -878,12 +880,10 @@ class BatchScheduler:
         b = len(rows)
         failed: dict[int, BaseException] = {}
         for i, row in enumerate(rows):
-            if row.unreported is not None:
-                outcome, row.unreported = row.unreported, None
-                try:
-                    row.policy.finished(outcome)
-                except Exception as err:
-                    failed[i] = err
+            try:
+                row.held.next_step()
+            except Exception as err:
+                failed[i] = err
         self._plan_batch(rows)
         # --- decide (rows without a prefix window decide before drafting)
         for i, row in enumerate(rows):
@@ -1199,11 +1199,7 @@ class BatchScheduler:
             target_cache_len=self._tkv.lengths[i],
         )
         run.stats.observe(result)
-        outcome = step_outcome(run.request_id, pair.compression, result, finish)
-        if finish is None:
-            row.unreported = outcome
-        else:
-            row.policy.finished(outcome)
+        row.held.step_done(step_outcome(run.request_id, pair.compression, result, finish))
         if run.recorder is not None:
             run.recorder.write(
                 StepRecord(
@@ -1261,9 +1257,7 @@ class BatchScheduler:
 
 def _close(row: _Row) -> None:
     try:
-        if row.unreported is not None:  # cut between steps: its last outcome ends it
-            outcome, row.unreported = row.unreported, None
-            row.policy.finished(replace(outcome, sequence_end=True))
+        row.held.cut()  # cut between steps: its last outcome ends it
         row.policy.close()
     except Exception:  # a policy that fails to close must not stop the batch
         log.exception("policy close failed for %s", row.run.request_id)

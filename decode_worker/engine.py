@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -39,6 +39,7 @@ from decode_worker.policies import (
     DecisionSource,
     GammaDecision,
     GammaPolicy,
+    HeldOutcome,
     SequenceInfo,
     SequencePolicy,
 )
@@ -375,11 +376,7 @@ class GenerationRun:
         context = ContextIndex() if seq_policy.in_step or self.token_recorder is not None else None
         if context is not None:
             context.add(seq)
-        # The outcome of the last step, when it did not end the sequence: reported to the
-        # policy once the next step starts, or marked as the sequence's end when none does
-        # (cancelled between steps, the consumer stopped iterating, an error), so every
-        # sequence's last reported outcome says it ended.
-        unreported: StepOutcome | None = None
+        held = HeldOutcome(seq_policy)
         try:
             with eng.device_lock, torch.inference_mode():
                 t0 = time.perf_counter()
@@ -395,9 +392,7 @@ class GenerationRun:
                 if self.cancelled():
                     finish = FinishReason.CANCELLED
                     break
-                if unreported is not None:
-                    seq_policy.finished(unreported)
-                    unreported = None
+                held.next_step()
                 remaining = self.max_new_tokens - len(new)
                 decision: GammaDecision | None = None
                 if seq_policy.prefix_tokens == 0:
@@ -531,11 +526,7 @@ class GenerationRun:
                     target_cache_len=t_cache.get_seq_length(),
                 )
                 self.stats.observe(result)
-                outcome = step_outcome(self.request_id, pair.compression, result, finish)
-                if finish is None:
-                    unreported = outcome
-                else:
-                    seq_policy.finished(outcome)
+                held.step_done(step_outcome(self.request_id, pair.compression, result, finish))
                 if self.recorder is not None:
                     self.recorder.write(
                         StepRecord(
@@ -556,8 +547,7 @@ class GenerationRun:
                 step += 1
         finally:
             try:
-                if unreported is not None:
-                    seq_policy.finished(replace(unreported, sequence_end=True))
+                held.cut()
             finally:
                 seq_policy.close()
         self.result = GenerationResult(

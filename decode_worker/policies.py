@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from speckv_client.types import DecisionSource, DraftSignals, StepOutcome
 
@@ -98,6 +98,38 @@ class SequencePolicy(ABC):
 
     def close(self) -> None:  # noqa: B027
         """The sequence ended; drop anything in flight."""
+
+
+class HeldOutcome:
+    """A sequence's last step outcome, held for its policy's `finished` hook: reported when
+    the next step starts, or marked as the sequence's end (`cut`) when none does (cancelled
+    between steps, the consumer stopped reading, an error), so every sequence's last
+    reported outcome says it ended. One per sequence, for GenerationRun and the batch."""
+
+    __slots__ = ("_outcome", "_policy")
+
+    def __init__(self, policy: SequencePolicy) -> None:
+        self._policy = policy
+        self._outcome: StepOutcome | None = None
+
+    def step_done(self, outcome: StepOutcome) -> None:
+        """A step finished: an outcome that ends the sequence goes out at once."""
+        if outcome.sequence_end:
+            self._policy.finished(outcome)
+        else:
+            self._outcome = outcome
+
+    def next_step(self) -> None:
+        """Another step starts: the held outcome did not end the sequence."""
+        outcome, self._outcome = self._outcome, None
+        if outcome is not None:
+            self._policy.finished(outcome)
+
+    def cut(self) -> None:
+        """No step follows: the held outcome, if any, ends the sequence."""
+        outcome, self._outcome = self._outcome, None
+        if outcome is not None:
+            self._policy.finished(replace(outcome, sequence_end=True))
 
 
 class GammaPolicy(ABC):
