@@ -123,20 +123,13 @@ def test_int8_rows_equal_target_greedy_up_to_documented_near_ties(
     """int8 in a batch: every row's greedy output is the target's own greedy output, except
     at a documented near-tie (docs/worker.md, "int8 near-ties": top-2 logit gap < 0.01, the
     runner-up chosen), now with other rows sharing the forward that picks outlier columns."""
-    from tests.worker.test_greedy_equality import NEAR_TIE_LOGIT_GAP, _divergence
+    from tests.worker.test_greedy_equality import NEAR_TIE_LOGIT_GAP, _divergence, _reference
 
     pair = loaded_pair("int8")
     eng = SpeculativeEngine(pair, EngineConfig(max_gamma=8))
     ids = [eng.encode(t) for t in TEXTS]
     n = 24
-    want = []
-    for i in ids:
-        x = torch.tensor([i])
-        with torch.inference_mode():
-            out = pair.target.generate(
-                x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n
-            )
-        want.append([int(t) for t in out[0, len(i) :]])
+    want = [_reference(pair.target, i, n) for i in ids]
     policies = [FixedPolicy(3), HeuristicPolicy(), FixedPolicy(0), HeuristicContextPolicy()]
     sched = BatchScheduler(eng, max_batch_size=4, max_queue=8)
     try:
@@ -283,7 +276,10 @@ def test_queue_full_and_drain() -> None:
         # Draining: nothing new is admitted, but what was admitted finishes in full.
         closer = threading.Thread(target=sched.close, kwargs={"timeout": 30})
         closer.start()
-        time.sleep(0.05)
+        deadline = time.monotonic() + 10  # (a fixed 50 ms sleep lost the race under load)
+        while not sched._closing:
+            assert time.monotonic() < deadline, "close() never started draining"
+            time.sleep(0.01)
         with pytest.raises(QueueFull, match="draining"):
             sched.submit(ps[2], FixedPolicy(2), max_new_tokens=30)
         ra, rb = _drain(a), _drain(b)

@@ -58,11 +58,11 @@ def predictor(plan_repo_template: Path) -> Iterator[str]:
     server.stop(0.0)
 
 
-def _reference(target, ids: list[int]) -> list[int]:  # type: ignore[no-untyped-def]
+def _reference(target, ids: list[int], new: int = NEW) -> list[int]:  # type: ignore[no-untyped-def]
     x = torch.tensor([ids])
     with torch.inference_mode():
         out = target.generate(
-            x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=NEW
+            x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=new
         )
     return [int(t) for t in out[0, len(ids) :]]
 
