@@ -148,6 +148,12 @@ class _Stream:
     def half_close(self) -> None:
         self.queue.put(_CLOSE)
 
+    def expect(self, request_id: int, future: Future[list[Decision]]) -> None:
+        """An answer to `request_id` is now owed (starts the stall clock if it was idle)."""
+        self.pending[request_id] = future
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+
 
 class DecisionStream:
     """Submit `DecideBatch`es, get `Future[list[Decision]]`s; reconnects on its own.
@@ -280,9 +286,7 @@ class DecisionStream:
                 )
                 return future
             request_id = next(self._ids)
-            stream.pending[request_id] = future
-            if stream.waiting_since is None:
-                stream.waiting_since = time.monotonic()
+            stream.expect(request_id, future)
             request.request_id = request_id
             if self._outbox:
                 self._attach_locked(stream, request, self._max_message_bytes - size, False)
@@ -608,9 +612,7 @@ class DecisionStream:
         budget = self._max_message_bytes - _REQUEST_ID_BYTES
         if self._attach_locked(stream, request, budget, True) == 0:
             return
-        stream.pending[request.request_id] = Future()
-        if stream.waiting_since is None:
-            stream.waiting_since = time.monotonic()
+        stream.expect(request.request_id, Future())
         self.stats.outcome_messages += 1
         stream.queue.put(request)
 
