@@ -5,22 +5,32 @@ against today's interleaved worker (`--batching off`) and transformers' own batc
     flock /tmp/bench.lock .venv/bin/python benchmarks/batch.py \
         --pair .cache/tiny-pair/demo-seed0 [--compression fp16 nf4] [--clients 1 2 4 8 16] \
         [--max-new-tokens 48] [--requests-per-client 2] [--min-requests 12] [--threads 2] \
-        [--json benchmarks/results/batch.json] [--img docs/img/batch_tokens_per_s.png]
+        [--rounds 3] [--json benchmarks/results/batch.json] [--img docs/img/batch_tokens_per_s.png]
 
-Arms (per compression):
-- `batched <policy>`: one `speckv-worker serve --batching on --max-batch-size 16` process;
-  the policy is chosen per request (`batch-goodput`, `fixed:0`, `fixed:2`, `fixed:4`);
+Arms (per compression; all started up front, idle ones use no CPU):
+- `batched <policy>`: one `speckv-worker serve --batching on --max-batch-size 16` process
+  per policy (`batch-goodput`, `fixed:0`, `fixed:2`, `fixed:4`), so `batch-goodput` learns
+  its step costs from its own traffic only, as it would in production;
 - `interleaved heuristic`: `speckv-worker serve --batching off --max-concurrent-requests 16`
   (the worker before batching; heuristic is its default policy without a predictor);
 - `generate`: `target.generate` on batches of N prompts (left padding, greedy, no draft)
   in this process with the same torch threads.
+Every arm gets one unmeasured short request first (first-request setup).
 
 Each concurrency level runs max(N × requests-per-client, min-requests) requests from the
 prompt mix (benchmarks/prompts/prompts.jsonl, cycled) through N client threads that each
-send one streaming Generate at a time; tokens/s = all new tokens / wall from the first
-request to the last answer. Time per output token per request = its wall / its tokens;
-p50 and p99 over requests. The γ each row ran (the chunks' StepStats.gamma) is averaged per
-level. The load average is recorded before and after every arm.
+send one streaming Generate at a time. The machine's speed drifts by tens of per cent over
+minutes, so the arms are interleaved: a level's requests are split into `--rounds` rounds
+(consecutive request indices, each round ≥ N requests; fewer rounds when there are too few
+requests, said in the output), and in each round every arm runs the same request indices
+back to back, the arm order rotated by one each round. An arm's level aggregates its
+rounds: tokens/s = all new tokens / the summed round walls (each from a round's first
+request to its last answer), and `round_tokens_per_s` keeps each round's. Time per output
+token per request = its wall / its tokens; p50 and p99 over all requests. The γ each row ran
+(the chunks' StepStats.gamma) is averaged per level. `load` is the load average at the
+start and at the end of the level. `batched batch-goodput` levels carry `vs_fixed` (its
+tokens/s ÷ each fixed arm's, aggregated) and `vs_fixed_rounds` (per round); generate levels
+carry `best_batched_vs_generate`.
 """
 
 from __future__ import annotations
@@ -31,7 +41,8 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +51,11 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = REPO_ROOT / "benchmarks" / "prompts" / "prompts.jsonl"
 BATCHED_POLICIES = ("batch-goodput", "fixed:0", "fixed:2", "fixed:4")
+GENERATE = "generate (batched, no speculation)"
+GOODPUT = "batched batch-goodput"
+
+# One request's (new tokens, seconds, γ of each chunk).
+Sample = tuple[int, float, list[int]]
 
 
 @dataclass
@@ -53,14 +69,15 @@ class Level:
     tpot_p99_ms: float
     mean_gamma: float
     steps: int
-    load: list[float]
+    load: list[list[float]]  # load averages at the level's start and end
+    round_tokens_per_s: list[float] = field(default_factory=list)
 
 
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _summary(clients: int, samples: list[tuple[int, float, list[int]]], wall: float) -> Level:
+def _summary(clients: int, samples: list[Sample], wall: float, load: list[list[float]]) -> Level:
     tokens = sum(n for n, _, _ in samples)
     tpot = np.array([s / n * 1000 for n, s, _ in samples if n > 0])
     gammas = [g for _, _, gs in samples for g in gs]
@@ -74,8 +91,28 @@ def _summary(clients: int, samples: list[tuple[int, float, list[int]]], wall: fl
         tpot_p99_ms=round(float(np.percentile(tpot, 99)), 3),
         mean_gamma=round(float(np.mean(gammas)), 3) if gammas else 0.0,
         steps=len(gammas),
-        load=loadavg(),
+        load=load,
     )
+
+
+def split_rounds(n_requests: int, clients: int, rounds: int) -> list[list[int]]:
+    """Request indices 0..n_requests-1 in consecutive blocks, one per round, sizes as even
+    as possible; at most `rounds` rounds and fewer when that keeps each round ≥ `clients`
+    requests (one round at least)."""
+    r = max(1, min(rounds, n_requests // max(clients, 1)))
+    size, extra = divmod(n_requests, r)
+    out, start = [], 0
+    for k in range(r):
+        end = start + size + (1 if k < extra else 0)
+        out.append(list(range(start, end)))
+        start = end
+    return out
+
+
+def rotated(arms: Sequence[Any], k: int) -> list[Any]:
+    """The arm order of round k: starts at arm k mod len(arms)."""
+    j = k % len(arms)
+    return [*arms[j:], *arms[:j]]
 
 
 def request_tokens(i: int, new: int, mixed: bool) -> int:
@@ -94,15 +131,32 @@ def run_clients(
     new: int,
     mixed: bool = False,
 ) -> Level:
-    """`clients` threads, each sending one streaming Generate at a time."""
+    """Requests 0..n_requests-1 through `clients` threads (see client_samples)."""
+    load = [loadavg()]
+    samples, wall = client_samples(address, prompts, clients, range(n_requests), policy, new, mixed)
+    return _summary(clients, samples, wall, [*load, loadavg()])
+
+
+def client_samples(
+    address: str,
+    prompts: list[str],
+    clients: int,
+    indices: Sequence[int],
+    policy: str,
+    new: int,
+    mixed: bool = False,
+    tag: str = "",
+) -> tuple[list[Sample], float]:
+    """`clients` threads, each sending one streaming Generate at a time, for the requests
+    `indices` (prompt and length of request i as everywhere); the samples and the wall."""
     import grpc
     from speckv.v1 import decoder_pb2, decoder_pb2_grpc
 
     channel = grpc.insecure_channel(address)
     stub = decoder_pb2_grpc.DecoderServiceStub(channel)
     lock = threading.Lock()
-    todo = list(range(n_requests))
-    samples: list[tuple[int, float, list[int]]] = []
+    todo = list(indices)
+    samples: list[Sample] = []
     errors: list[BaseException] = []
 
     def client() -> None:
@@ -115,7 +169,7 @@ def run_clients(
                 prompt=prompts[i % len(prompts)],
                 max_new_tokens=request_tokens(i, new, mixed),
                 policy=policy,
-                request_id=f"c{clients}-{policy}-{i}",
+                request_id=f"{tag}c{clients}-{policy}-{i}",
             )
             t0 = time.perf_counter()
             tokens, gammas = 0, []
@@ -140,25 +194,30 @@ def run_clients(
     channel.close()
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed; first: {errors[0]!r}")
-    return _summary(clients, samples, wall)
+    return samples, wall
 
 
-def run_generate(
-    pair: Any, prompts: list[str], clients: int, n_requests: int, new: int, mixed: bool = False
-) -> Level:
-    """transformers' batched generate: batches of `clients` prompts, left padded, greedy; a
-    batch runs to its longest request, and a row's tokens beyond its own request (or after
-    its EOS) are not counted."""
+def generate_samples(
+    pair: Any,
+    prompts: list[str],
+    clients: int,
+    indices: Sequence[int],
+    new: int,
+    mixed: bool = False,
+) -> tuple[list[Sample], float]:
+    """transformers' batched generate on the requests `indices`: batches of `clients`
+    prompts, left padded, greedy; a batch runs to its longest request, and a row's tokens
+    beyond its own request (or after its EOS) are not counted. The samples and the wall."""
     import torch
 
     tok = pair.tokenizer
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = pair.target.generation_config.eos_token_id
-    samples: list[tuple[int, float, list[int]]] = []
+    samples: list[Sample] = []
     t0 = time.perf_counter()
-    for start in range(0, n_requests, clients):
-        idx = list(range(start, min(start + clients, n_requests)))
+    for start in range(0, len(indices), clients):
+        idx = list(indices[start : start + clients])
         batch = [prompts[i % len(prompts)] for i in idx]
         wants = [request_tokens(i, new, mixed) for i in idx]
         enc = tok(batch, return_tensors="pt", padding=True)
@@ -178,7 +237,108 @@ def run_generate(
             if eos is not None and eos in row:
                 n = row.index(eos) + 1
             samples.append((n, seconds, []))
-    return _summary(clients, samples, time.perf_counter() - t0)
+    return samples, time.perf_counter() - t0
+
+
+@dataclass
+class ClientArm:
+    """A worker arm: streaming Generates with `policy` to the worker at `address`."""
+
+    name: str
+    address: str
+    policy: str
+
+    def run(
+        self,
+        prompts: list[str],
+        indices: Sequence[int],
+        clients: int,
+        new: int,
+        mixed: bool,
+        tag: str,
+    ) -> tuple[list[Sample], float]:
+        return client_samples(
+            self.address, prompts, clients, indices, self.policy, new, mixed, tag=tag
+        )
+
+
+@dataclass
+class GenerateArm:
+    """transformers' batched generate in this process."""
+
+    name: str
+    pair: Any
+
+    def run(
+        self,
+        prompts: list[str],
+        indices: Sequence[int],
+        clients: int,
+        new: int,
+        mixed: bool,
+        tag: str,
+    ) -> tuple[list[Sample], float]:
+        return generate_samples(self.pair, prompts, clients, indices, new, mixed)
+
+
+Arm = ClientArm | GenerateArm
+
+
+def run_level(
+    arms: Sequence[Arm],
+    prompts: list[str],
+    clients: int,
+    rounds: list[list[int]],
+    new: int,
+    mixed: bool,
+) -> dict[str, Level]:
+    """Every arm on every round's requests, back to back, the order rotated each round; per
+    arm the level over its rounds (summed tokens and walls, pooled requests)."""
+    load0 = loadavg()
+    runs: dict[str, list[tuple[list[Sample], float]]] = {arm.name: [] for arm in arms}
+    for k, indices in enumerate(rounds):
+        for arm in rotated(arms, k):
+            runs[arm.name].append(arm.run(prompts, indices, clients, new, mixed, f"r{k}-"))
+    load = [load0, loadavg()]
+    out = {}
+    for name, got in runs.items():
+        lv = _summary(
+            clients, [x for samples, _ in got for x in samples], sum(w for _, w in got), load
+        )
+        lv.round_tokens_per_s = [
+            round(sum(n for n, _, _ in samples) / wall, 2) for samples, wall in got
+        ]
+        out[name] = lv
+    return out
+
+
+def ratios(levels: dict[str, dict[str, Any]]) -> None:
+    """Adds `vs_fixed` / `vs_fixed_rounds` to the batch-goodput level (its tokens/s ÷ each
+    fixed arm's, aggregated and per round) and `best_batched_vs_generate` to the generate
+    level (the best batched arm's tokens/s ÷ generate's)."""
+    gp = levels.get(GOODPUT)
+    if gp is not None:
+        fixed = [a for a in levels if a.startswith("batched fixed:")]
+        gp["vs_fixed"] = {
+            a: round(gp["tokens_per_s"] / levels[a]["tokens_per_s"], 3) for a in fixed
+        }
+        gp["vs_fixed_rounds"] = {
+            a: [
+                round(x / y, 3)
+                for x, y in zip(
+                    gp["round_tokens_per_s"], levels[a]["round_tokens_per_s"], strict=True
+                )
+            ]
+            for a in fixed
+        }
+    gen = levels.get(GENERATE)
+    batched = [a for a in levels if a.startswith("batched ")]
+    if gen is not None and batched:
+        best = max(batched, key=lambda a: levels[a]["tokens_per_s"])
+        gen["best_batched_vs_generate"] = {
+            "arm": best,
+            "ratio": round(levels[best]["tokens_per_s"] / gen["tokens_per_s"], 3),
+        }
 
 
 def start_worker(
@@ -335,6 +495,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-requests", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (worker and generate)")
     ap.add_argument("--policies", nargs="+", default=list(BATCHED_POLICIES))
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="split each level's requests into this many rounds; every arm runs each round "
+        "back to back, the order rotated per round (speed drift hits all arms alike)",
+    )
     ap.add_argument("--no-generate", action="store_true")
     ap.add_argument("--no-interleaved", action="store_true")
     ap.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks/results/batch.json")
@@ -347,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         "step and CPU per sequence step)",
     )
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be ≥ 1")
     if args.replot:
         data = json.loads(args.replot.read_text())
         print(f"wrote {plot(data['results'], args.img, data['meta'].get('lengths', 'uniform'))}")
@@ -364,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "max_new_tokens": args.max_new_tokens,
         "lengths": args.lengths,
+        "rounds": args.rounds,
         "prompts": len(prompts),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
@@ -381,58 +551,58 @@ def main(argv: list[str] | None = None) -> int:
         if args.remote_only:
             out.update(run_remote(args, prompts, comp))
             continue
-        worker = start_worker(args.pair, comp, args.threads, batching=True)
+        workers: list[Any] = []
+        arms: list[Arm] = []
         try:
-            # One unmeasured request per policy (first-request setup).
+            # One worker per batched policy (batch-goodput learns only from its own steps).
             for pol in args.policies:
-                run_clients(worker.address, prompts, 1, 1, pol, 8)
-            for pol in args.policies:
-                arm = f"batched {pol}"
-                for c in args.clients:
-                    lv = run_clients(
-                        worker.address, prompts, c, n_requests(c), pol, args.max_new_tokens, mixed
-                    )
-                    out.setdefault(arm, []).append(asdict(lv))
-                    print(f"{comp} {arm} c={c}: {lv.tokens_per_s} tok/s, γ {lv.mean_gamma}, "
-                          f"p50 {lv.tpot_p50_ms} ms/token, load {lv.load}", flush=True)  # fmt: skip
-        finally:
-            worker.stop()
-        if not args.no_interleaved:
-            worker = start_worker(args.pair, comp, args.threads, batching=False)
-            try:
-                run_clients(worker.address, prompts, 1, 1, "heuristic", 8)
-                arm = "interleaved heuristic"
-                for c in args.clients:
-                    lv = run_clients(
-                        worker.address,
-                        prompts,
-                        c,
-                        n_requests(c),
-                        "heuristic",
-                        args.max_new_tokens,
-                        mixed,
-                    )
-                    out.setdefault(arm, []).append(asdict(lv))
-                    print(f"{comp} {arm} c={c}: {lv.tokens_per_s} tok/s, "
-                          f"p50 {lv.tpot_p50_ms} ms/token, load {lv.load}", flush=True)  # fmt: skip
-            finally:
-                worker.stop()
-        if not args.no_generate:
-            pair = load_pair(
-                PairConfig(
+                workers.append(start_worker(args.pair, comp, args.threads, batching=True))
+                arms.append(ClientArm(f"batched {pol}", workers[-1].address, pol))
+            if not args.no_interleaved:
+                workers.append(start_worker(args.pair, comp, args.threads, batching=False))
+                arms.append(ClientArm("interleaved heuristic", workers[-1].address, "heuristic"))
+            if not args.no_generate:
+                cfg = PairConfig(
                     draft=str(args.pair / "draft"),
                     target=str(args.pair / "target"),
                     compression=comp,
                     device="cpu",
                 )
-            )
-            run_generate(pair, prompts, 1, 1, 8)
+                arms.append(GenerateArm(GENERATE, load_pair(cfg)))  # freed with `arms`
+            # One unmeasured request per arm (first-request setup).
+            for arm in arms:
+                arm.run(prompts, [0], 1, 8, False, "warm-")
             for c in args.clients:
-                lv = run_generate(pair, prompts, c, n_requests(c), args.max_new_tokens, mixed)
-                out.setdefault("generate (batched, no speculation)", []).append(asdict(lv))
-                print(f"{comp} generate c={c}: {lv.tokens_per_s} tok/s, "
-                      f"p50 {lv.tpot_p50_ms} ms/token, load {lv.load}", flush=True)  # fmt: skip
-            del pair
+                n = n_requests(c)
+                rounds = split_rounds(n, c, args.rounds)
+                if len(rounds) < args.rounds:
+                    print(f"{comp} c={c}: {n} requests < {args.rounds} rounds × {c} clients: "
+                          f"{len(rounds)} round(s)", flush=True)  # fmt: skip
+                levels = {
+                    name: asdict(lv)
+                    for name, lv in run_level(
+                        arms, prompts, c, rounds, args.max_new_tokens, mixed
+                    ).items()
+                }
+                ratios(levels)
+                for name, lv in levels.items():
+                    out.setdefault(name, []).append(lv)
+                    rounds_s = " ".join(f"{x:g}" for x in lv["round_tokens_per_s"])
+                    print(f"{comp} {name} c={c}: {lv['tokens_per_s']} tok/s (rounds {rounds_s}), "
+                          f"γ {lv['mean_gamma']}, p50 {lv['tpot_p50_ms']} ms/token, "
+                          f"load {lv['load']}", flush=True)  # fmt: skip
+                for fixed, r in levels.get(GOODPUT, {}).get("vs_fixed", {}).items():
+                    rr = " ".join(f"{x:.2f}" for x in levels[GOODPUT]["vs_fixed_rounds"][fixed])
+                    print(f"{comp} c={c}: batch-goodput/{fixed.removeprefix('batched ')} = "
+                          f"{r:.2f} (rounds {rr})", flush=True)  # fmt: skip
+                best = levels.get(GENERATE, {}).get("best_batched_vs_generate")
+                if best:
+                    print(f"{comp} c={c}: {best['arm'].removeprefix('batched ')}/generate = "
+                          f"{best['ratio']:.2f}", flush=True)  # fmt: skip
+        finally:
+            for w in workers:
+                w.stop()
+            arms.clear()
     meta["load_end"] = loadavg()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
