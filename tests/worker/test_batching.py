@@ -389,10 +389,14 @@ def test_service_batched_rows_equal_unbatched_worker() -> None:
 
 
 def test_batch_goodput_picks_zero_when_plain_steps_are_cheap_and_speculates_otherwise() -> None:
-    from decode_worker.batching import BatchCosts, choose_batch_gamma
+    from decode_worker.batching import BatchCosts, choose_batch_gamma, position_expected_tokens
+
+    def table(rates: list[float]) -> list[float]:
+        return [position_expected_tokens(rates, g) for g in range(9)]
 
     costs = BatchCosts()
-    assert choose_batch_gamma([0.8], [8], 1, costs) is None  # nothing measured yet
+    high = table([0.8] * 8)
+    assert choose_batch_gamma([high], [8], 1, costs) is None  # nothing measured yet
     # Whole batch steps: at batch 1 a longer draft adds little to a step; at batch 16 every
     # drafted position costs (a compute-bound forward), so speculation does not pay.
     for _ in range(5):
@@ -401,16 +405,59 @@ def test_batch_goodput_picks_zero_when_plain_steps_are_cheap_and_speculates_othe
             costs.add(16, g, 0.024 + 0.028 * g)
         costs.add(1, 0, 0.0095)
         costs.add(16, 0, 0.024)
-    high = [0.8] * 16
-    g1 = choose_batch_gamma(high[:1], [8], 1, costs)
-    g16 = choose_batch_gamma(high, [8] * 16, 16, costs)
+    g1 = choose_batch_gamma([high], [8], 1, costs)
+    g16 = choose_batch_gamma([high] * 16, [8] * 16, 16, costs)
     assert g1 is not None and g1 >= 4
     assert g16 == 0
     # Interpolated between measured sizes, the choice falls as the batch grows.
-    g8 = choose_batch_gamma(high[:8], [8] * 8, 8, costs)
+    g8 = choose_batch_gamma([high] * 8, [8] * 8, 8, costs)
     assert g8 is not None and g16 <= g8 <= g1
     # A row that cannot take more tokens caps only itself.
-    assert choose_batch_gamma([0.8], [0], 1, costs) == 0
+    assert choose_batch_gamma([high], [0], 1, costs) == 0
+    # Per-position acceptance: a first draft accepted 88 % of the time and the rest 32 %
+    # (the demo pair's pooled rates) makes a short draft the best, which one geometric rate
+    # fitted to the same steps (0.615 gives 1.99 tokens at γ = 2, the steps made 2.13) cannot
+    # express.
+    steep = [0.88] + [0.32] * 7
+    assert position_expected_tokens(steep, 0) == 1.0
+    assert position_expected_tokens(steep, 2) == pytest.approx(1 + 0.88 + 0.88 * 0.32)
+    g_steep = choose_batch_gamma([table(steep)], [8], 1, costs)
+    g_flat = choose_batch_gamma([table([0.88] * 8)], [8], 1, costs)
+    assert g_steep is not None and g_flat is not None and g_steep < g_flat
+
+
+def test_step_yield_learns_each_drafted_position() -> None:
+    import random
+
+    from decode_worker.batching import StepYield, position_expected_tokens
+
+    rng = random.Random(0)
+    y = StepYield(8)
+    start = y.expected()
+    assert start[0] == 1.0 and start == sorted(set(start))  # more γ, more tokens
+    # Steps at γ = 2 where the first draft is accepted 88 % of the time, the second 30 %.
+    for _ in range(400):
+        y.observe(2, 0 if rng.random() > 0.88 else (2 if rng.random() < 0.3 else 1))
+    rates = y.position_rates()
+    assert rates[0] == pytest.approx(0.88, abs=0.05) and rates[1] == pytest.approx(0.3, abs=0.08)
+    e = y.expected()
+    assert e[2] == pytest.approx(1 + 0.88 + 0.88 * 0.3, abs=0.12)
+    # Positions γ = 2 never reaches inherit the rate of the last one measured (not a fixed
+    # 0.5 guess that made long drafts look worth trying).
+    assert rates[4] == pytest.approx(rates[1], abs=0.02)
+    # Only the first position carries the optimism bonus (G = 0 measures nothing, so
+    # drafting must look a little better than last measured to be retried).
+    optimistic = y.position_rates(1.0)
+    assert optimistic[0] > rates[0] and optimistic[1:] == rates[1:]
+    assert e[1] == pytest.approx(position_expected_tokens(optimistic, 1))
+    # G = 0 steps teach nothing and change nothing; warm-up rows are not observed at all.
+    before = y.expected()
+    y.observe(0, 0)
+    assert y.expected() == before
+    # Forgetting: after many steps at a new rate the old one is gone.
+    for _ in range(2000):
+        y.observe(1, 1 if rng.random() < 0.5 else 0)
+    assert y.position_rates()[0] == pytest.approx(0.5, abs=0.06)
 
 
 @pytest.mark.timeout(90)
