@@ -1,0 +1,152 @@
+"""In-process A/B of batch policies: one `BatchScheduler` per arm over one loaded pair (no
+gRPC, no client process), N client threads per arm, the arms interleaved in rounds on the
+same requests. It isolates what a policy chooses from the serving path's overhead and the
+machine's drift, and prints per arm the measured (batch size, width) → step milliseconds,
+and for `batch-goodput` its acceptance model and cost table at the end of each level.
+
+    flock /tmp/bench.lock .venv/bin/python benchmarks/batch_policy.py \
+        --pair .cache/tiny-pair/demo-seed0 --compression fp16 --sizes 1 4 8 16 \
+        --rounds 4 --per-client 3 --arms batch-goodput fixed:1 fixed:2 fixed:3
+
+Tokens/s of an arm at a size = its tokens over its summed round walls. `batch-goodput`'s
+scheduler runs the warm-up a serving worker runs; the fixed arms' do not need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = REPO_ROOT / "benchmarks" / "prompts" / "prompts.jsonl"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pair", type=Path, default=REPO_ROOT / ".cache/tiny-pair/demo-seed0")
+    ap.add_argument("--compression", default="fp16")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[1, 4, 8, 16])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--per-client", type=int, default=3, help="requests per client per round")
+    ap.add_argument("--arms", nargs="+", default=["batch-goodput", "fixed:1", "fixed:2", "fixed:3"])
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from decode_worker.batching import BATCH_GAMMAS, BatchScheduler
+    from decode_worker.config import EngineConfig
+    from decode_worker.engine import SpeculativeEngine
+    from decode_worker.pair import PairConfig, load_pair
+    from decode_worker.policies import parse_local_policy
+
+    torch.set_num_threads(args.threads)
+    pair = load_pair(PairConfig(draft=str(args.pair / "draft"), target=str(args.pair / "target"),
+                                compression=args.compression, device="cpu"))  # fmt: skip
+    eng = SpeculativeEngine(pair, EngineConfig(max_gamma=8))
+    texts = [json.loads(x)["prompt"] for x in PROMPTS.read_text().splitlines() if x.strip()]
+    ids = [eng.encode(t) for t in texts]
+    scheds: dict[str, Any] = {}
+    logs: dict[str, list[tuple[int, int, float]]] = {}
+    for arm in args.arms:
+        s = BatchScheduler(eng, max_batch_size=16, max_queue=64)
+        log: list[tuple[int, int, float]] = []
+
+        def add(
+            b: int, w: int, sec: float, _orig: Any = s.costs.add, _log: Any = log, **kw: Any
+        ) -> None:
+            _log.append((b, w, sec))
+            _orig(b, w, sec, **kw)
+
+        s.costs.add = add  # type: ignore[method-assign,assignment]
+        if arm == "batch-goodput":
+            s.warmup()
+        scheds[arm], logs[arm] = s, log
+
+    def run(arm: str, clients: int, idx: list[int]) -> tuple[int, float]:
+        s, todo, lock, toks = scheds[arm], list(idx), threading.Lock(), [0]
+
+        def client() -> None:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    i = todo.pop(0)
+                h = s.submit(
+                    ids[i % len(ids)],
+                    parse_local_policy(arm),
+                    max_new_tokens=args.max_new_tokens,
+                    request_id=f"{arm}-{i}-{time.monotonic_ns()}",
+                    record=False,
+                )
+                for _ in h:
+                    pass
+                with lock:
+                    toks[0] += len(h.result.token_ids)
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return toks[0], time.perf_counter() - t0
+
+    for arm in args.arms:
+        run(arm, 1, [0])  # first-request setup
+    for b in args.sizes:
+        for log in logs.values():
+            log.clear()
+        total = {a: [0, 0.0] for a in args.arms}
+        rounds: dict[str, list[float]] = {a: [] for a in args.arms}
+        for r in range(args.rounds):
+            idx = list(range(r * b * args.per_client, (r + 1) * b * args.per_client))
+            k = r % len(args.arms)
+            for arm in args.arms[k:] + args.arms[:k]:
+                n, wall = run(arm, b, idx)
+                total[arm][0] += n
+                total[arm][1] += wall
+                rounds[arm].append(round(n / wall))
+        rate = {a: total[a][0] / total[a][1] for a in args.arms}
+        print(f"b={b} tokens/s " + " ".join(f"{a} {rate[a]:.0f} {rounds[a]}" for a in args.arms)
+              + f" | load {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+        for arm in args.arms:
+            cells: dict[tuple[int, int], list[float]] = {}
+            for bb, w, sec in logs[arm]:
+                cells.setdefault((bb, w), []).append(sec * 1e3)
+            shown = [
+                f"{k}:{statistics.median(v):.1f}×{len(v)}"
+                for k, v in sorted(cells.items())
+                if len(v) > 2
+            ]
+            print(f"   {arm} steps (b, G): median ms × count " + " ".join(shown))
+        if "batch-goodput" in scheds:
+            s = scheds["batch-goodput"]
+            fixed = [a for a in args.arms if a != "batch-goodput"]
+            if fixed:
+                best = max(fixed, key=lambda a: rate[a])
+                ratio = rate["batch-goodput"] / rate[best]
+                print(f"   batch-goodput / best fixed ({best}) = {ratio:.3f}")
+            table = s.costs.step_table(b, BATCH_GAMMAS)
+            print(
+                "   batch-goodput chose",
+                dict(sorted(s.stats.chosen.get(b, {}).items())),
+                "| E(γ)",
+                [round(x, 2) for x in s.yields.expected(6)],
+                "| T(b, G) ms",
+                {g: round(v * 1e3, 1) for g, v in table.items()},
+            )
+    for s in scheds.values():
+        s.close(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
