@@ -555,3 +555,46 @@ def test_batch_goodput_is_a_policy_spec() -> None:
     eng = SpeculativeEngine(random_pair(seed=1))
     result = eng.generate(prompts(1)[0], policy, max_new_tokens=12)
     assert result.steps[0].gamma == policy.fallback
+
+
+def test_leaving_and_joining_rows_reuse_the_buffers() -> None:
+    from decode_worker.batching import BatchedKV, _buffers, fill_order
+
+    # Five rows of one layer; row r holds the value r at each of its own positions.
+    k = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 2, 6, 3).clone()
+    kv = BatchedKV(None)
+    kv.layers = _buffers([(k, k.clone())], 6)
+    kv.lengths = [6, 4, 5, 6, 3]
+    storage = kv.layers[0].ck.data_ptr()
+    order = fill_order([0, 1, 3, 4], 5)  # row 2 leaves: row 4 takes its place
+    assert order == [0, 1, 4, 3]
+    kv.keep_rows(order)
+    layer = kv.layers[0]
+    assert layer.bk.data_ptr() == storage  # the buffers were not rebuilt
+    assert kv.lengths == [6, 4, 3, 6]
+    for place, row in enumerate(order):
+        n = kv.lengths[place]
+        assert torch.equal(layer.bk[place, :, :n], torch.full((2, n, 3), float(row)))
+        assert torch.equal(layer.bv[place, :, :n], torch.full((2, n, 3), float(row)))
+    # A row joining takes the freed place in the same allocation; the others do not move.
+    new = BatchedKV(None)
+    new.layers = _buffers([(torch.full((1, 2, 4, 3), 9.0), torch.full((1, 2, 4, 3), 9.0))], 4)
+    new.lengths = [4]
+    kv.extend(new)
+    layer = kv.layers[0]
+    assert layer.ck.data_ptr() == storage and kv.lengths == [6, 4, 3, 6, 4]
+    assert torch.equal(layer.bk[4, :, :4], torch.full((2, 4, 3), 9.0))
+    assert torch.equal(layer.bk[2, :, :3], torch.full((2, 3, 3), 4.0))
+    # Past the allocation, both batches are copied into a larger one.
+    kv.extend(new)
+    assert kv.layers[0].ck.data_ptr() != storage and kv.layers[0].ck.shape[0] >= 6
+    assert torch.equal(kv.layers[0].bk[5, :, :4], torch.full((2, 4, 3), 9.0))
+    assert torch.equal(kv.layers[0].bk[3, :, :6], torch.full((2, 6, 3), 3.0))
+    kv.keep_rows([0, 1, 2, 3])
+    # Any other order still works (rows gathered first), and the last row leaving empties it.
+    kv.keep_rows([3, 0])
+    assert kv.lengths == [6, 6]
+    assert torch.equal(kv.layers[0].bk[0, :, :6], torch.full((2, 6, 3), 3.0))
+    assert torch.equal(kv.layers[0].bk[1, :, :6], torch.full((2, 6, 3), 0.0))
+    kv.keep_rows([])
+    assert kv.layers is None and kv.lengths == []
