@@ -193,6 +193,10 @@ class BatchedKV:
         allocation has room for them (rows that left freed it), their positions are copied
         into it and nothing else moves; otherwise both batches are copied into buffers with
         room for twice the rows."""
+        with torch.inference_mode():  # the buffers are inference tensors
+            self._extend(other)
+
+    def _extend(self, other: BatchedKV) -> None:
         b_old, n = len(self.lengths), len(other.lengths)
         width = max(self.width, other.width)
         if self.layers is not None and all(
@@ -238,6 +242,10 @@ class BatchedKV:
         into a freed place — the buffers are not rebuilt. A row leaving used to rebuild every
         layer's buffers for all rows (9 % of a serving worker's scheduler thread at 8
         clients, py-spy)."""
+        with torch.inference_mode():  # the buffers are inference tensors
+            self._keep_rows(keep)
+
+    def _keep_rows(self, keep: Sequence[int]) -> None:
         old_lengths = self.lengths
         self.lengths = [old_lengths[i] for i in keep]
         if not self.layers:

@@ -560,10 +560,16 @@ def test_batch_goodput_is_a_policy_spec() -> None:
 def test_leaving_and_joining_rows_reuse_the_buffers() -> None:
     from decode_worker.batching import BatchedKV, _buffers, fill_order
 
-    # Five rows of one layer; row r holds the value r at each of its own positions.
-    k = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 2, 6, 3).clone()
-    kv = BatchedKV(None)
-    kv.layers = _buffers([(k, k.clone())], 6)
+    # Five rows of one layer; row r holds the value r at each of its own positions. The
+    # buffers are inference tensors, as the scheduler's forwards make them; rows leave and
+    # join outside inference mode (as the scheduler calls it).
+    with torch.inference_mode():
+        k = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 2, 6, 3).clone()
+        nine = torch.full((1, 2, 4, 3), 9.0)
+        kv = BatchedKV(None)
+        kv.layers = _buffers([(k, k.clone())], 6)
+        new = BatchedKV(None)
+        new.layers = _buffers([(nine, nine.clone())], 4)
     kv.lengths = [6, 4, 5, 6, 3]
     storage = kv.layers[0].ck.data_ptr()
     order = fill_order([0, 1, 3, 4], 5)  # row 2 leaves: row 4 takes its place
@@ -577,8 +583,6 @@ def test_leaving_and_joining_rows_reuse_the_buffers() -> None:
         assert torch.equal(layer.bk[place, :, :n], torch.full((2, n, 3), float(row)))
         assert torch.equal(layer.bv[place, :, :n], torch.full((2, n, 3), float(row)))
     # A row joining takes the freed place in the same allocation; the others do not move.
-    new = BatchedKV(None)
-    new.layers = _buffers([(torch.full((1, 2, 4, 3), 9.0), torch.full((1, 2, 4, 3), 9.0))], 4)
     new.lengths = [4]
     kv.extend(new)
     layer = kv.layers[0]
