@@ -442,12 +442,9 @@ class BatchCosts:
 
     - draft_b, the seconds of one batched draft forward — measured on every drafting step
       whatever its width, so it stays current while the batch sits at one width;
-    - verify_b(G), a line fitted through the measured verify forward at each width, each
-      width's samples and its weight in the fit forgetting by CELL_DECAY per sample at b
-      (widths with less than one recent sample's weight are left out while two are left):
-      the warm-up's widths, measured maybe while the machine was busy, fade once the batch
-      runs others, and `batch-goodput` runs a neighbouring width now and then to keep two
-      measured;
+    - verify_b(G), a line fitted through the measured verify forward at each width (one
+      moving average per (b, width): a width not run lately keeps its last value rather
+      than being dragged by others);
     - rest_b, the rest of the step (sampling, signals, hooks, streaming, per row).
 
     A whole-step line moved by each chosen width (the first design) kept its slope from the
@@ -462,11 +459,7 @@ class BatchCosts:
         self._plain: dict[int, float] = {}
         self._draft: dict[int, float] = {}
         self._rest: dict[int, float] = {}
-        # b -> width -> [Σ w, Σ w·verify seconds]: each sample at size b weighs 1 and every
-        # weight at that size decays by CELL_DECAY per sample there, so a width's average and
-        # its weight in the line fit both forget — widths not run lately (the warm-up's,
-        # measured maybe on a busy machine) fade instead of holding the line.
-        self._verify: dict[int, dict[int, list[float]]] = {}
+        self._verify: dict[int, dict[int, float]] = {}  # b -> width -> verify seconds
         self._counts: dict[tuple[str, int], int] = {}
         self._seen: set[tuple[int, int]] = set()
 
@@ -501,13 +494,7 @@ class BatchCosts:
                 verify = seconds - draft_seconds if verify_seconds is None else verify_seconds
                 if draft_forwards > 0:
                     self._ewm(self._draft, b, draft_seconds / draft_forwards)
-                cells = self._verify.setdefault(b, {})
-                for cell in cells.values():
-                    cell[0] *= CELL_DECAY
-                    cell[1] *= CELL_DECAY
-                cell = cells.setdefault(width, [0.0, 0.0])
-                cell[0] += 1.0
-                cell[1] += verify
+                self._ewm(self._verify.setdefault(b, {}), width, verify)
                 self._ewm(self._rest, b, max(seconds - draft_seconds - verify, 0.0))
                 key = ("spec", b)
             self._counts[key] = self._counts.get(key, 0) + 1
@@ -524,23 +511,14 @@ class BatchCosts:
         return CostModel(self._draft.get(b, 0.0), base + rest, slope, self._plain.get(b, 0.0))
 
     def _line(self, b: int) -> tuple[float, float] | None:
-        """Weighted least squares through the per-width averages at size b (weights: their
-        recent samples, see `_verify`); None before two widths are measured."""
         cells = self._verify.get(b)
         if not cells or len(cells) < 2 or self._counts.get(("spec", b), 0) < MIN_SAMPLES:
             return None
-        pts = [(g, w, wt / w) for g, (w, wt) in cells.items() if w > 0]
-        recent = [p for p in pts if p[1] >= 1.0]  # at least one recent sample's weight
-        if len(recent) >= 2:  # faded widths far away would still lever the slope
-            pts = recent
-        total = sum(w for _, w, _ in pts)
-        mean_g = sum(w * g for g, w, _ in pts) / total
-        mean_t = sum(w * t for _, w, t in pts) / total
-        var_g = sum(w * (g - mean_g) ** 2 for g, w, _ in pts)
-        if var_g <= 1e-9 * total:
-            return None
-        cov = sum(w * (g - mean_g) * (t - mean_t) for g, w, t in pts)
-        slope = max(cov / var_g, 0.0)
+        gs = list(cells)
+        mean_g = sum(gs) / len(gs)
+        mean_t = sum(cells.values()) / len(gs)
+        var_g = sum((g - mean_g) ** 2 for g in gs)
+        slope = max(sum((g - mean_g) * (cells[g] - mean_t) for g in gs) / var_g, 0.0)
         return max(mean_t - slope * mean_g, 1e-9), slope
 
     @staticmethod
@@ -612,12 +590,6 @@ BATCH_GAMMAS = (0, 1, 2, 3, 4, 6, 8)
 MIN_SAMPLES = 3
 # batch-goodput: at G = 0, one step in this many drafts one token (acceptance keeps learning).
 PROBE_EVERY = 16
-# batch-goodput: at G > 0, one step in this many runs a neighbouring width (G + 1 and G - 1
-# in turn), so the cost at the widths it is choosing between stays measured.
-NEIGHBOUR_EVERY = 24
-# BatchCosts: per sample at a batch size, the weight of its per-width verify samples decays
-# by this (a width run every step averages its last ~50 samples).
-CELL_DECAY = 0.98
 # batch-goodput's yield model (`StepYield`): counts decay by POOL_DECAY per drafted row-step;
 # each position's rate is shrunk by PRIOR_EVENTS pseudo-tries towards the rate of the
 # position before it (the first towards ACCEPT_PRIOR); the first is read with OPTIMISM
@@ -1263,12 +1235,6 @@ class BatchScheduler:
         # G = 0, every PROBE_EVERY-th step drafts one token so the estimates stay current.
         if g == 0 and max(caps) > 0 and self.stats.steps % PROBE_EVERY == PROBE_EVERY - 1:
             g = 1
-        # And at G > 0 one step in NEIGHBOUR_EVERY runs G + 1 or G - 1 in turn: a width's cost
-        # is only measured when it is run, and a stale average (the warm-up's, measured while
-        # seven workers started on 2 cores) held one client at G = 1 where G = 2 paid.
-        elif g and self.stats.steps % NEIGHBOUR_EVERY == NEIGHBOUR_EVERY - 1:
-            up = (self.stats.steps // NEIGHBOUR_EVERY) % 2 == 0
-            g = min(g + 1, max(cands)) if up else g - 1
         for r in aware:
             r.policy.batch_gamma = g  # type: ignore[attr-defined]
         if g is not None:

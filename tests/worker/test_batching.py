@@ -602,29 +602,3 @@ def test_leaving_and_joining_rows_reuse_the_buffers() -> None:
     assert torch.equal(kv.layers[0].bk[1, :, :6], torch.full((2, 6, 3), 0.0))
     kv.keep_rows([])
     assert kv.layers is None and kv.lengths == []
-
-
-def test_batch_costs_let_stale_widths_fade() -> None:
-    """The warm-up measures widths 2, 4, 8 once (here on a machine three times slower, as
-    when several workers start together); later the batch runs widths 1 and 2. The line
-    must follow the recent widths, not the stale ones."""
-    from decode_worker.batching import BatchCosts
-
-    costs = BatchCosts()
-
-    def step(width: int, scale: float) -> None:
-        verify = scale * (0.010 + 0.001 * width)
-        draft = scale * 0.002 * width
-        costs.add(1, width, verify + draft + 0.001, draft, width, verify)
-
-    for width in (2, 4, 8):
-        for _ in range(4):
-            step(width, 3.0)
-    stale = costs.step_table(1, (1, 2))
-    for i in range(200):
-        step(2 if i % 24 == 23 else 1, 1.0)
-    fresh = costs.step_table(1, (1, 2))
-    truth = {g: 0.010 + 0.001 * g + 0.002 * g + 0.001 for g in (1, 2)}
-    assert stale[2] > 2 * truth[2]
-    for g in (1, 2):
-        assert fresh[g] == pytest.approx(truth[g], rel=0.1)
