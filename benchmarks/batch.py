@@ -41,7 +41,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,8 +155,37 @@ def client_samples(
     channel = grpc.insecure_channel(address)
     stub = decoder_pb2_grpc.DecoderServiceStub(channel)
     lock = threading.Lock()
-    todo = list(indices)
     samples: list[Sample] = []
+
+    def request(i: int) -> None:
+        req = decoder_pb2.GenerateRequest(
+            prompt=prompts[i % len(prompts)],
+            max_new_tokens=request_tokens(i, new, mixed),
+            policy=policy,
+            request_id=f"{tag}c{clients}-{policy}-{i}",
+        )
+        t0 = time.perf_counter()
+        tokens, gammas = 0, []
+        for msg in stub.Generate(req, timeout=600):
+            if msg.HasField("chunk"):
+                tokens += len(msg.chunk.token_ids)
+                gammas.append(msg.chunk.step.gamma)
+        with lock:
+            samples.append((tokens, time.perf_counter() - t0, gammas))
+
+    try:
+        wall = closed_loop(indices, clients, request)
+    finally:
+        channel.close()
+    return samples, wall
+
+
+def closed_loop(indices: Sequence[int], clients: int, work: Callable[[int], None]) -> float:
+    """`clients` threads, each taking the next of `indices` in order and running `work(i)`
+    until none is left (one request in flight per client); the wall seconds. A failed
+    request stops its thread; the first failure is raised once all have stopped."""
+    lock = threading.Lock()
+    todo = list(indices)
     errors: list[BaseException] = []
 
     def client() -> None:
@@ -165,24 +194,11 @@ def client_samples(
                 if not todo:
                     return
                 i = todo.pop(0)
-            req = decoder_pb2.GenerateRequest(
-                prompt=prompts[i % len(prompts)],
-                max_new_tokens=request_tokens(i, new, mixed),
-                policy=policy,
-                request_id=f"{tag}c{clients}-{policy}-{i}",
-            )
-            t0 = time.perf_counter()
-            tokens, gammas = 0, []
             try:
-                for msg in stub.Generate(req, timeout=600):
-                    if msg.HasField("chunk"):
-                        tokens += len(msg.chunk.token_ids)
-                        gammas.append(msg.chunk.step.gamma)
-            except BaseException as err:  # recorded, the run fails below
+                work(i)
+            except BaseException as err:  # recorded, raised below
                 errors.append(err)
                 return
-            with lock:
-                samples.append((tokens, time.perf_counter() - t0, gammas))
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     t0 = time.perf_counter()
@@ -191,10 +207,9 @@ def client_samples(
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    channel.close()
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed; first: {errors[0]!r}")
-    return samples, wall
+    return wall
 
 
 def generate_samples(

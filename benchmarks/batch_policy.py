@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+    from batch import closed_loop  # benchmarks/batch.py, beside this script
 
     from decode_worker.batching import BATCH_GAMMAS, BatchScheduler
     from decode_worker.config import EngineConfig
@@ -71,33 +72,23 @@ def main(argv: list[str] | None = None) -> int:
         scheds[arm], logs[arm] = s, log
 
     def run(arm: str, clients: int, idx: list[int]) -> tuple[int, float]:
-        s, todo, lock, toks = scheds[arm], list(idx), threading.Lock(), [0]
+        s, lock, toks = scheds[arm], threading.Lock(), [0]
 
-        def client() -> None:
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    i = todo.pop(0)
-                h = s.submit(
-                    ids[i % len(ids)],
-                    parse_local_policy(arm),
-                    max_new_tokens=args.max_new_tokens,
-                    request_id=f"{arm}-{i}-{time.monotonic_ns()}",
-                    record=False,
-                )
-                for _ in h:
-                    pass
-                with lock:
-                    toks[0] += len(h.result.token_ids)
+        def request(i: int) -> None:
+            h = s.submit(
+                ids[i % len(ids)],
+                parse_local_policy(arm),
+                max_new_tokens=args.max_new_tokens,
+                request_id=f"{arm}-{i}-{time.monotonic_ns()}",
+                record=False,
+            )
+            for _ in h:
+                pass
+            with lock:
+                toks[0] += len(h.result.token_ids)
 
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return toks[0], time.perf_counter() - t0
+        wall = closed_loop(idx, clients, request)  # before reading toks: it fills them
+        return toks[0], wall
 
     for arm in args.arms:
         run(arm, 1, [0])  # first-request setup
