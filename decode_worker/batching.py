@@ -131,18 +131,15 @@ class _BufferLayer(DynamicLayer):
         return self.width
 
 
-def _buffers(
-    tensors: list[tuple[torch.Tensor, torch.Tensor]], width: int, row_capacity: int = 0
-) -> list[_BufferLayer]:
+def _buffers(tensors: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> list[_BufferLayer]:
     out = []
     for k, v in tensors:
-        rows = k.shape[0]
-        shape = (max(rows, row_capacity), k.shape[1], width + _HEADROOM, k.shape[3])
+        shape = (k.shape[0], k.shape[1], width + _HEADROOM, k.shape[3])
         bk, bv = k.new_zeros(shape), v.new_zeros(shape)
         n = min(width, k.shape[2])
-        bk[:rows, :, :n] = k[:, :, :n]
-        bv[:rows, :, :n] = v[:, :, :n]
-        out.append(_BufferLayer(bk, bv, width, rows))
+        bk[:, :, :n] = k[:, :, :n]
+        bv[:, :, :n] = v[:, :, :n]
+        out.append(_BufferLayer(bk, bv, width))
     return out
 
 
@@ -256,14 +253,14 @@ class BatchedKV:
         n = len(keep)
         moves = [(p, i) for p, i in enumerate(keep) if p != i]
         direct = all(i >= n for _, i in moves)
-        idx = torch.tensor(list(keep), dtype=torch.long, device=self.layers[0].bk.device)
+        idx = None if direct else torch.tensor(list(keep), device=self.layers[0].bk.device)
         for layer in self.layers:
             w = layer.width
             if direct:
                 for p, i in moves:
                     layer.bk[p, :, :w] = layer.bk[i, :, :w]
                     layer.bv[p, :, :w] = layer.bv[i, :, :w]
-            elif moves:
+            elif idx is not None and moves:
                 layer.bk[:n, :, :w] = layer.bk[idx, :, :w]  # advanced indexing gathers first
                 layer.bv[:n, :, :w] = layer.bv[idx, :, :w]
             layer.set_rows(n)
@@ -538,10 +535,6 @@ class BatchCosts:
             return values[lo] * b / lo
         return values[min(upper)]
 
-    def step_seconds(self, b: int, width: int) -> float | None:
-        """Expected wall seconds of a batch step of `b` rows at verify width `width`."""
-        return self.step_table(b, (width,)).get(width)
-
     def _models_near(self, b: int) -> dict[int, CostModel]:
         """The models `_at` needs for size b: b's own, else the nearest measured size below
         and above it (fitting every size's line before every step cost 0.2 ms)."""
@@ -557,8 +550,9 @@ class BatchCosts:
         return out
 
     def step_table(self, b: int, widths: Sequence[int]) -> dict[int, float]:
-        """`step_seconds(b, G)` for every G in `widths` that has an estimate, fitting the
-        lines it needs once (the scheduler asks for every candidate before each step)."""
+        """Expected wall seconds of a batch step of `b` rows at each verify width G in
+        `widths` that has an estimate, fitting the lines it needs once (the scheduler asks
+        for every candidate before each step)."""
         with self._lock:
             plain = {s: v for s, v in self._plain.items()
                      if self._counts.get(("plain", s), 0) >= MIN_SAMPLES}  # fmt: skip
@@ -601,14 +595,20 @@ POOL_DECAY = 0.995
 OPTIMISM = 1.0
 
 
+def position_expected_table(survive: Sequence[float], up_to: int) -> list[float]:
+    """Tokens a step of draft length γ produces, for γ = 0 … up_to (index γ), when drafted
+    token j is accepted with probability survive[j-1] given the ones before it were:
+    E(γ) = 1 + Σ_{j≤γ} Π_{k≤j} p_k."""
+    out, alive = [1.0], 1.0
+    for p in survive[:up_to]:
+        alive *= p
+        out.append(out[-1] + alive)
+    return out
+
+
 def position_expected_tokens(survive: Sequence[float], gamma: int) -> float:
-    """Tokens a step of draft length γ produces when drafted token j is accepted with
-    probability survive[j-1] given the ones before it were: 1 + Σ_{j≤γ} Π_{k≤j} p_k."""
-    total, s = 1.0, 1.0
-    for p in survive[:gamma]:
-        s *= p
-        total += s
-    return total
+    """E(γ) of `position_expected_table` for one γ."""
+    return position_expected_table(survive, gamma)[-1]
 
 
 class StepYield:
@@ -671,12 +671,8 @@ class StepYield:
 
     def expected(self, up_to: int | None = None) -> list[float]:
         """Expected tokens of a row-step at γ = 0 … up_to (default max_gamma; index = γ)."""
-        rates = self.position_rates(OPTIMISM)
-        out, alive = [1.0], 1.0
-        for p in rates[: self.max_gamma if up_to is None else up_to]:
-            alive *= p
-            out.append(out[-1] + alive)
-        return out
+        limit = self.max_gamma if up_to is None else up_to
+        return position_expected_table(self.position_rates(OPTIMISM), limit)
 
 
 def choose_batch_gamma(

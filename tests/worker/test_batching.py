@@ -45,6 +45,14 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def _wait_empty(sched: BatchScheduler, message: str, limit_s: float = 10.0) -> None:
+    """Until no row runs or waits (bounded: fails with `message` after `limit_s`)."""
+    deadline = time.monotonic() + limit_s
+    while sched.running or sched.queued:
+        assert time.monotonic() < deadline, message
+        time.sleep(0.01)
+
+
 def _drain(handle: Any) -> GenerationResult:
     for _ in handle:
         pass
@@ -181,10 +189,7 @@ def test_cancelling_one_row_leaves_the_others_untouched() -> None:
         it = iter(h)
         next(it)
         it.close()  # type: ignore[attr-defined]
-        deadline = time.monotonic() + 10
-        while sched.running or sched.queued:
-            assert time.monotonic() < deadline, "the abandoned row never left the batch"
-            time.sleep(0.01)
+        _wait_empty(sched, "the abandoned row never left the batch")
     finally:
         sched.close(timeout=10)
     assert results[0] is not None and results[0].token_ids == solo[0].token_ids
@@ -243,10 +248,7 @@ def test_rows_cut_between_steps_still_end_their_sequence() -> None:
             if len(cut_steps) == 3:
                 stop.set()
         finished = _drain(done)
-        deadline = time.monotonic() + 10
-        while sched.running or sched.queued:
-            assert time.monotonic() < deadline, "rows never left the batch"
-            time.sleep(0.01)
+        _wait_empty(sched, "rows never left the batch")
     finally:
         sched.close(timeout=10)
     assert cut.result is not None and cut.result.finish_reason == FinishReason.CANCELLED
