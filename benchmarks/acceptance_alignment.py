@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,17 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+    from speckv_eval.replay_run import load_prompts
+    from speckv_eval.services import load_local_pair
 
     from decode_worker.config import EngineConfig
     from decode_worker.engine import SpeculativeEngine
-    from decode_worker.pair import PairConfig, load_pair
     from decode_worker.policies import FixedPolicy
 
     torch.set_num_threads(args.threads)
-    pair = load_pair(PairConfig(draft=str(args.pair / "draft"), target=str(args.pair / "target"),
-                                compression=args.compression, device="cpu"))  # fmt: skip
+    pair = load_local_pair(args.pair / "draft", args.pair / "target", args.compression, "cpu")
     eng = SpeculativeEngine(pair, EngineConfig(max_gamma=max(args.gammas)))
-    texts = [json.loads(x)["prompt"] for x in PROMPTS.read_text().splitlines() if x.strip()]
+    texts = [p.prompt for p in load_prompts(PROMPTS)]
     for gamma in args.gammas:
         c: collections.Counter[tuple[str, str]] = collections.Counter()
         tokens = steps = 0

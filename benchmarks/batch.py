@@ -536,12 +536,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {plot(data['results'], args.img, data['meta'].get('lengths', 'uniform'))}")
         return 0
     import torch
-
-    from decode_worker.pair import PairConfig, load_pair
+    from speckv_eval.replay_run import load_prompts
+    from speckv_eval.services import load_local_pair
 
     torch.set_num_threads(args.threads)
-    records = [json.loads(x) for x in PROMPTS.read_text().splitlines() if x.strip()]
-    prompts = [r["prompt"] for r in records]
+    prompts = [p.prompt for p in load_prompts(PROMPTS)]
     meta: dict[str, Any] = {
         "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
         "pair": str(args.pair),
@@ -577,13 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                 workers.append(start_worker(args.pair, comp, args.threads, batching=False))
                 arms.append(ClientArm("interleaved heuristic", workers[-1].address, "heuristic"))
             if not args.no_generate:
-                cfg = PairConfig(
-                    draft=str(args.pair / "draft"),
-                    target=str(args.pair / "target"),
-                    compression=comp,
-                    device="cpu",
-                )
-                arms.append(GenerateArm(GENERATE, load_pair(cfg)))  # freed with `arms`
+                pair = load_local_pair(args.pair / "draft", args.pair / "target", comp, "cpu")
+                arms.append(GenerateArm(GENERATE, pair))  # freed with `arms`
             # One unmeasured request per arm (first-request setup).
             for arm in arms:
                 arm.run(prompts, [0], 1, 8, False, "warm-")

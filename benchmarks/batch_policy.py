@@ -15,7 +15,6 @@ scheduler runs the warm-up a serving worker runs; the fixed arms' do not need it
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import threading
@@ -41,18 +40,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from batch import closed_loop  # benchmarks/batch.py, beside this script
+    from speckv_eval.replay_run import load_prompts
+    from speckv_eval.services import load_local_pair
 
     from decode_worker.batching import BATCH_GAMMAS, BatchScheduler
     from decode_worker.config import EngineConfig
     from decode_worker.engine import SpeculativeEngine
-    from decode_worker.pair import PairConfig, load_pair
     from decode_worker.policies import parse_local_policy
 
     torch.set_num_threads(args.threads)
-    pair = load_pair(PairConfig(draft=str(args.pair / "draft"), target=str(args.pair / "target"),
-                                compression=args.compression, device="cpu"))  # fmt: skip
+    pair = load_local_pair(args.pair / "draft", args.pair / "target", args.compression, "cpu")
     eng = SpeculativeEngine(pair, EngineConfig(max_gamma=8))
-    texts = [json.loads(x)["prompt"] for x in PROMPTS.read_text().splitlines() if x.strip()]
+    texts = [p.prompt for p in load_prompts(PROMPTS)]
     ids = [eng.encode(t) for t in texts]
     scheds: dict[str, Any] = {}
     logs: dict[str, list[tuple[int, int, float]]] = {}
