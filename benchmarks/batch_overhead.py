@@ -1,0 +1,326 @@
+"""Where a batching worker's time goes (the measurements behind docs/results.md §7 on the
+serving path and docs/notes.md "Batching"). Four subcommands, demo pair by default:
+
+    # in one process: the batch scheduler at fixed γ vs transformers' batched generate
+    .venv/bin/python benchmarks/batch_overhead.py inproc --rows 8 --gamma 2
+    # step milliseconds by width: alternating widths vs one fixed width (a width-change cost?)
+    .venv/bin/python benchmarks/batch_overhead.py widths --rows 8 --alternate 1 2
+    # served fixed:2 at 8 clients: worker variants interleaved in rounds, client CPU, and
+    # (with py-spy installed) the scheduler thread's time by part
+    .venv/bin/python benchmarks/batch_overhead.py served --clients 8 [--py-spy PATH]
+    # what one leaving row costs in the KV buffers (BatchedKV.keep_rows)
+    .venv/bin/python benchmarks/batch_overhead.py leave --rows 8 --width 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = REPO_ROOT / "benchmarks" / "prompts" / "prompts.jsonl"
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, list[list[int]], list[str]]:
+    import torch
+    from speckv_eval.replay_run import load_prompts
+    from speckv_eval.services import load_local_pair
+
+    from decode_worker.config import EngineConfig
+    from decode_worker.engine import SpeculativeEngine
+
+    torch.set_num_threads(args.threads)
+    pair = load_local_pair(args.pair / "draft", args.pair / "target", args.compression, "cpu")
+    eng = SpeculativeEngine(pair, EngineConfig(max_gamma=8))
+    texts = [p.prompt for p in load_prompts(PROMPTS)]
+    return pair, eng, [eng.encode(t) for t in texts], texts
+
+
+def _run_batch(sched: Any, ids: list[list[int]], policy: Any, rows: int, new: int) -> float:
+    """`rows` requests submitted together; tokens/s until the last finishes."""
+    hs = [
+        sched.submit(
+            ids[i % len(ids)],
+            policy,
+            max_new_tokens=new,
+            request_id=f"r{time.monotonic_ns()}-{i}",
+            record=False,
+        )
+        for i in range(rows)
+    ]
+    t0 = time.perf_counter()
+    tokens = 0
+    for h in hs:
+        for _ in h:
+            pass
+        tokens += len(h.result.token_ids)
+    return tokens / (time.perf_counter() - t0)
+
+
+def inproc(args: argparse.Namespace) -> None:
+    import torch
+
+    from decode_worker.batching import BatchScheduler
+    from decode_worker.policies import FixedPolicy
+
+    pair, eng, ids, texts = _setup(args)
+    sched = BatchScheduler(eng, max_batch_size=max(16, args.rows), max_queue=16)
+    _run_batch(sched, ids, FixedPolicy(args.gamma), args.rows, args.max_new_tokens)
+    sched_rates = [
+        _run_batch(sched, ids, FixedPolicy(args.gamma), args.rows, args.max_new_tokens)
+        for _ in range(args.repeats)
+    ]
+    sched.close(timeout=10)
+    tok = pair.tokenizer
+    tok.padding_side = "left"
+    enc = tok(texts[: args.rows], return_tensors="pt", padding=True)
+
+    def generate() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pair.target.generate(
+                enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return args.rows * args.max_new_tokens / (time.perf_counter() - t0)
+
+    generate()
+    gen_rates = [generate() for _ in range(args.repeats)]
+    print(
+        f"{args.rows} rows, fixed:{args.gamma}: scheduler {[round(r) for r in sched_rates]} "
+        f"tokens/s, generate {[round(r) for r in gen_rates]} tokens/s, "
+        f"load {os.getloadavg()[0]:.2f}"
+    )
+
+
+def widths(args: argparse.Namespace) -> None:
+    from decode_worker.batching import BatchScheduler
+    from decode_worker.policies import FixedPolicy, GammaDecision, GammaPolicy, SequencePolicy
+
+    class _Cycle(SequencePolicy):  # every row of a batch started together cycles alike
+        def __init__(self, ws: list[int]) -> None:
+            self.ws = ws
+
+        def decide(self, step: int, prefix_signals: Any) -> GammaDecision:
+            from decode_worker.policies import DecisionSource
+
+            return GammaDecision(self.ws[step % len(self.ws)], DecisionSource.LOCAL)
+
+    class Cycle(GammaPolicy):
+        def __init__(self, ws: list[int]) -> None:
+            self.ws, self.spec = ws, f"cycle{ws}"
+
+        def start(self, seq: Any) -> SequencePolicy:
+            return _Cycle(self.ws)
+
+    _, eng, ids, _ = _setup(args)
+    sched = BatchScheduler(eng, max_batch_size=max(16, args.rows), max_queue=16)
+    log: list[tuple[int, int, float]] = []
+    orig = sched.costs.add
+
+    def add(b: int, w: int, sec: float, **kw: Any) -> None:
+        log.append((b, w, sec))
+        orig(b, w, sec, **kw)
+
+    sched.costs.add = add  # type: ignore[method-assign,assignment]
+    arms: list[tuple[str, GammaPolicy]] = [(f"fixed:{w}", FixedPolicy(w)) for w in args.alternate]
+    arms.append((f"alternating {args.alternate}", Cycle(list(args.alternate))))
+    for name, pol in arms * 2:
+        log.clear()
+        for _ in range(args.repeats):
+            _run_batch(sched, ids, pol, args.rows, args.max_new_tokens)
+        by: dict[tuple[int, str], list[float]] = collections.defaultdict(list)
+        prev = None
+        for b, w, sec in log:
+            if b == args.rows:
+                by[(w, "same" if prev == w else "changed")].append(sec * 1e3)
+            prev = w
+        print(
+            name,
+            {
+                f"G={w} {k}": f"{statistics.median(v):.1f} ms × {len(v)}"
+                for (w, k), v in sorted(by.items())
+                if len(v) > 2
+            },
+        )
+    sched.close(timeout=10)
+
+
+def _thread_profile(raw: Path) -> str:
+    """Share of the scheduler thread's samples in each part, from py-spy's raw output."""
+    parts = (
+        "BatchScheduler._step",
+        "BatchScheduler._join",
+        "BatchedKV.forward",
+        "BatchedKV.keep_rows",
+        "BatchedKV.extend",
+        "BatchScheduler._remove_finished",
+    )
+    total = 0
+    counts: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, n = line.rsplit(" ", 1)
+        names = {f.split(" (")[0] for f in stack.split(";")}
+        if "BatchScheduler._loop" not in names:
+            continue
+        total += int(n)
+        for p in parts:
+            if p in names:
+                counts[p] += int(n)
+    return f"scheduler thread samples {total}: " + ", ".join(
+        f"{p} {100 * counts[p] / max(total, 1):.0f} %" for p in parts
+    )
+
+
+def served(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import batch as B
+    from speckv_eval.replay_run import load_prompts
+
+    prompts = [p.prompt for p in load_prompts(PROMPTS)]
+    variants: dict[str, Any] = {}
+    for name, threads, env in (
+        ("default, 2 threads", 2, {}),
+        ("OMP_WAIT_POLICY=PASSIVE", 2, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ("1 thread", 1, {}),
+    ):
+        saved = dict(os.environ)
+        os.environ.update(env)
+        try:
+            variants[name] = B.start_worker(args.pair, args.compression, threads, batching=True)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    total = {n: [0, 0.0] for n in variants}
+    c = args.clients
+    try:
+        for w in variants.values():
+            B.run_clients(w.address, prompts, 1, 1, args.policy, 8)
+        me0 = resource.getrusage(resource.RUSAGE_SELF)
+        t_all = time.perf_counter()
+        for r in range(args.repeats):
+            names = B.rotated(list(variants), r)
+            for n in names:
+                idx = list(range(r * 3 * c, (r + 1) * 3 * c))
+                samples, wall = B.client_samples(
+                    variants[n].address, prompts, c, idx, args.policy, args.max_new_tokens, False
+                )
+                total[n][0] += sum(s[0] for s in samples)
+                total[n][1] += wall
+        me1 = resource.getrusage(resource.RUSAGE_SELF)
+        elapsed = time.perf_counter() - t_all
+        cpu = (me1.ru_utime - me0.ru_utime) + (me1.ru_stime - me0.ru_stime)
+        print(
+            f"{args.policy}, {c} clients: "
+            + ", ".join(f"{n} {t / w:.0f} tokens/s" for n, (t, w) in total.items())
+            + f"; the client process used {100 * cpu / elapsed:.0f} % of a core; "
+            f"load {os.getloadavg()[0]:.2f}"
+        )
+        if args.py_spy:
+            w = variants["default, 2 threads"]
+            load = threading.Thread(
+                target=B.client_samples,
+                args=(
+                    w.address,
+                    prompts,
+                    c,
+                    list(range(8 * c)),
+                    args.policy,
+                    args.max_new_tokens,
+                    False,
+                ),
+            )
+            load.start()
+            time.sleep(1.0)
+            with tempfile.TemporaryDirectory() as tmp:
+                raw = Path(tmp) / "spy.txt"
+                subprocess.run(
+                    [
+                        args.py_spy,
+                        "record",
+                        "-p",
+                        str(w.pid),
+                        "-d",
+                        "8",
+                        "-r",
+                        "200",
+                        "-f",
+                        "raw",
+                        "-o",
+                        str(raw),
+                        "--nonblocking",
+                    ],
+                    check=True,
+                )
+                load.join()
+                print(_thread_profile(raw))
+    finally:
+        for w in variants.values():
+            w.stop()
+
+
+def leave(args: argparse.Namespace) -> None:
+    import torch
+
+    from decode_worker.batching import BatchedKV, fill_order
+
+    pair, _, _, _ = _setup(args)
+    keep = [i for i in range(args.rows) if i != args.rows // 2]  # a row from the middle
+    for name, model in (("target", pair.target), ("draft", pair.draft)):
+        times = []
+        for _ in range(20):
+            kv = BatchedKV(model.config)
+            kv.lengths = [0] * args.rows
+            with torch.inference_mode():
+                kv.forward(model, [[5] * args.width] * args.rows, 0, keep_logits=1)
+                kv.commit([args.width] * args.rows)
+            t0 = time.perf_counter()
+            kv.keep_rows(fill_order(keep, args.rows))
+            times.append(time.perf_counter() - t0)
+        print(
+            f"{name}: one row leaving {args.rows} rows of {args.width} positions: "
+            f"median {1e3 * statistics.median(times):.3f} ms"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pair", type=Path, default=REPO_ROOT / ".cache/tiny-pair/demo-seed0")
+    ap.add_argument("--compression", default="fp16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    sub = ap.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("inproc")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--gamma", type=int, default=2)
+    p = sub.add_parser("widths")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--alternate", type=int, nargs="+", default=[1, 2])
+    p = sub.add_parser("served")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--policy", default="fixed:2")
+    p.add_argument("--py-spy", help="path of a py-spy binary: also profile the default worker")
+    p = sub.add_parser("leave")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--width", type=int, default=80)
+    args = ap.parse_args(argv)
+    {"inproc": inproc, "widths": widths, "served": served, "leave": leave}[args.what](args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
