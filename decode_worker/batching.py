@@ -833,6 +833,10 @@ class BatchStats:
     decide_rows: int = 0
     draft_forwards: int = 0
     verify_forwards: int = 0
+    step_seconds: float = 0.0  # wall of the steps (decisions, forwards, bookkeeping)
+    forward_seconds: float = 0.0  # of which draft and verify forwards (with KV commits)
+    joins: int = 0  # prefill forwards of joining rows (one per join, all its rows at once)
+    join_seconds: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)  # batch size -> steps
     gammas: dict[int, dict[int, int]] = field(default_factory=dict)  # batch size -> γ -> rows
     chosen: dict[int, dict[int, int]] = field(
@@ -1032,6 +1036,8 @@ class BatchScheduler:
                     kv.forward(model, feeds, self._pad, keep_logits=1)
                     kv.commit([len(f) for f in feeds])
             seconds = time.perf_counter() - t0
+        self.stats.joins += 1
+        self.stats.join_seconds += seconds
         for r in rows:
             r.run.stats.prefill_seconds = seconds
             r.run.stats.target_tokens_processed += len(r.seq) - 1
@@ -1179,6 +1185,7 @@ class BatchScheduler:
         st.batch_sizes[b] = st.batch_sizes.get(b, 0) + 1
         st.draft_forwards += draft_forwards
         st.verify_forwards += 1
+        st.forward_seconds += draft_seconds + verify_seconds
         per_size = st.gammas.setdefault(b, {})
         # --- per-row bookkeeping and the remaining hooks, in GenerationRun's order
         for i, r in enumerate(rows):
@@ -1202,11 +1209,13 @@ class BatchScheduler:
         # the probes after G = 0 runs made drafting look dearer than it is and kept the
         # batch at G = 0. The catch-up is a deferred cost of the plain steps, small next to
         # them (one longer draft forward per run of plain steps); it is left out.
+        elapsed = time.perf_counter() - started
+        st.step_seconds += elapsed
         if catch_up <= 2:
             self.costs.add(
                 b,
                 width,
-                time.perf_counter() - started,
+                elapsed,
                 draft_seconds=draft_seconds,
                 draft_forwards=draft_forwards,
                 verify_seconds=verify_seconds,

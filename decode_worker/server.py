@@ -116,6 +116,18 @@ class WorkerServer:
             self.metrics.read_gauge(
                 "batch_row_steps", "Sequence steps run in batches", lambda: st.row_steps
             )
+            for name, text, read in (
+                ("batch_step_seconds", "Seconds in batch steps", lambda: st.step_seconds),
+                (
+                    "batch_forward_seconds",
+                    "Seconds of batch steps in draft and verify forwards",
+                    lambda: st.forward_seconds,
+                ),
+                ("batch_joins", "Prefill forwards of joining requests", lambda: st.joins),
+                ("batch_join_seconds", "Seconds in prefills of joining requests",
+                 lambda: st.join_seconds),
+            ):
+                self.metrics.read_gauge(name, text, read)
             self.metrics.read_gauge(
                 "batch_decide_messages",
                 "Decide messages the batch sent (one per batch step at most)",

@@ -149,6 +149,14 @@ def test_scraped_metrics_equal_the_generation_summaries(pair, predictor, batchin
     assert value(m, "speckv_worker_predictor_stream_reconnects_total") == 0
     assert value(m, "speckv_worker_predictor_connected") == 1
     assert value(m, "speckv_worker_records_dropped_total") == 0
+    if batching:  # one request at a time: every step is a one-row batch, every join one row
+        assert value(m, "speckv_worker_batch_steps") == steps
+        assert value(m, "speckv_worker_batch_joins") == 3
+        step_s = value(m, "speckv_worker_batch_step_seconds")
+        forward_s = value(m, "speckv_worker_batch_forward_seconds")
+        join_s = value(m, "speckv_worker_batch_join_seconds")
+        assert 0 < forward_s < step_s and 0 < join_s
+        assert step_s + join_s < wall
 
 
 def test_reconnects_are_counted_from_the_decision_stream(pair, model_repo: Path) -> None:  # type: ignore[no-untyped-def]
