@@ -130,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
                 dict(sorted(s.stats.chosen.get(b, {}).items())),
                 "| E(γ)",
                 [round(x, 2) for x in s.yields.expected(6)],
-                "| width factors",
-                s.widths.snapshot(),
                 "| T(b, G) ms",
                 {g: round(v * 1e3, 1) for g, v in table.items()},
             )

@@ -593,20 +593,6 @@ ACCEPT_PRIOR = 0.5
 PRIOR_EVENTS = 4.0
 POOL_DECAY = 0.995
 OPTIMISM = 1.0
-# batch-goodput's per-width correction (`WidthYield`): the tokens a settled row-step at
-# draft length γ produced over what the position model predicted for it, shrunk towards 1
-# by WIDTH_PRIOR predicted tokens, forgotten by WIDTH_DECAY per observation of that γ and
-# clipped to WIDTH_CLIP. Every PROBE_PERIOD steps at G ≥ 1 the batch runs PROBE_BLOCK
-# steps at a neighbouring width (above and below in turn) so neighbours are measured too;
-# every PROBE_PERIOD_NEW steps while a neighbour has fewer than WIDTH_MIN_OBS settled
-# row-steps (a new worker learns its corrections quickly, then probes rarely).
-WIDTH_PRIOR = 4.0
-WIDTH_DECAY = 0.99
-WIDTH_CLIP = (0.6, 1.6)
-WIDTH_MIN_OBS = 24
-PROBE_PERIOD = 48
-PROBE_PERIOD_NEW = 8
-PROBE_BLOCK = 4
 
 
 def position_expected_table(survive: Sequence[float], up_to: int) -> list[float]:
@@ -687,49 +673,6 @@ class StepYield:
         """Expected tokens of a row-step at γ = 0 … up_to (default max_gamma; index = γ)."""
         limit = self.max_gamma if up_to is None else up_to
         return position_expected_table(self.position_rates(OPTIMISM), limit)
-
-
-class WidthYield:
-    """How far the position model (`StepYield`) is off at each draft length γ: the tokens
-    settled row-steps at γ produced ÷ the tokens the model predicted for them. A row-step is
-    settled when the row's previous step drafted the same γ. Needed because a drafted
-    position's acceptance depends on how the previous step ended, differently per γ (demo
-    pair fp16, first position: 0.52 after a full step vs 0.83 after a rejection at γ = 1,
-    0.93 vs 0.70 at γ = 2; `benchmarks/acceptance_alignment.py`), which pooled per-position
-    rates cannot represent: they under-rated γ = 2 against γ = 1 with one row. The ratio,
-    not the raw tokens, is compared across γ, so prompts that changed between the steps at
-    two widths move both the model and the measurement (a γ judged by its raw tokens
-    followed the prompts; see `StepYield`)."""
-
-    def __init__(self) -> None:
-        self._real: dict[int, float] = {}
-        self._pred: dict[int, float] = {}
-        self.seen: dict[int, int] = {}  # settled row-steps observed per γ (not decayed)
-
-    def observe(self, gamma: int, predicted: float, produced: int) -> None:
-        """A settled row-step drafted `gamma`, the model predicted `predicted` tokens, it
-        produced `produced` (accepted + 1)."""
-        if gamma <= 0 or predicted <= 0:
-            return
-        self.seen[gamma] = self.seen.get(gamma, 0) + 1
-        self._real[gamma] = WIDTH_DECAY * self._real.get(gamma, 0.0) + produced
-        self._pred[gamma] = WIDTH_DECAY * self._pred.get(gamma, 0.0) + predicted
-
-    def factor(self, gamma: int) -> float:
-        """Measured ÷ predicted tokens at `gamma` (1 with no evidence; γ = 0 is exact)."""
-        if gamma <= 0:
-            return 1.0
-        real = self._real.get(gamma, 0.0) + WIDTH_PRIOR
-        pred = self._pred.get(gamma, 0.0) + WIDTH_PRIOR
-        lo, hi = WIDTH_CLIP
-        return min(max(real / pred, lo), hi)
-
-    def corrected(self, expected: Sequence[float]) -> list[float]:
-        """`expected` (tokens per row-step by γ) with each γ's factor applied."""
-        return [e * self.factor(g) for g, e in enumerate(expected)]
-
-    def snapshot(self) -> dict[int, float]:
-        return {g: round(self.factor(g), 3) for g in sorted(self._real)}
 
 
 def choose_batch_gamma(
@@ -820,8 +763,6 @@ class _Row:
     hist: dict[str, float] | None = None
     draft_fed: int = 0
     pooled: bool = True  # counts into the worker's pooled acceptance (not warm-up rows)
-    predicted: float | None = None  # batch-goodput: the position model's E(γ) for this step
-    last_gamma: int = -1  # the γ the row's previous step drafted
     held: HeldOutcome = field(init=False)  # the last step's outcome (as GenerationRun)
 
     def __post_init__(self) -> None:
@@ -928,8 +869,6 @@ class BatchScheduler:
         self.costs = BatchCosts()
         # What a row-step yields at each draft length (batch-goodput), from recent rows.
         self.yields = StepYield(self.engine.config.max_gamma)
-        self.widths = WidthYield()
-        self._probe_g, self._probe_left, self._since_probe, self._probe_up = 0, 0, 0, True
         self._warming = False
         self.concurrency = (
             f"continuous batching: up to {max_batch_size} sequences per batched draft/verify "
@@ -1294,46 +1233,18 @@ class BatchScheduler:
         max_gamma = self.engine.config.max_gamma
         caps = [min(max_gamma, r.run.max_new_tokens - len(r.new) - 1) for r in aware]
         cands = [g for g in BATCH_GAMMAS if g <= max_gamma]
-        raw = self.yields.expected(max(cands))
-        expected = self.widths.corrected(raw)
+        expected = self.yields.expected(max(cands))
         tokens = [expected] * len(aware)
         g = choose_batch_gamma(tokens, caps, len(rows), self.costs, cands)
         # Rows learn their acceptance only from drafted steps: while the batch sits at
         # G = 0, every PROBE_EVERY-th step drafts one token so the estimates stay current.
         if g == 0 and max(caps) > 0 and self.stats.steps % PROBE_EVERY == PROBE_EVERY - 1:
             g = 1
-        if g is not None and g > 0 and not self._warming:
-            g = self._probe(g, cands, max(caps))
-        for r, cap in zip(aware, caps, strict=True):
+        for r in aware:
             r.policy.batch_gamma = g  # type: ignore[attr-defined]
-            r.predicted = raw[max(0, min(g or 0, cap, len(raw) - 1))]
         if g is not None:
             per = self.stats.chosen.setdefault(len(rows), {})
             per[g] = per.get(g, 0) + 1
-
-    def _probe(self, g: int, cands: Sequence[int], reach: int) -> int:
-        """The width to run: `g`, or inside a probe block the neighbour being measured.
-        Every PROBE_PERIOD drafting steps a block of PROBE_BLOCK steps runs at the next
-        candidate above or below `g` (in turn; not 0, not beyond what a row can draft), so
-        `WidthYield` has settled steps of the neighbours to correct them by (every
-        PROBE_PERIOD_NEW steps while one has fewer than WIDTH_MIN_OBS)."""
-        if self._probe_left > 0:
-            self._probe_left -= 1
-            return self._probe_g
-        self._since_probe += 1
-        i = list(cands).index(g) if g in cands else -1
-        near = [cands[j] for j in (i - 1, i + 1) if i >= 0 and 0 <= j < len(cands)]
-        near = [n for n in near if 1 <= n <= reach]
-        new = any(self.widths.seen.get(n, 0) < WIDTH_MIN_OBS for n in near)
-        if self._since_probe < (PROBE_PERIOD_NEW if new else PROBE_PERIOD):
-            return g
-        self._since_probe = 0
-        self._probe_up = not self._probe_up
-        j = i + 1 if self._probe_up else i - 1
-        if i < 0 or not 0 <= j < len(cands) or not 1 <= cands[j] <= reach:
-            return g
-        self._probe_g, self._probe_left = cands[j], PROBE_BLOCK - 1
-        return cands[j]
 
     def warmup(
         self,
@@ -1448,9 +1359,6 @@ class BatchScheduler:
         row.history.observe(row.drafts, g, n, verdict.next_token)
         if row.pooled:  # warm-up rows (dummy prompts) would drag the rates down
             self.yields.observe(g, n)
-            if row.predicted is not None and row.last_gamma == g:
-                self.widths.observe(g, row.predicted, n + 1)
-        row.last_gamma, row.predicted = g, None
         row.policy.verified(row.step, g, n)
         produced = [*row.drafts[:n], verdict.next_token]
         row.seq.extend(produced)
