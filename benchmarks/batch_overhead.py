@@ -10,6 +10,11 @@ serving path and docs/notes.md "Batching"). Four subcommands, demo pair by defau
     .venv/bin/python benchmarks/batch_overhead.py served --clients 8 [--py-spy PATH]
     # what one leaving row costs in the KV buffers (BatchedKV.keep_rows)
     .venv/bin/python benchmarks/batch_overhead.py leave --rows 8 --width 80
+    # served vs in-process on the same requests, interleaved: per arm tokens/s and where the
+    # scheduler's time went (ms per step, forwards, mean batch, joins; from /metrics)
+    .venv/bin/python benchmarks/batch_overhead.py split --clients 8 --repeats 4
+    # in-process steps with a small CPU competitor (another process busy a share of a core)
+    .venv/bin/python benchmarks/batch_overhead.py contention --rows 8 --duty 0.15
 """
 
 from __future__ import annotations
@@ -272,6 +277,159 @@ def served(args: argparse.Namespace) -> None:
             w.stop()
 
 
+_SPLIT_KEYS = ("steps", "row_steps", "step_seconds", "forward_seconds", "joins", "join_seconds")
+
+
+def _split_line(name: str, tokens: int, wall: float, st: dict[str, float], rounds: int) -> str:
+    steps = max(st["steps"], 1)
+    return (
+        f"{name}: {tokens / wall:.0f} tokens/s | {1e3 * st['step_seconds'] / steps:.1f} ms/step "
+        f"({1e3 * st['forward_seconds'] / steps:.1f} in forwards) | mean batch "
+        f"{st['row_steps'] / steps:.2f} | {st['steps'] / rounds:.1f} steps and "
+        f"{st['joins'] / rounds:.1f} joins per round, "
+        f"{1e3 * st['join_seconds'] / max(st['joins'], 1):.1f} ms per join | "
+        f"steps + joins {100 * (st['step_seconds'] + st['join_seconds']) / wall:.0f} % of the wall"
+    )
+
+
+def split(args: argparse.Namespace) -> None:
+    """The same requests (`clients` per round, one each, all sent at once) through a serving
+    worker and through a BatchScheduler in this process, each with 2 and 1 torch threads,
+    arms interleaved round by round: what the serving path costs, and where."""
+    import dataclasses
+
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import batch as B
+
+    from decode_worker.batching import BatchScheduler
+    from decode_worker.policies import parse_local_policy
+
+    _, eng, ids, prompts = _setup(args)
+    sched = BatchScheduler(eng, max_batch_size=16, max_queue=16)
+    policy = parse_local_policy(args.policy)
+    assert policy is not None, f"{args.policy}: not a local policy"
+    c = args.clients
+    served: dict[str, tuple[Any, int]] = {}
+    for name, threads in (("served, 2 threads", 2), ("served, 1 thread", 1)):
+        port = B.free_port()
+        worker = B.start_worker(
+            args.pair, args.compression, threads, batching=True, extra=("--metrics-port", str(port))
+        )
+        served[name] = (worker, port)
+    arms = [*served, "in-process, 2 threads", "in-process, 1 thread"]
+    total = {a: [0, 0.0] for a in arms}
+    stats = {a: dict.fromkeys(_SPLIT_KEYS, 0.0) for a in arms}
+
+    def inproc_round(idx: list[int]) -> tuple[int, float]:
+        counts: list[int] = []
+
+        def one(i: int) -> None:
+            h = sched.submit(
+                ids[i % len(ids)],
+                policy,
+                max_new_tokens=args.max_new_tokens,
+                request_id=f"s{time.monotonic_ns()}-{i}",
+                record=False,
+            )
+            for _ in h:
+                pass
+            assert h.result is not None
+            counts.append(len(h.result.token_ids))
+
+        wall = B.closed_loop(idx, c, one)
+        return sum(counts), wall
+
+    try:
+        for worker, _ in served.values():
+            B.run_clients(worker.address, prompts, 1, 1, args.policy, 8)
+        inproc_round([0])
+        for r in range(args.repeats):
+            idx = list(range(r * c, (r + 1) * c))
+            for arm in B.rotated(arms, r):
+                if arm in served:
+                    worker, port = served[arm]
+                    before = B.scrape(port)
+                    samples, wall = B.client_samples(
+                        worker.address, prompts, c, idx, args.policy, args.max_new_tokens
+                    )
+                    after = B.scrape(port)
+                    for k in _SPLIT_KEYS:
+                        stats[arm][k] += after[f"batch_{k}"] - before[f"batch_{k}"]
+                    tokens = sum(s[0] for s in samples)
+                else:
+                    torch.set_num_threads(2 if "2 threads" in arm else 1)
+                    s0 = dataclasses.replace(sched.stats)
+                    tokens, wall = inproc_round(idx)
+                    for k in _SPLIT_KEYS:
+                        stats[arm][k] += getattr(sched.stats, k) - getattr(s0, k)
+                total[arm][0] += tokens
+                total[arm][1] += wall
+        print(f"{args.policy}, {c} clients, {args.repeats} rounds; load {os.getloadavg()[0]:.2f}")
+        for arm in arms:
+            print(_split_line(arm, int(total[arm][0]), total[arm][1], stats[arm], args.repeats))
+    finally:
+        sched.close(timeout=10)
+        for worker, _ in served.values():
+            worker.stop()
+
+
+def contention(args: argparse.Namespace) -> None:
+    """In-process scheduler steps at `rows` rows, 1 and 2 torch threads, alone and beside a
+    process that keeps a core busy `duty` of the time in 1 ms bursts (about what a serving
+    worker's gRPC threads and a co-located client take), arms interleaved."""
+    import dataclasses
+
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import batch as B
+
+    from decode_worker.batching import BatchScheduler
+    from decode_worker.policies import FixedPolicy
+
+    _, eng, ids, _ = _setup(args)
+    sched = BatchScheduler(eng, max_batch_size=max(16, args.rows), max_queue=16)
+    burn = (
+        "import time\n"
+        f"duty, end = {args.duty}, time.time() + 600\n"
+        "while time.time() < end:\n"
+        "    t = time.perf_counter()\n"
+        "    while time.perf_counter() - t < 0.001: pass\n"
+        "    time.sleep(0.001 * (1 - duty) / duty)\n"
+    )
+    arms = [(t, b) for t in (2, 1) for b in (False, True)]
+    ms: dict[tuple[int, bool], list[float]] = {a: [] for a in arms}
+    _run_batch(sched, ids, FixedPolicy(args.gamma), args.rows, args.max_new_tokens)
+    try:
+        for r in range(args.repeats):
+            for threads, busy in B.rotated(arms, r):
+                torch.set_num_threads(threads)
+                proc = subprocess.Popen([sys.executable, "-c", burn]) if busy else None
+                try:
+                    s0 = dataclasses.replace(sched.stats)
+                    _run_batch(sched, ids, FixedPolicy(args.gamma), args.rows, args.max_new_tokens)
+                    st = sched.stats
+                    ms[(threads, busy)].append(
+                        1e3 * (st.step_seconds - s0.step_seconds) / max(st.steps - s0.steps, 1)
+                    )
+                finally:
+                    if proc is not None:
+                        proc.kill()
+                        proc.wait()
+    finally:
+        sched.close(timeout=10)
+    print(f"fixed:{args.gamma}, {args.rows} rows, competitor duty {args.duty}; ms per step:")
+    for threads, busy in arms:
+        v = ms[(threads, busy)]
+        print(
+            f"  {threads} thread(s), {'with' if busy else 'without'} competitor: median "
+            f"{statistics.median(v):.1f} ({', '.join(f'{x:.1f}' for x in v)})"
+        )
+    print(f"load {os.getloadavg()[0]:.2f}")
+
+
 def leave(args: argparse.Namespace) -> None:
     import torch
 
@@ -314,11 +472,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--policy", default="fixed:2")
     p.add_argument("--py-spy", help="path of a py-spy binary: also profile the default worker")
+    p = sub.add_parser("split")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--policy", default="fixed:2")
+    p = sub.add_parser("contention")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--gamma", type=int, default=2)
+    p.add_argument("--duty", type=float, default=0.15)
     p = sub.add_parser("leave")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--width", type=int, default=80)
     args = ap.parse_args(argv)
-    {"inproc": inproc, "widths": widths, "served": served, "leave": leave}[args.what](args)
+    run = {
+        "inproc": inproc,
+        "widths": widths,
+        "served": served,
+        "split": split,
+        "contention": contention,
+        "leave": leave,
+    }
+    run[args.what](args)
     return 0
 
 
