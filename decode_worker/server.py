@@ -110,6 +110,7 @@ class WorkerServer:
                 max_batch_size=config.max_batch_size,
                 max_queue=config.max_queue,
                 coalescer=self.coalescer,
+                batch_wait_s=config.batch_wait_ms / 1e3,
             )
             st = self.scheduler.stats
             self.metrics.read_gauge("batch_steps", "Batch steps run", lambda: st.steps)
@@ -124,8 +125,11 @@ class WorkerServer:
                     lambda: st.forward_seconds,
                 ),
                 ("batch_joins", "Prefill forwards of joining requests", lambda: st.joins),
-                ("batch_join_seconds", "Seconds in prefills of joining requests",
-                 lambda: st.join_seconds),
+                (
+                    "batch_join_seconds",
+                    "Seconds in prefills of joining requests",
+                    lambda: st.join_seconds,
+                ),
             ):
                 self.metrics.read_gauge(name, text, read)
             self.metrics.read_gauge(
