@@ -12,7 +12,7 @@ serving path and docs/notes.md "Batching"). Four subcommands, demo pair by defau
     .venv/bin/python benchmarks/batch_overhead.py leave --rows 8 --width 80
     # served vs in-process on the same requests, interleaved: per arm tokens/s and where the
     # scheduler's time went (ms per step, forwards, mean batch, joins; from /metrics)
-    .venv/bin/python benchmarks/batch_overhead.py --repeats 4 split --clients 8 [--batch-wait-ms 5]
+    .venv/bin/python benchmarks/batch_overhead.py split --clients 8 --repeats 4
     # in-process steps with a small CPU competitor (another process busy a share of a core)
     .venv/bin/python benchmarks/batch_overhead.py contention --rows 8 --duty 0.15
 """
@@ -312,21 +312,10 @@ def split(args: argparse.Namespace) -> None:
     assert policy is not None, f"{args.policy}: not a local policy"
     c = args.clients
     served: dict[str, tuple[Any, int]] = {}
-    variants: list[tuple[str, int, tuple[str, ...]]] = [
-        ("served, 2 threads", 2, ()),
-        ("served, 1 thread", 1, ()),
-    ]
-    if args.batch_wait_ms:
-        wait = ("--batch-wait-ms", str(args.batch_wait_ms))
-        variants.append((f"served, 2 threads, --batch-wait-ms {args.batch_wait_ms:g}", 2, wait))
-    for name, threads, extra in variants:
+    for name, threads in (("served, 2 threads", 2), ("served, 1 thread", 1)):
         port = B.free_port()
         worker = B.start_worker(
-            args.pair,
-            args.compression,
-            threads,
-            batching=True,
-            extra=("--metrics-port", str(port), *extra),
+            args.pair, args.compression, threads, batching=True, extra=("--metrics-port", str(port))
         )
         served[name] = (worker, port)
     arms = [*served, "in-process, 2 threads", "in-process, 1 thread"]
@@ -486,7 +475,6 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("split")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--policy", default="fixed:2")
-    p.add_argument("--batch-wait-ms", type=float, default=0.0, help="also a worker with this wait")
     p = sub.add_parser("contention")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--gamma", type=int, default=2)

@@ -858,16 +858,12 @@ class BatchScheduler:
         max_batch_size: int = 8,
         max_queue: int = 16,
         coalescer: DecisionCoalescer | None = None,
-        batch_wait_s: float = 0.0,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 0 or not 0.0 <= batch_wait_s <= 1.0:
-            raise ValueError("max_batch_size must be ≥ 1, max_queue ≥ 0 and batch_wait_s in [0, 1]")
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        # An idle scheduler waits this long after a request arrives for others to join it
-        # (one prefill and aligned rows instead of 1 + the rest one step later).
-        self.batch_wait_s = batch_wait_s
         self.coalescer = coalescer
         self.stats = BatchStats()
         self.costs = BatchCosts()
@@ -966,13 +962,6 @@ class BatchScheduler:
                     self._cond.wait()
                 if self._closing and not self._rows and not self._waiting:
                     return
-                if not self._rows and self.batch_wait_s > 0:
-                    deadline = time.monotonic() + self.batch_wait_s
-                    while len(self._waiting) < self.max_batch_size and not self._closing:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cond.wait(left)
                 room = self.max_batch_size - len(self._rows)
                 joining, self._waiting = self._waiting[:room], self._waiting[room:]
             try:

@@ -174,9 +174,6 @@ class WorkerConfig:
     batching: bool = False
     max_batch_size: int = 8
     max_queue: int = 16
-    # An idle batch waits this many ms after a request arrives for others to join it
-    # (`--batch-wait-ms`; 0: start at once).
-    batch_wait_ms: float = 0.0
     # Ask the predictor for its model's window at start (serve with no --window).
     learn_window: bool = False
     # Check the configured window against the predictor's model at start (a given --window).
@@ -196,8 +193,6 @@ class WorkerConfig:
                 f"--max-batch-size must be in [1, 1024] and --max-queue in [0, 65536], got "
                 f"{self.max_batch_size} and {self.max_queue}"
             )
-        if not 0.0 <= self.batch_wait_ms <= 1000.0:
-            raise ConfigError(f"--batch-wait-ms must be in [0, 1000], got {self.batch_wait_ms}")
         if not 0 <= self.max_prompt_bytes <= MAX_PROMPT_BYTES:
             raise ConfigError(
                 f"max_prompt_bytes (--max-prompt-bytes) must be in [0, {MAX_PROMPT_BYTES}] "

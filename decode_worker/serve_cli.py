@@ -228,14 +228,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --batching on: requests waiting to join; one more is refused with "
         "RESOURCE_EXHAUSTED",
     )
-    parser.add_argument(
-        "--batch-wait-ms",
-        type=flags.float_range(0, 1000),
-        default=flags.default_of(WorkerConfig, "batch_wait_ms"),
-        help="with --batching on: when a request reaches an idle batch, wait this long for "
-        "others to join it (one prefill for all; adds up to this much to a lone request's "
-        "first token); 0: start at once",
-    )
 
 
 def build_config(args: argparse.Namespace) -> WorkerConfig:
@@ -290,7 +282,6 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         batching=args.batching == "on",
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
-        batch_wait_ms=args.batch_wait_ms,
         learn_window=bool(args.predictor) and not args.window,
         check_window=bool(args.predictor) and bool(args.window),
     )

@@ -110,7 +110,6 @@ class WorkerServer:
                 max_batch_size=config.max_batch_size,
                 max_queue=config.max_queue,
                 coalescer=self.coalescer,
-                batch_wait_s=config.batch_wait_ms / 1e3,
             )
             st = self.scheduler.stats
             self.metrics.read_gauge("batch_steps", "Batch steps run", lambda: st.steps)

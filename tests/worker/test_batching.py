@@ -604,39 +604,3 @@ def test_leaving_and_joining_rows_reuse_the_buffers() -> None:
     assert torch.equal(kv.layers[0].bk[1, :, :6], torch.full((2, 6, 3), 0.0))
     kv.keep_rows([])
     assert kv.layers is None and kv.lengths == []
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("wait_s", [0.0, 0.4])
-def test_an_idle_batch_waits_for_company_only_when_asked(wait_s: float) -> None:
-    """--batch-wait-ms: a request reaching an idle batch waits up to the wait for others,
-    which then join in the same prefill; without it the first starts at once and the second
-    joins a step later. A full batch ends the wait early."""
-    pair = random_pair(seed=6)
-    eng = SpeculativeEngine(pair)
-    slow = ForwardCounter(pair.target, delay_s=0.02)  # the first row is still running at +50 ms
-    ps = prompts(3, length=6, seed=3)
-    sched = BatchScheduler(eng, max_batch_size=2, max_queue=2, batch_wait_s=wait_s)
-    try:
-        t0 = time.monotonic()
-        a = sched.submit(ps[0], FixedPolicy(2), max_new_tokens=12)
-        time.sleep(0.05)
-        b = sched.submit(ps[1], FixedPolicy(2), max_new_tokens=12)
-        first = next(iter(b))
-        both_joined = time.monotonic() - t0
-        ra, rb = _drain(a), _drain(b)
-        assert first.step == 0 and ra.finish_reason == rb.finish_reason == FinishReason.LENGTH
-        assert sched.stats.joins == (1 if wait_s else 2)
-        if wait_s:  # two requests fill the batch (max 2): the wait ends when the second came
-            assert both_joined < 0.05 + wait_s / 2
-        sched.stats.joins = 0
-        c = sched.submit(ps[2], FixedPolicy(2), max_new_tokens=2)  # alone: waits it out
-        t1 = time.monotonic()
-        next(iter(c))
-        assert time.monotonic() - t1 >= wait_s
-        _drain(c)
-    finally:
-        slow.remove()
-        sched.close(timeout=10)
-    with pytest.raises(ValueError, match="batch_wait_s"):
-        BatchScheduler(eng, batch_wait_s=2.0)
