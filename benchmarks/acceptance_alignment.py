@@ -16,13 +16,12 @@ import argparse
 import collections
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = REPO_ROOT / "benchmarks" / "prompts" / "prompts.jsonl"
+import batch as B  # benchmarks/batch.py, beside this script
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pair", type=Path, default=REPO_ROOT / ".cache/tiny-pair/demo-seed0")
+    ap.add_argument("--pair", type=Path, default=B.DEMO_PAIR)
     ap.add_argument("--compression", default="fp16")
     ap.add_argument("--gammas", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--prompts", type=int, default=24)
@@ -30,23 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
-    import torch
-    from speckv_eval.replay_run import load_prompts
-    from speckv_eval.services import load_local_pair
-
-    from decode_worker.config import EngineConfig
-    from decode_worker.engine import SpeculativeEngine
     from decode_worker.policies import FixedPolicy
 
-    torch.set_num_threads(args.threads)
-    pair = load_local_pair(args.pair / "draft", args.pair / "target", args.compression, "cpu")
-    eng = SpeculativeEngine(pair, EngineConfig(max_gamma=max(args.gammas)))
-    texts = [p.prompt for p in load_prompts(PROMPTS)]
+    _, eng, _, ids = B.local_engine(
+        args.pair, args.compression, args.threads, max_gamma=max(args.gammas)
+    )
     for gamma in args.gammas:
         c: collections.Counter[tuple[str, str]] = collections.Counter()
         tokens = steps = 0
         for i in range(args.prompts):
-            run = eng.start(eng.encode(texts[i % len(texts)]), FixedPolicy(gamma),
+            run = eng.start(ids[i % len(ids)], FixedPolicy(gamma),
                             max_new_tokens=args.max_new_tokens, record=False)  # fmt: skip
             prev: bool | None = None
             for st in run:

@@ -50,6 +50,7 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = REPO_ROOT / "benchmarks" / "prompts" / "prompts.jsonl"
+DEMO_PAIR = REPO_ROOT / ".cache" / "tiny-pair" / "demo-seed0"
 BATCHED_POLICIES = ("batch-goodput", "fixed:0", "fixed:2", "fixed:4")
 GENERATE = "generate (batched, no speculation)"
 GOODPUT = "batched batch-goodput"
@@ -356,6 +357,26 @@ def ratios(levels: dict[str, dict[str, Any]]) -> None:
         }
 
 
+def local_engine(
+    pair_dir: Path, compression: str, threads: int, max_gamma: int = 8
+) -> tuple[Any, Any, list[str], list[list[int]]]:
+    """For the in-process benchmarks (batch_overhead.py, batch_policy.py,
+    acceptance_alignment.py): torch threads set, the pair loaded on the CPU, an engine over
+    it, and the prompt mix as texts and token ids."""
+    import torch
+    from speckv_eval.replay_run import load_prompts
+    from speckv_eval.services import load_local_pair
+
+    from decode_worker.config import EngineConfig
+    from decode_worker.engine import SpeculativeEngine
+
+    torch.set_num_threads(threads)
+    pair = load_local_pair(pair_dir / "draft", pair_dir / "target", compression, "cpu")
+    eng = SpeculativeEngine(pair, EngineConfig(max_gamma=max_gamma))
+    texts = [p.prompt for p in load_prompts(PROMPTS)]
+    return pair, eng, texts, [eng.encode(t) for t in texts]
+
+
 def start_worker(
     pair: Path, compression: str, threads: int, batching: bool, extra: tuple[str, ...] = ()
 ) -> Any:
@@ -494,7 +515,7 @@ def plot(results: dict[str, Any], path: Path, lengths: str = "uniform") -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--pair", type=Path, default=REPO_ROOT / ".cache/tiny-pair/demo-seed0")
+    ap.add_argument("--pair", type=Path, default=DEMO_PAIR)
     ap.add_argument("--compression", nargs="+", default=["fp16", "nf4"])
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     ap.add_argument("--max-new-tokens", type=int, default=48)

@@ -32,23 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = REPO_ROOT / "benchmarks" / "prompts" / "prompts.jsonl"
+import batch as B  # benchmarks/batch.py, beside this script
 
 
-def _setup(args: argparse.Namespace) -> tuple[Any, Any, list[list[int]], list[str]]:
-    import torch
-    from speckv_eval.replay_run import load_prompts
-    from speckv_eval.services import load_local_pair
-
-    from decode_worker.config import EngineConfig
-    from decode_worker.engine import SpeculativeEngine
-
-    torch.set_num_threads(args.threads)
-    pair = load_local_pair(args.pair / "draft", args.pair / "target", args.compression, "cpu")
-    eng = SpeculativeEngine(pair, EngineConfig(max_gamma=8))
-    texts = [p.prompt for p in load_prompts(PROMPTS)]
-    return pair, eng, [eng.encode(t) for t in texts], texts
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, list[str], list[list[int]]]:
+    """(pair, engine, prompt texts, their token ids) for --pair/--compression/--threads."""
+    return B.local_engine(args.pair, args.compression, args.threads)
 
 
 def _run_batch(sched: Any, ids: list[list[int]], policy: Any, rows: int, new: int) -> float:
@@ -78,7 +67,7 @@ def inproc(args: argparse.Namespace) -> None:
     from decode_worker.batching import BatchScheduler
     from decode_worker.policies import FixedPolicy
 
-    pair, eng, ids, texts = _setup(args)
+    pair, eng, texts, ids = _setup(args)
     sched = BatchScheduler(eng, max_batch_size=max(16, args.rows), max_queue=16)
     _run_batch(sched, ids, FixedPolicy(args.gamma), args.rows, args.max_new_tokens)
     sched_rates = [
@@ -131,7 +120,7 @@ def widths(args: argparse.Namespace) -> None:
         def start(self, seq: Any) -> SequencePolicy:
             return _Cycle(self.ws)
 
-    _, eng, ids, _ = _setup(args)
+    _, eng, _, ids = _setup(args)
     sched = BatchScheduler(eng, max_batch_size=max(16, args.rows), max_queue=16)
     log: list[tuple[int, int, float]] = []
     orig = sched.costs.add
@@ -191,11 +180,9 @@ def _thread_profile(raw: Path) -> str:
 
 
 def served(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    import batch as B
     from speckv_eval.replay_run import load_prompts
 
-    prompts = [p.prompt for p in load_prompts(PROMPTS)]
+    prompts = [p.prompt for p in load_prompts(B.PROMPTS)]
     variants: dict[str, Any] = {}
     for name, threads, env in (
         ("default, 2 threads", 2, {}),
@@ -300,13 +287,10 @@ def split(args: argparse.Namespace) -> None:
 
     import torch
 
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    import batch as B
-
     from decode_worker.batching import BatchScheduler
     from decode_worker.policies import parse_local_policy
 
-    _, eng, ids, prompts = _setup(args)
+    _, eng, prompts, ids = _setup(args)
     sched = BatchScheduler(eng, max_batch_size=16, max_queue=16)
     policy = parse_local_policy(args.policy)
     assert policy is not None, f"{args.policy}: not a local policy"
@@ -383,13 +367,10 @@ def contention(args: argparse.Namespace) -> None:
 
     import torch
 
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    import batch as B
-
     from decode_worker.batching import BatchScheduler
     from decode_worker.policies import FixedPolicy
 
-    _, eng, ids, _ = _setup(args)
+    _, eng, _, ids = _setup(args)
     sched = BatchScheduler(eng, max_batch_size=max(16, args.rows), max_queue=16)
     burn = (
         "import time\n"
@@ -456,7 +437,7 @@ def leave(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pair", type=Path, default=REPO_ROOT / ".cache/tiny-pair/demo-seed0")
+    ap.add_argument("--pair", type=Path, default=B.DEMO_PAIR)
     ap.add_argument("--compression", default="fp16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=48)

@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = REPO_ROOT / "benchmarks" / "prompts" / "prompts.jsonl"
+import batch as B  # benchmarks/batch.py, beside this script
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pair", type=Path, default=REPO_ROOT / ".cache/tiny-pair/demo-seed0")
+    ap.add_argument("--pair", type=Path, default=B.DEMO_PAIR)
     ap.add_argument("--compression", default="fp16")
     ap.add_argument("--sizes", nargs="+", type=int, default=[1, 4, 8, 16])
     ap.add_argument("--rounds", type=int, default=4)
@@ -38,21 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
-    import torch
-    from batch import closed_loop  # benchmarks/batch.py, beside this script
-    from speckv_eval.replay_run import load_prompts
-    from speckv_eval.services import load_local_pair
-
     from decode_worker.batching import BATCH_GAMMAS, BatchScheduler
-    from decode_worker.config import EngineConfig
-    from decode_worker.engine import SpeculativeEngine
     from decode_worker.policies import parse_local_policy
 
-    torch.set_num_threads(args.threads)
-    pair = load_local_pair(args.pair / "draft", args.pair / "target", args.compression, "cpu")
-    eng = SpeculativeEngine(pair, EngineConfig(max_gamma=8))
-    texts = [p.prompt for p in load_prompts(PROMPTS)]
-    ids = [eng.encode(t) for t in texts]
+    _, eng, _, ids = B.local_engine(args.pair, args.compression, args.threads)
     scheds: dict[str, Any] = {}
     logs: dict[str, list[tuple[int, int, float]]] = {}
     for arm in args.arms:
@@ -86,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             with lock:
                 toks[0] += len(h.result.token_ids)
 
-        wall = closed_loop(idx, clients, request)  # before reading toks: it fills them
+        wall = B.closed_loop(idx, clients, request)  # before reading toks: it fills them
         return toks[0], wall
 
     for arm in args.arms:
