@@ -1185,7 +1185,6 @@ class BatchScheduler:
         st.batch_sizes[b] = st.batch_sizes.get(b, 0) + 1
         st.draft_forwards += draft_forwards
         st.verify_forwards += 1
-        st.forward_seconds += draft_seconds + verify_seconds
         per_size = st.gammas.setdefault(b, {})
         # --- per-row bookkeeping and the remaining hooks, in GenerationRun's order
         for i, r in enumerate(rows):
@@ -1210,6 +1209,9 @@ class BatchScheduler:
         # batch at G = 0. The catch-up is a deferred cost of the plain steps, small next to
         # them (one longer draft forward per run of plain steps); it is left out.
         elapsed = time.perf_counter() - started
+        # Both timing sums at one point, so a reader never sees a step's forwards without
+        # its whole step (finished rows have their results before this line runs).
+        st.forward_seconds += draft_seconds + verify_seconds
         st.step_seconds += elapsed
         if catch_up <= 2:
             self.costs.add(

@@ -112,11 +112,9 @@ class WorkerServer:
                 coalescer=self.coalescer,
             )
             st = self.scheduler.stats
-            self.metrics.read_gauge("batch_steps", "Batch steps run", lambda: st.steps)
-            self.metrics.read_gauge(
-                "batch_row_steps", "Sequence steps run in batches", lambda: st.row_steps
-            )
             for name, text, read in (
+                ("batch_steps", "Batch steps run", lambda: st.steps),
+                ("batch_row_steps", "Sequence steps run in batches", lambda: st.row_steps),
                 ("batch_step_seconds", "Seconds in batch steps", lambda: st.step_seconds),
                 (
                     "batch_forward_seconds",
@@ -129,13 +127,13 @@ class WorkerServer:
                     "Seconds in prefills of joining requests",
                     lambda: st.join_seconds,
                 ),
+                (
+                    "batch_decide_messages",
+                    "Decide messages the batch sent (one per batch step at most)",
+                    lambda: st.decide_messages,
+                ),
             ):
                 self.metrics.read_gauge(name, text, read)
-            self.metrics.read_gauge(
-                "batch_decide_messages",
-                "Decide messages the batch sent (one per batch step at most)",
-                lambda: st.decide_messages,
-            )
         desc = describe or {}
         info = ServiceInfo(
             draft_model=desc.get("draft_model", config.draft),
