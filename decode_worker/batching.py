@@ -51,6 +51,7 @@ from decode_worker.features import (
     token_features,
     token_signals,
 )
+from decode_worker.match_replay import MatchTrack, ReplayYield
 from decode_worker.policies import (
     DecisionSource,
     GammaDecision,
@@ -763,6 +764,9 @@ class _Row:
     hist: dict[str, float] | None = None
     draft_fed: int = 0
     pooled: bool = True  # counts into the worker's pooled acceptance (not warm-up rows)
+    # Greedy pooled rows: the draft/target agreement batch-goodput replays (match_replay).
+    track: MatchTrack | None = None
+    tent: dict[int, int] = field(default_factory=dict)  # this step's draft argmaxes by position
     held: HeldOutcome = field(init=False)  # the last step's outcome (as GenerationRun)
 
     def __post_init__(self) -> None:
@@ -772,6 +776,7 @@ class _Row:
         self.phase, self.want, self.gamma, self.decision = _DONE, 0, 0, None
         self.drafts, self.draft_logits, self.draft_probs = [], [], []
         self.step_signals, self.hist, self.draft_fed = None, None, 0
+        self.tent = {}
 
 
 _END = object()
@@ -839,6 +844,7 @@ class BatchStats:
     join_seconds: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)  # batch size -> steps
     gammas: dict[int, dict[int, int]] = field(default_factory=dict)  # batch size -> γ -> rows
+    shapes: dict[tuple[int, int], int] = field(default_factory=dict)  # (b, verify width) -> steps
     chosen: dict[int, dict[int, int]] = field(
         default_factory=dict
     )  # batch-goodput: b -> G -> steps
@@ -869,6 +875,11 @@ class BatchScheduler:
         self.costs = BatchCosts()
         # What a row-step yields at each draft length (batch-goodput), from recent rows.
         self.yields = StepYield(self.engine.config.max_gamma)
+        # ... and what each fixed draft length would have made on the same rows' text.
+        max_gamma = self.engine.config.max_gamma
+        self.replay = ReplayYield(
+            [g for g in BATCH_GAMMAS if 0 < g <= max_gamma] or [1], decay=POOL_DECAY
+        )
         self._warming = False
         self.concurrency = (
             f"continuous batching: up to {max_batch_size} sequences per batched draft/verify "
@@ -1022,6 +1033,8 @@ class BatchScheduler:
             generator = None if run.sampling.greedy else make_generator(run.sampling.seed)
             row = _Row(run, handle, policy, generator, seq, time.perf_counter(), context)
             row.pooled = not self._warming
+            if row.pooled and generator is None:
+                row.track = self.replay.track(len(seq))
             rows.append(row)
         if not rows:
             return
@@ -1111,15 +1124,23 @@ class BatchScheduler:
                     feeds[i] = (r.seq + r.drafts)[self._dkv.lengths[i] :]
                 if not draft_forwards:
                     catch_up = max(len(f) for f in feeds)
+                bases = list(self._dkv.lengths)
                 logits = self._dkv.forward(pair.draft, feeds, self._pad)
                 self._dkv.commit([len(f) for f in feeds])
+                # Greedy rows: one argmax over every fed position of the batch, for their next
+                # draft and for the replay (the draft's argmax after each true prefix).
+                greedy = any(rows[i].generator is None for i in active)
+                argmax = logits.argmax(-1).tolist() if greedy else []
                 for i in active:
                     r = rows[i]
                     r.draft_fed += len(feeds[i])
                     last = logits[i, len(feeds[i]) - 1].float()
                     r.draft_logits.append(last)
+                    if r.track is not None:
+                        for j in range(len(feeds[i])):
+                            r.tent[bases[i] + j] = argmax[i][j]
                     if r.generator is None:
-                        token = int(last.argmax().item())
+                        token = argmax[i][len(feeds[i]) - 1]
                     else:
                         q = warp(last.unsqueeze(0), r.run.sampling)[0]
                         r.draft_probs.append(q)
@@ -1183,6 +1204,7 @@ class BatchScheduler:
         st.row_steps += b
         st.max_batch = max(st.max_batch, b)
         st.batch_sizes[b] = st.batch_sizes.get(b, 0) + 1
+        st.shapes[(b, width)] = st.shapes.get((b, width), 0) + 1
         st.draft_forwards += draft_forwards
         st.verify_forwards += 1
         per_size = st.gammas.setdefault(b, {})
@@ -1235,7 +1257,7 @@ class BatchScheduler:
         max_gamma = self.engine.config.max_gamma
         caps = [min(max_gamma, r.run.max_new_tokens - len(r.new) - 1) for r in aware]
         cands = [g for g in BATCH_GAMMAS if g <= max_gamma]
-        expected = self.yields.expected(max(cands))
+        expected = self.replay.expected(self.yields.expected(max(cands)))
         tokens = [expected] * len(aware)
         g = choose_batch_gamma(tokens, caps, len(rows), self.costs, cands)
         # Rows learn their acceptance only from drafted steps: while the batch sits at
@@ -1363,7 +1385,16 @@ class BatchScheduler:
             self.yields.observe(g, n)
         row.policy.verified(row.step, g, n)
         produced = [*row.drafts[:n], verdict.next_token]
+        track = row.track
+        if track is not None:  # argmaxes after a true prefix: positions < len(seq) + n
+            valid = len(row.seq) + n
+            for q, token in row.tent.items():
+                if q < valid:
+                    track.predict(q, token)
         row.seq.extend(produced)
+        if track is not None:
+            track.resolve(row.seq)
+            self.replay.advance(track)
         if row.context is not None:
             row.context.add(produced)
         kept, finish = run._finish(row.new, produced)
