@@ -41,8 +41,9 @@ class MatchTrack:
         self.cursors = {g: 0 for g in gammas}  # where each γ's next replayed step starts
 
     def predict(self, position: int, token: int) -> None:
-        """The draft's argmax after the true prefix seq[: position + 1]."""
-        if position >= self.start - 1:
+        """The draft's argmax after the true prefix seq[: position + 1]; positions in the
+        prompt or already resolved are ignored (nothing would ever take them out)."""
+        if position >= self.start + len(self.matches) - 1:
             self.preds[position] = token
 
     def resolve(self, seq: Sequence[int]) -> None:

@@ -46,6 +46,8 @@ def test_match_track_resolves_in_order_and_waits_for_the_draft() -> None:
     track.predict(3, 9)
     track.resolve(seq)
     assert track.matches == [True, True, False]
+    track.predict(3, 9)  # resolved already: not kept
+    assert track.preds == {}
 
 
 def test_replay_yield_blends_towards_the_prior_and_forgets() -> None:
