@@ -23,7 +23,11 @@ send one streaming Generate at a time. The machine's speed drifts by tens of per
 minutes, so the arms are interleaved: a level's requests are split into `--rounds` rounds
 (consecutive request indices, each round ≥ N requests; fewer rounds when there are too few
 requests, said in the output), and in each round every arm runs the same request indices
-back to back, the arm order rotated by one each round. An arm's level aggregates its
+back to back, the arm order rotated by one each round. A round of N requests (one per
+client) measures a batch's ramp and drain as much as its steady state; with more requests
+per round (e.g. `--requests-per-client 6 --rounds 2`: three per client) each client sends
+its next request as its last one ends, as clients of a serving worker do (docs/results.md
+§7, "Sustained load"). An arm's level aggregates its
 rounds: tokens/s = all new tokens / the summed round walls (each from a round's first
 request to its last answer), and `round_tokens_per_s` keeps each round's. Time per output
 token per request = its wall / its tokens; p50 and p99 over all requests. The γ each row ran
