@@ -1,5 +1,5 @@
 """Where a batching worker's time goes (the measurements behind docs/results.md §7 on the
-serving path and docs/notes.md "Batching"). Four subcommands, demo pair by default:
+serving path and docs/notes.md "Batching"). Subcommands, demo pair by default:
 
     # in one process: the batch scheduler at fixed γ vs transformers' batched generate
     .venv/bin/python benchmarks/batch_overhead.py inproc --rows 8 --gamma 2
@@ -15,6 +15,9 @@ serving path and docs/notes.md "Batching"). Four subcommands, demo pair by defau
     .venv/bin/python benchmarks/batch_overhead.py split --clients 8 --repeats 4
     # in-process steps with a small CPU competitor (another process busy a share of a core)
     .venv/bin/python benchmarks/batch_overhead.py contention --rows 8 --duty 0.15
+    # what batch-goodput itself costs per step: its planning, and the match replay every
+    # greedy row keeps (docs/design.md, "The batch's draft length")
+    .venv/bin/python benchmarks/batch_overhead.py policy-cost --rows 8
 """
 
 from __future__ import annotations
@@ -435,6 +438,60 @@ def leave(args: argparse.Namespace) -> None:
         )
 
 
+def policy_cost(args: argparse.Namespace) -> None:
+    """Per batch step: the seconds in `_plan_batch` (batch-goodput's choice of the width)
+    and in the match replay's bookkeeping (`MatchTrack.resolve`, `ReplayYield.advance`;
+    the draft's shared argmax and the per-position dict entries are not separated), with
+    `fixed:2` rows (which keep the replay too) and `batch-goodput` rows in turn."""
+    from decode_worker import match_replay
+    from decode_worker.batching import BatchScheduler
+    from decode_worker.policies import parse_local_policy
+
+    _, eng, _, ids = _setup(args)
+    sched = BatchScheduler(eng, max_batch_size=max(16, args.rows), max_queue=16)
+    sched.warmup()
+    spent: dict[str, float] = collections.defaultdict(float)
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t0
+
+        return wrapper
+
+    sched._plan_batch = timed("plan", sched._plan_batch)  # type: ignore[method-assign]
+    sched.replay.advance = timed("replay", sched.replay.advance)  # type: ignore[method-assign]
+    resolve = match_replay.MatchTrack.resolve
+    match_replay.MatchTrack.resolve = timed("replay", resolve)  # type: ignore[method-assign]
+    try:
+        for spec in ("fixed:2", "batch-goodput", "fixed:2", "batch-goodput"):
+            policy = parse_local_policy(spec)
+            _run_batch(sched, ids, policy, args.rows, args.max_new_tokens)  # settle
+            spent.clear()
+            steps0, seconds0 = sched.stats.steps, sched.stats.step_seconds
+            rates = [
+                _run_batch(sched, ids, policy, args.rows, args.max_new_tokens)
+                for _ in range(args.repeats)
+            ]
+            time.sleep(0.2)  # the last step adds its seconds after its rows finished
+            steps = sched.stats.steps - steps0
+            step_ms = 1e3 * (sched.stats.step_seconds - seconds0) / steps
+            plan_ms, replay_ms = (1e3 * spent[k] / steps for k in ("plan", "replay"))
+            print(
+                f"{spec}, {args.rows} rows: {steps} steps, {step_ms:.2f} ms/step; planning "
+                f"{plan_ms:.3f} ms/step ({100 * plan_ms / step_ms:.1f} %), replay bookkeeping "
+                f"{replay_ms:.3f} ms/step ({100 * replay_ms / step_ms:.1f} %); "
+                f"{[round(r) for r in rates]} tokens/s; load {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
+    finally:
+        match_replay.MatchTrack.resolve = resolve  # type: ignore[method-assign]
+        sched.close(timeout=10)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pair", type=Path, default=B.DEMO_PAIR)
@@ -463,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("leave")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--width", type=int, default=80)
+    p = sub.add_parser("policy-cost")
+    p.add_argument("--rows", type=int, default=8)
     args = ap.parse_args(argv)
     run = {
         "inproc": inproc,
@@ -471,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         "split": split,
         "contention": contention,
         "leave": leave,
+        "policy-cost": policy_cost,
     }
     run[args.what](args)
     return 0
