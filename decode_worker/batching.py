@@ -613,8 +613,10 @@ def position_expected_tokens(survive: Sequence[float], gamma: int) -> float:
 
 
 class StepYield:
-    """Expected tokens a row-step yields at each draft length γ, for `batch-goodput`
-    (docs/worker.md, "Batching"): per drafted position k, the rate at which it is accepted
+    """Expected tokens a row-step yields at each draft length γ — the prior of
+    `batch-goodput`'s estimate, which `match_replay.ReplayYield` replaces as greedy rows are
+    replayed, and the only estimate for sampled rows (docs/design.md, "The batch's draft
+    length"): per drafted position k, the rate at which it is accepted
     given positions < k were, pooled over the worker's recent rows (warm-up rows left out),
     slowly forgotten. Every drafted step informs every position it reached, so one model
     predicts every γ from the same steps — a γ is not judged on other prompts than its
@@ -1260,8 +1262,9 @@ class BatchScheduler:
         expected = self.replay.expected(self.yields.expected(max(cands)))
         tokens = [expected] * len(aware)
         g = choose_batch_gamma(tokens, caps, len(rows), self.costs, cands)
-        # Rows learn their acceptance only from drafted steps: while the batch sits at
-        # G = 0, every PROBE_EVERY-th step drafts one token so the estimates stay current.
+        # The draft does not run at G = 0, so neither estimate learns: while the batch sits
+        # at G = 0, every PROBE_EVERY-th step drafts one token (its catch-up feed also gives
+        # the replay the draft's argmax after every skipped position).
         if g == 0 and max(caps) > 0 and self.stats.steps % PROBE_EVERY == PROBE_EVERY - 1:
             g = 1
         for r in aware:
