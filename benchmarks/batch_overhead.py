@@ -18,6 +18,10 @@ serving path and docs/notes.md "Batching"). Subcommands, demo pair by default:
     # what batch-goodput itself costs per step: its planning, and the match replay every
     # greedy row keeps (docs/design.md, "The batch's draft length")
     .venv/bin/python benchmarks/batch_overhead.py policy-cost --rows 8
+    # two policies through two serving workers, each worker serving both (per-request
+    # policy): the policies compared inside one process, and the processes against each other
+    .venv/bin/python benchmarks/batch_overhead.py served-ab --clients 8 \
+        --policies fixed:2 batch-goodput
 """
 
 from __future__ import annotations
@@ -492,6 +496,59 @@ def policy_cost(args: argparse.Namespace) -> None:
         sched.close(timeout=10)
 
 
+def served_ab(args: argparse.Namespace) -> None:
+    """batch.py runs one worker per policy, so a policy's ratio there also carries whatever
+    differs between two worker processes. Here two workers each serve both policies (the
+    policy is per request): the arms (worker, policy) run the same requests in rotated
+    order each round. Policy A ÷ B within a worker is the policy's effect; worker 1 ÷ worker
+    2 under one policy is the processes' (an A/A test)."""
+    from speckv_eval.replay_run import load_prompts
+
+    prompts = [p.prompt for p in load_prompts(B.PROMPTS)]
+    workers = {
+        n: B.start_worker(args.pair, args.compression, args.threads, batching=True)
+        for n in ("w1", "w2")
+    }
+    arms = [(w, p) for w in workers for p in args.policies]
+    c = args.clients
+    got: dict[tuple[str, str], list[tuple[int, float]]] = {a: [] for a in arms}
+    try:
+        for w in workers.values():
+            B.run_clients(w.address, prompts, 1, 1, args.policies[0], 8)
+        for r in range(args.repeats):
+            idx = list(range(r * 3 * c, (r + 1) * 3 * c))
+            for w, p in B.rotated(arms, r):
+                samples, wall = B.client_samples(
+                    workers[w].address, prompts, c, idx, p, args.max_new_tokens, False
+                )
+                got[(w, p)].append((sum(x[0] for x in samples), wall))
+    finally:
+        for w in workers.values():
+            w.stop()
+
+    def rate(a: tuple[str, str]) -> float:
+        return sum(n for n, _ in got[a]) / sum(s for _, s in got[a])
+
+    def per_round(a: tuple[str, str], b: tuple[str, str]) -> list[float]:
+        return [
+            round((n1 / s1) / (n2 / s2), 2)
+            for (n1, s1), (n2, s2) in zip(got[a], got[b], strict=True)
+        ]
+
+    print(
+        f"{c} clients, {3 * c} requests per round, {args.repeats} rounds: "
+        + ", ".join(f"{w} {p} {rate((w, p)):.0f}" for w, p in arms)
+        + f" tokens/s; load {os.getloadavg()[0]:.2f}"
+    )
+    a, b = args.policies
+    for w in workers:
+        print(f"  {w}: {a} ÷ {b} = {rate((w, a)) / rate((w, b)):.3f}, per round "
+              f"{per_round((w, a), (w, b))}")  # fmt: skip
+    for p in args.policies:
+        print(f"  {p}: w1 ÷ w2 = {rate(('w1', p)) / rate(('w2', p)):.3f}, per round "
+              f"{per_round(('w1', p), ('w2', p))}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pair", type=Path, default=B.DEMO_PAIR)
@@ -522,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=80)
     p = sub.add_parser("policy-cost")
     p.add_argument("--rows", type=int, default=8)
+    p = sub.add_parser("served-ab")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--policies", nargs=2, default=["fixed:2", "batch-goodput"])
     args = ap.parse_args(argv)
     run = {
         "inproc": inproc,
@@ -531,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         "contention": contention,
         "leave": leave,
         "policy-cost": policy_cost,
+        "served-ab": served_ab,
     }
     run[args.what](args)
     return 0
