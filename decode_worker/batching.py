@@ -585,6 +585,12 @@ BATCH_GAMMAS = (0, 1, 2, 3, 4, 6, 8)
 MIN_SAMPLES = 3
 # batch-goodput: at G = 0, one step in this many drafts one token (acceptance keeps learning).
 PROBE_EVERY = 16
+# batch-goodput's replayed tokens per step (`match_replay.ReplayYield`): each replayed step's
+# weight decays by this per later replayed step of the same γ — a memory of about 1000
+# replayed steps, some 50 requests of 48 tokens. It prices γ for the workload's prompt mix,
+# as a fixed γ would be judged; with 0.995 (about 10 requests) the estimates followed the
+# last few prompts and one row switched between G = 1 and G = 2 with them.
+REPLAY_DECAY = 0.999
 # batch-goodput's yield model (`StepYield`): counts decay by POOL_DECAY per drafted row-step;
 # each position's rate is shrunk by PRIOR_EVENTS pseudo-tries towards the rate of the
 # position before it (the first towards ACCEPT_PRIOR); the first is read with OPTIMISM
@@ -880,7 +886,7 @@ class BatchScheduler:
         # ... and what each fixed draft length would have made on the same rows' text.
         max_gamma = self.engine.config.max_gamma
         self.replay = ReplayYield(
-            [g for g in BATCH_GAMMAS if 0 < g <= max_gamma] or [1], decay=POOL_DECAY
+            [g for g in BATCH_GAMMAS if 0 < g <= max_gamma] or [1], decay=REPLAY_DECAY
         )
         self._warming = False
         self.concurrency = (
