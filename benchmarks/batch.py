@@ -361,6 +361,28 @@ def ratios(levels: dict[str, dict[str, Any]]) -> None:
         }
 
 
+def prompt_texts() -> list[str]:
+    """The prompt mix's texts (PROMPTS; a malformed line is an error naming it)."""
+    from speckv_eval.replay_run import load_prompts
+
+    return [p.prompt for p in load_prompts(PROMPTS)]
+
+
+def step_cost_log(sched: Any) -> list[tuple[int, int, float]]:
+    """Hook a BatchScheduler's cost samples: every step its BatchCosts is given (batch
+    size, verify width, seconds) is also appended to the returned list (catch-up steps after
+    G = 0 runs are not samples and do not appear)."""
+    log: list[tuple[int, int, float]] = []
+    orig = sched.costs.add
+
+    def add(b: int, w: int, sec: float, **kw: Any) -> None:
+        log.append((b, w, sec))
+        orig(b, w, sec, **kw)
+
+    sched.costs.add = add
+    return log
+
+
 def local_engine(
     pair_dir: Path, compression: str, threads: int, max_gamma: int = 8
 ) -> tuple[Any, Any, list[str], list[list[int]]]:
@@ -368,7 +390,6 @@ def local_engine(
     acceptance_alignment.py): torch threads set, the pair loaded on the CPU, an engine over
     it, and the prompt mix as texts and token ids."""
     import torch
-    from speckv_eval.replay_run import load_prompts
     from speckv_eval.services import load_local_pair
 
     from decode_worker.config import EngineConfig
@@ -377,7 +398,7 @@ def local_engine(
     torch.set_num_threads(threads)
     pair = load_local_pair(pair_dir / "draft", pair_dir / "target", compression, "cpu")
     eng = SpeculativeEngine(pair, EngineConfig(max_gamma=max_gamma))
-    texts = [p.prompt for p in load_prompts(PROMPTS)]
+    texts = prompt_texts()
     return pair, eng, texts, [eng.encode(t) for t in texts]
 
 
@@ -561,11 +582,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {plot(data['results'], args.img, data['meta'].get('lengths', 'uniform'))}")
         return 0
     import torch
-    from speckv_eval.replay_run import load_prompts
     from speckv_eval.services import load_local_pair
 
     torch.set_num_threads(args.threads)
-    prompts = [p.prompt for p in load_prompts(PROMPTS)]
+    prompts = prompt_texts()
     meta: dict[str, Any] = {
         "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
         "pair": str(args.pair),

@@ -129,14 +129,7 @@ def widths(args: argparse.Namespace) -> None:
 
     _, eng, _, ids = _setup(args)
     sched = BatchScheduler(eng, max_batch_size=max(16, args.rows), max_queue=16)
-    log: list[tuple[int, int, float]] = []
-    orig = sched.costs.add
-
-    def add(b: int, w: int, sec: float, **kw: Any) -> None:
-        log.append((b, w, sec))
-        orig(b, w, sec, **kw)
-
-    sched.costs.add = add  # type: ignore[method-assign,assignment]
+    log = B.step_cost_log(sched)
     arms: list[tuple[str, GammaPolicy]] = [(f"fixed:{w}", FixedPolicy(w)) for w in args.alternate]
     arms.append((f"alternating {args.alternate}", Cycle(list(args.alternate))))
     for name, pol in arms * 2:
@@ -187,9 +180,7 @@ def _thread_profile(raw: Path) -> str:
 
 
 def served(args: argparse.Namespace) -> None:
-    from speckv_eval.replay_run import load_prompts
-
-    prompts = [p.prompt for p in load_prompts(B.PROMPTS)]
+    prompts = B.prompt_texts()
     variants: dict[str, Any] = {}
     for name, threads, env in (
         ("default, 2 threads", 2, {}),
@@ -502,9 +493,7 @@ def served_ab(args: argparse.Namespace) -> None:
     policy is per request): the arms (worker, policy) run the same requests in rotated
     order each round. Policy A ÷ B within a worker is the policy's effect; worker 1 ÷ worker
     2 under one policy is the processes' (an A/A test)."""
-    from speckv_eval.replay_run import load_prompts
-
-    prompts = [p.prompt for p in load_prompts(B.PROMPTS)]
+    prompts = B.prompt_texts()
     workers = {
         n: B.start_worker(args.pair, args.compression, args.threads, batching=True)
         for n in ("w1", "w2")

@@ -53,18 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     logs: dict[str, list[tuple[int, int, float]]] = {}
     for arm in args.arms:
         s = BatchScheduler(eng, max_batch_size=16, max_queue=64)
-        log: list[tuple[int, int, float]] = []
-
-        def add(
-            b: int, w: int, sec: float, _orig: Any = s.costs.add, _log: Any = log, **kw: Any
-        ) -> None:
-            _log.append((b, w, sec))
-            _orig(b, w, sec, **kw)
-
-        s.costs.add = add  # type: ignore[method-assign,assignment]
+        logs[arm] = B.step_cost_log(s)
         if arm == "batch-goodput":
             s.warmup()
-        scheds[arm], logs[arm] = s, log
+        scheds[arm] = s
 
     def run(arm: str, clients: int, idx: list[int]) -> tuple[int, float]:
         s, lock, toks = scheds[arm], threading.Lock(), [0]
