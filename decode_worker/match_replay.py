@@ -81,9 +81,7 @@ class ReplayYield:
     the same γ). `expected(prior)` blends the replayed mean with `prior` (the position-rate
     model's estimate) as `prior_steps` pseudo-steps, so a worker's first steps lean on it."""
 
-    def __init__(
-        self, gammas: Sequence[int], decay: float = 0.995, prior_steps: float = 4.0
-    ) -> None:
+    def __init__(self, gammas: Sequence[int], decay: float, prior_steps: float = 4.0) -> None:
         if not gammas or min(gammas) < 1:
             raise ValueError(f"replayed draft lengths must be ≥ 1, got {list(gammas)}")
         self.gammas = tuple(sorted(set(gammas)))

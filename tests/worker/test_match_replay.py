@@ -68,7 +68,7 @@ def test_replay_yield_blends_towards_the_prior_and_forgets() -> None:
     # The matches every γ has passed are dropped (bounded memory over long rows).
     assert len(track.matches) < 300
     with pytest.raises(ValueError, match="≥ 1"):
-        ReplayYield([0, 1])
+        ReplayYield([0, 1], decay=0.99)
 
 
 class _Alternate(GammaPolicy):
