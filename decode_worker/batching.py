@@ -900,6 +900,9 @@ class BatchScheduler:
         self._pad = int(pad) if isinstance(pad, int) else 0
         self._rows: list[_Row] = []
         self._waiting: list[BatchedRun] = []
+        # Requests taken off the queue and being prefilled, not yet rows: they still hold
+        # their place (counted by submit, or a join's prefill would admit past capacity).
+        self._joining = 0
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="speckv-batch", daemon=True)
@@ -935,7 +938,8 @@ class BatchScheduler:
         with self._cond:
             if self._closing:
                 raise QueueFull("worker is draining (shutting down); use another worker")
-            if len(self._rows) + len(self._waiting) >= self.max_batch_size + self.max_queue:
+            places = len(self._rows) + self._joining + len(self._waiting)
+            if places >= self.max_batch_size + self.max_queue:
                 raise QueueFull(
                     f"worker busy: {self.max_batch_size} sequences in the batch "
                     f"(--max-batch-size) and {self.max_queue} queued (--max-queue); retry "
@@ -983,10 +987,15 @@ class BatchScheduler:
                     return
                 room = self.max_batch_size - len(self._rows)
                 joining, self._waiting = self._waiting[:room], self._waiting[room:]
+                self._joining = len(joining)
             try:
                 held = self._hold()
                 if joining:
-                    self._join(joining)
+                    try:
+                        self._join(joining)
+                    finally:
+                        with self._cond:
+                            self._joining = 0
                 if held:
                     self._flush()
                 if self._rows:

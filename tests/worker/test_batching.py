@@ -295,6 +295,40 @@ def test_queue_full_and_drain() -> None:
     assert sched.stats.max_batch == 1
 
 
+@pytest.mark.timeout(60)
+def test_a_joining_request_keeps_its_place_while_it_is_prefilled() -> None:
+    """Admission counts requests the scheduler has taken off the queue to prefill: the
+    prefill is held (a gate in the target's forward) while two more are submitted to a
+    batch of one with a queue of one, and the second is refused. Before the joiners were
+    counted, a request in its prefill was neither queued nor a row and both were admitted."""
+    pair = random_pair(seed=4)
+    eng = SpeculativeEngine(pair)
+    entered, release = threading.Event(), threading.Event()
+
+    def gate(module: Any, args: Any, kwargs: Any) -> None:
+        if not release.is_set():
+            entered.set()
+            release.wait(30)
+
+    hook = pair.target.register_forward_pre_hook(gate, with_kwargs=True)
+    ps = prompts(3, length=6, seed=2)
+    sched = BatchScheduler(eng, max_batch_size=1, max_queue=1)
+    try:
+        a = sched.submit(ps[0], FixedPolicy(2), max_new_tokens=8)
+        assert entered.wait(30), "the first request's prefill never started"
+        assert sched.queued == 0 and sched.running == 0  # a is between the queue and the batch
+        b = sched.submit(ps[1], FixedPolicy(2), max_new_tokens=8)
+        with pytest.raises(QueueFull, match="--max-queue"):
+            sched.submit(ps[2], FixedPolicy(2), max_new_tokens=8)
+        release.set()
+        ra, rb = _drain(a), _drain(b)
+    finally:
+        release.set()
+        hook.remove()
+        sched.close(timeout=10)
+    assert len(ra.token_ids) == len(rb.token_ids) == 8
+
+
 @pytest.fixture
 def busy_worker() -> Iterator[tuple[WorkerServer, Any]]:
     pair = text_pair(seed=0)
