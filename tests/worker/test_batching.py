@@ -163,27 +163,39 @@ def test_int8_rows_equal_target_greedy_up_to_documented_near_ties(
     assert len(near_ties) <= len(ids) // 4, "\n".join(near_ties)
 
 
+class _CancelAfterPolls:
+    """A `cancelled` callable that says yes from its n-th call on. The scheduler polls it
+    at admission and before each of the row's steps, so the row is cut after a known number
+    of its own steps whatever the consumer's pace. (An Event set by the consuming thread
+    after it had read k steps raced the scheduler: under load a row of 40 tokens could
+    finish before the consumer got to set it.)"""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
 @pytest.mark.timeout(60)
 def test_cancelling_one_row_leaves_the_others_untouched() -> None:
     pair = random_pair(seed=3)
     eng = SpeculativeEngine(pair)
     ps = [p[: 4 + 3 * i] for i, p in enumerate(prompts(3, length=12, seed=5))]
     solo = [eng.generate(p, FixedPolicy(3), max_new_tokens=40) for p in ps]
-    stop = threading.Event()
     sched = BatchScheduler(eng, max_batch_size=4, max_queue=0)
     try:
         handles = [
             sched.submit(
-                p, FixedPolicy(3), max_new_tokens=40, cancelled=stop.is_set if i == 1 else None
+                p,
+                FixedPolicy(3),
+                max_new_tokens=40,
+                cancelled=_CancelAfterPolls(3) if i == 1 else None,
             )
             for i, p in enumerate(ps)
         ]
-        steps_1 = []
-        for step in handles[1]:
-            steps_1.append(step)
-            if len(steps_1) == 2:
-                stop.set()
-        results = [_drain(handles[0]), handles[1].result, _drain(handles[2])]
+        results = [_drain(handles[0]), _drain(handles[1]), _drain(handles[2])]
         # A client that stops reading (the gRPC handler's generator closed) cancels too.
         h = sched.submit(ps[0], FixedPolicy(3), max_new_tokens=40)
         it = iter(h)
@@ -231,27 +243,23 @@ def test_rows_cut_between_steps_still_end_their_sequence() -> None:
     eng = SpeculativeEngine(pair)
     ps = prompts(3, length=8, seed=5)
     policy = _Outcomes()
-    stop = threading.Event()
     sched = BatchScheduler(eng, max_batch_size=4, max_queue=0)
     try:
         done = sched.submit(ps[0], policy, max_new_tokens=24, request_id="done")
         cut = sched.submit(
-            ps[1], policy, max_new_tokens=200, request_id="cut", cancelled=stop.is_set
+            ps[1], policy, max_new_tokens=200, request_id="cut", cancelled=_CancelAfterPolls(4)
         )
         gone = sched.submit(ps[2], policy, max_new_tokens=200, request_id="gone")
         it = iter(gone)
         gone_steps = [next(it), next(it)]
         it.close()  # type: ignore[attr-defined]
-        cut_steps = []
-        for step in cut:
-            cut_steps.append(step)
-            if len(cut_steps) == 3:
-                stop.set()
+        cut_steps = list(cut)  # the steps streamed before the cut
         finished = _drain(done)
         _wait_empty(sched, "rows never left the batch")
     finally:
         sched.close(timeout=10)
     assert cut.result is not None and cut.result.finish_reason == FinishReason.CANCELLED
+    assert [s.step for s in cut_steps] == [s.step for s in cut.result.steps] != []
     for rid, steps in (("done", finished.steps), ("cut", cut.result.steps)):
         seen = policy.seen[rid]
         assert [o.step for o in seen] == [s.step for s in steps], rid
