@@ -52,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     scheds: dict[str, Any] = {}
     logs: dict[str, list[tuple[int, int, float]]] = {}
     for arm in args.arms:
-        s = BatchScheduler(eng, max_batch_size=16, max_queue=64)
+        # "batch-goodput-pooled": every row priced with the pooled replay (row_prior_steps
+        # None), to compare with the per-row pricing.
+        pooled = arm == "batch-goodput-pooled"
+        s = BatchScheduler(
+            eng, max_batch_size=16, max_queue=64, **({"row_prior_steps": None} if pooled else {})
+        )
         logs[arm] = B.step_cost_log(s)
-        if arm == "batch-goodput":
+        if arm.startswith("batch-goodput"):
             s.warmup()
         scheds[arm] = s
 
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         def request(i: int) -> None:
             h = s.submit(
                 ids[i % len(ids)],
-                parse_local_policy(arm),
+                parse_local_policy("batch-goodput" if arm.startswith("batch-goodput") else arm),
                 max_new_tokens=args.max_new_tokens,
                 request_id=f"{arm}-{i}-{time.monotonic_ns()}",
                 record=False,
@@ -108,21 +113,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {arm} steps (b, G): median ms × count " + " ".join(shown))
         modeled = _modeled(args.arms, logs, shapes0, scheds, total)
         print("   modeled tokens/s " + " ".join(f"{a} {v:.0f}" for a, v in modeled.items()))
-        if "batch-goodput" in scheds:
-            s = scheds["batch-goodput"]
-            fixed = [a for a in args.arms if a != "batch-goodput"]
+        goodput = [a for a in args.arms if a.startswith("batch-goodput")]
+        fixed = [a for a in args.arms if a not in goodput]
+        for g_arm in goodput:
+            s = scheds[g_arm]
             if fixed:
                 best = max(fixed, key=lambda a: rate[a])
-                ratio = rate["batch-goodput"] / rate[best]
-                print(f"   batch-goodput / best fixed ({best}) = {ratio:.3f}")
+                print(f"   {g_arm} / best fixed ({best}) = {rate[g_arm] / rate[best]:.3f}")
                 best_m = max(fixed, key=lambda a: modeled[a])
                 print(
-                    f"   modeled: batch-goodput / best fixed ({best_m}) = "
-                    f"{modeled['batch-goodput'] / modeled[best_m]:.3f}"
+                    f"   modeled: {g_arm} / best fixed ({best_m}) = "
+                    f"{modeled[g_arm] / modeled[best_m]:.3f}"
                 )
             table = s.costs.step_table(b, BATCH_GAMMAS)
             print(
-                "   batch-goodput chose",
+                f"   {g_arm} chose",
                 dict(sorted(s.stats.chosen.get(b, {}).items())),
                 "| E(γ) replayed",
                 [round(x, 2) for x in s.replay.expected(s.yields.expected(6))],

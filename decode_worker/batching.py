@@ -591,6 +591,9 @@ PROBE_EVERY = 16
 # as a fixed γ would be judged; with 0.995 (about 10 requests) the estimates followed the
 # last few prompts and one row switched between G = 1 and G = 2 with them.
 REPLAY_DECAY = 0.999
+# batch-goodput prices each greedy row by the replay over its own text, shrunk towards the
+# pooled replay by this many pseudo-steps (`ReplayYield.row_expected`).
+ROW_PRIOR_STEPS = 4.0
 # batch-goodput's yield model (`StepYield`): counts decay by POOL_DECAY per drafted row-step;
 # each position's rate is shrunk by PRIOR_EVENTS pseudo-tries towards the rate of the
 # position before it (the first towards ACCEPT_PRIOR); the first is read with OPTIMISM
@@ -872,10 +875,16 @@ class BatchScheduler:
         max_batch_size: int = 8,
         max_queue: int = 16,
         coalescer: DecisionCoalescer | None = None,
+        row_prior_steps: float | None = ROW_PRIOR_STEPS,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
+        if row_prior_steps is not None and row_prior_steps <= 0:
+            raise ValueError(f"row_prior_steps must be > 0 or None, got {row_prior_steps}")
         self.engine = engine
+        # batch-goodput: how many pseudo-steps of the pooled estimate a row's own replay is
+        # shrunk towards; None prices every row with the pooled estimate alone.
+        self.row_prior_steps = row_prior_steps
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.coalescer = coalescer
@@ -1275,7 +1284,13 @@ class BatchScheduler:
         caps = [min(max_gamma, r.run.max_new_tokens - len(r.new) - 1) for r in aware]
         cands = [g for g in BATCH_GAMMAS if g <= max_gamma]
         expected = self.replay.expected(self.yields.expected(max(cands)))
-        tokens = [expected] * len(aware)
+        k = self.row_prior_steps
+        tokens = [
+            expected
+            if r.track is None or k is None
+            else ReplayYield.row_expected(r.track, expected, k)
+            for r in aware
+        ]
         g = choose_batch_gamma(tokens, caps, len(rows), self.costs, cands)
         # The draft does not run at G = 0, so neither estimate learns: while the batch sits
         # at G = 0, every PROBE_EVERY-th step drafts one token (its catch-up feed also gives

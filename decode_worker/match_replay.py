@@ -32,13 +32,16 @@ class MatchTrack:
     given the draft's argmax after a prefix that is known to be the true one; `resolve`
     turns those into matches for the generated positions as the sequence grows."""
 
-    __slots__ = ("cursors", "matches", "preds", "start")
+    __slots__ = ("cursors", "matches", "preds", "start", "steps", "tokens")
 
     def __init__(self, start: int, gammas: Sequence[int]) -> None:
         self.start = start  # index of the first generated token (the prompt's length)
         self.preds: dict[int, int] = {}  # q -> the draft's argmax after seq[: q + 1]
         self.matches: list[bool] = []  # m for positions start, start + 1, ...
         self.cursors = {g: 0 for g in gammas}  # where each γ's next replayed step starts
+        # This row's own replayed steps per γ so far, and the tokens they produced.
+        self.steps = dict.fromkeys(gammas, 0)
+        self.tokens = dict.fromkeys(gammas, 0)
 
     def predict(self, position: int, token: int) -> None:
         """The draft's argmax after the true prefix seq[: position + 1]; positions in the
@@ -98,6 +101,8 @@ class ReplayYield:
         d = self.decay
         for g in self.gammas:
             done, track.cursors[g] = replay_steps(track.matches, g, track.cursors[g])
+            track.steps[g] += len(done)
+            track.tokens[g] += sum(done)
             tok, st = self._tokens[g], self._steps[g]
             for n in done:
                 tok = tok * d + n
@@ -126,4 +131,22 @@ class ReplayYield:
                 out.append(prior[g])
             else:
                 out.append((self._tokens[g] + k * prior[g]) / (st + k))
+        return out
+
+    @staticmethod
+    def row_expected(track: MatchTrack, pooled: Sequence[float], prior_steps: float) -> list[float]:
+        """One row's tokens per step at γ = 0 … len(pooled) − 1: each γ's replay over this
+        row's own text so far, shrunk towards the pooled estimate `pooled[γ]` by
+        `prior_steps` pseudo-steps (γ not replayed keep the pooled value). A row's text has
+        its own structure — on the demo pair some prompts' agreement is periodic, so that
+        γ = 1 makes nearly as many tokens per step as γ = 2 there, and others reward longer
+        drafts — which the pooled mean averages away (docs/design.md, "The batch's draft
+        length")."""
+        out = [1.0]
+        for g in range(1, len(pooled)):
+            st = track.steps.get(g)
+            if not st:
+                out.append(pooled[g])
+            else:
+                out.append((track.tokens[g] + prior_steps * pooled[g]) / (st + prior_steps))
         return out

@@ -71,6 +71,28 @@ def test_replay_yield_blends_towards_the_prior_and_forgets() -> None:
         ReplayYield([0, 1], decay=0.99)
 
 
+def test_row_expected_prices_a_row_by_its_own_text_shrunk_towards_the_pool() -> None:
+    y = ReplayYield([1, 2, 3], decay=0.999, prior_steps=4.0)
+    pooled = [1.0, 1.7, 2.2, 2.4, 2.5]
+    fresh = y.track(0)
+    assert ReplayYield.row_expected(fresh, pooled, 4.0) == pooled  # nothing replayed yet
+    # Agreement that alternates true/false: γ = 1 always lands on a true (2 tokens per
+    # step), γ = 2 and γ = 3 meet the false right after it (2 tokens per step as well).
+    periodic = y.track(0)
+    periodic.matches = [True, False] * 50
+    y.advance(periodic)
+    assert (periodic.steps[1], periodic.tokens[1]) == (50, 100)
+    e = ReplayYield.row_expected(periodic, pooled, 4.0)
+    assert e[0] == 1.0 and e[4] == pooled[4]  # γ = 4 is not replayed: the pooled value
+    assert e[1] == pytest.approx((100 + 4 * 1.7) / 54)
+    assert e[2] == pytest.approx((100 + 4 * 2.2) / 54)
+    # The same row with little text leans on the pool.
+    short = y.track(0)
+    short.matches = [True, False]
+    y.advance(short)
+    assert ReplayYield.row_expected(short, pooled, 4.0)[1] == pytest.approx((2 + 4 * 1.7) / 5)
+
+
 class _Alternate(GammaPolicy):
     """γ = 3, 0, 1, 0, 2, … in turn: the draft skips steps and catches up."""
 
