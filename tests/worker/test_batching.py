@@ -470,6 +470,80 @@ def test_batch_goodput_picks_zero_when_plain_steps_are_cheap_and_speculates_othe
     assert g_steep is not None and g_flat is not None and g_steep < g_flat
 
 
+def test_batch_costs_use_a_widths_own_measurement_once_it_has_enough_steps() -> None:
+    from decode_worker.batching import MIN_SAMPLES, BatchCosts
+
+    costs = BatchCosts()
+    # The warm-up's widths at 16 rows: a verify forward that is not linear in the width.
+    for _ in range(6):
+        for g, verify in ((2, 0.050), (4, 0.070), (8, 0.100)):
+            costs.add(16, g, 0.002 + 0.004 * g + verify, draft_seconds=0.004 * g,
+                      draft_forwards=g, verify_seconds=verify)  # fmt: skip
+    line = costs.step_table(16, [2, 3])
+    assert line[2] == pytest.approx(0.002 + 0.008 + 0.050)  # its own cell
+    # Width 3 never ran: read off the line through 2, 4 and 8 (between 0.050 and 0.070).
+    assert 0.002 + 0.012 + 0.050 < line[3] < 0.002 + 0.012 + 0.070
+    # Probed steps at width 3, whose verify really costs what width 2's does. The first
+    # step at a shape is dropped; until MIN_SAMPLES more are in, width 3 is still read off
+    # the line (which now also goes through the new cell).
+    for verify in (0.9, 0.040, 0.060):
+        costs.add(16, 3, 0.002 + 0.012 + verify, draft_seconds=0.012, draft_forwards=3,
+                  verify_seconds=verify)  # fmt: skip
+    assert costs.cell_samples(16, 3) == MIN_SAMPLES - 1
+    assert costs.step_table(16, [3])[3] > 0.002 + 0.012 + 0.052
+    costs.add(16, 3, 0.002 + 0.012 + 0.050, draft_seconds=0.012, draft_forwards=3,
+              verify_seconds=0.050)  # fmt: skip
+    assert costs.cell_samples(16, 3) == MIN_SAMPLES
+    # Its own cell: the plain mean of 0.040, 0.060, 0.050 (a moving average weighing the
+    # first sample 0.9 would say 0.043).
+    assert costs.step_table(16, [3])[3] == pytest.approx(0.002 + 0.012 + 0.050)
+    # Other sizes still interpolate between the measured sizes' lines.
+    assert set(costs.step_table(8, [2, 3])) == {2, 3}
+
+
+@pytest.mark.timeout(120)
+def test_batch_goodput_probes_neighbouring_widths_and_stays_exact() -> None:
+    from decode_worker.batching import BATCH_GAMMAS
+    from decode_worker.policies import parse_local_policy
+
+    pair = random_pair(seed=2, noise=0.02)  # a draft close to its target
+    eng = SpeculativeEngine(pair)
+    ps = prompts(2, length=8, seed=4)
+    solo = [eng.generate(p, FixedPolicy(0), max_new_tokens=96).token_ids for p in ps]
+    # A target forward dearer than a draft forward (as on real pairs), so drafting pays.
+    slow = ForwardCounter(pair.target, delay_s=0.004)
+    sched = BatchScheduler(eng, max_batch_size=2, max_queue=0, cost_probe_every=4)
+    probed: list[tuple[int, int, int]] = []  # (b, chosen G, width run)
+    choose = sched._cost_probe
+
+    def spy(b: int, g: int, top: int, cands: Any) -> int:
+        run = choose(b, g, top, cands)
+        probed.append((b, g, run))
+        return run
+
+    sched._cost_probe = spy  # type: ignore[method-assign]
+    try:
+        sched.warmup(sizes=(1, 2), gammas=(0, 2, 4))
+        handles = [sched.submit(p, parse_local_policy("batch-goodput"), max_new_tokens=96)
+                   for p in ps]  # fmt: skip
+        results = [_drain(h) for h in handles]
+    finally:
+        sched.close(timeout=10)
+        slow.remove()
+    assert [r.token_ids for r in results] == solo  # greedy: whatever widths ran
+    swaps = [(b, g, w) for b, g, w in probed if w != g]
+    assert swaps and sched.stats.cost_probes == len(swaps)
+    # Every fourth drafting step at a size, a neighbouring candidate width instead.
+    per_size: dict[int, int] = {}
+    for b, g, w in probed:
+        per_size[b] = per_size.get(b, 0) + 1
+        cands = [c for c in BATCH_GAMMAS if 0 < c <= eng.config.max_gamma]
+        if per_size[b] % 4:
+            assert w == g
+        elif w != g:
+            assert abs(cands.index(w) - cands.index(g)) == 1
+
+
 def test_step_yield_learns_each_drafted_position() -> None:
     import random
 
