@@ -52,14 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     scheds: dict[str, Any] = {}
     logs: dict[str, list[tuple[int, int, float]]] = {}
     for arm in args.arms:
-        # Variants of batch-goodput to compare with it: "batch-goodput-pooled" prices every
-        # row with the pooled replay (row_prior_steps None), "batch-goodput-noprobe" never
-        # probes neighbouring widths' costs (cost_probe_every None).
-        variant: dict[str, Any] = {
-            "batch-goodput-pooled": {"row_prior_steps": None},
-            "batch-goodput-noprobe": {"cost_probe_every": None},
-        }.get(arm, {})
-        s = BatchScheduler(eng, max_batch_size=16, max_queue=64, **variant)
+        # "batch-goodput-pooled": every row priced with the pooled replay (row_prior_steps
+        # None), to compare with the per-row pricing.
+        pooled = arm == "batch-goodput-pooled"
+        s = BatchScheduler(
+            eng, max_batch_size=16, max_queue=64, **({"row_prior_steps": None} if pooled else {})
+        )
         logs[arm] = B.step_cost_log(s)
         if arm.startswith("batch-goodput"):
             s.warmup()

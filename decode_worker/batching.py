@@ -440,19 +440,14 @@ class BatchCosts:
 
     - draft_b, the seconds of one batched draft forward — measured on every drafting step
       whatever its width, so it stays current while the batch sits at one width;
-    - verify_b(G), the measured verify forward at width G (one moving average per
-      (b, width): a width not run lately keeps its last value rather than being dragged by
-      others) once that cell has MIN_SAMPLES steps, else a line fitted through the cells.
-      The line was the only estimate until the cost probes kept the neighbouring widths
-      measured: on the demo pair the verify is not linear in the width (16 rows: G = 2 and
-      G = 3 steps 63.0 and 64.3 ms, where the line said 62.0 and 68.9);
+    - verify_b(G), a line fitted through the measured verify forward at each width (one
+      moving average per (b, width): a width not run lately keeps its last value rather
+      than being dragged by others);
     - rest_b, the rest of the step (sampling, signals, hooks, streaming, per row).
 
     A whole-step line moved by each chosen width (the first design) kept its slope from the
     warm-up on dummy prompts and overestimated it by up to a third at 8 rows, so longer
-    drafts looked dearer than they were. Moving averages as in timing.py, except that the
-    n-th sample of a cell weighs max(1/n, alpha) — a plain mean until the average is long
-    enough, so a cell measured by a few probes is not its first sample; the first step at
+    drafts looked dearer than they were. Moving averages as in timing.py; the first step at
     each (b, width) is dropped (one-off buffer growth). Sizes not measured are interpolated
     between measured neighbours (scaled by b above the largest)."""
 
@@ -464,19 +459,12 @@ class BatchCosts:
         self._rest: dict[int, float] = {}
         self._verify: dict[int, dict[int, float]] = {}  # b -> width -> verify seconds
         self._counts: dict[tuple[str, int], int] = {}
-        self._samples: dict[tuple[Any, ...], int] = {}  # a cell's name -> its samples
         self._seen: set[tuple[int, int]] = set()
 
-    def _ewm(self, table: dict[int, float], key: int, value: float, cell: tuple[Any, ...]) -> None:
-        n = self._samples.get(cell, 0) + 1
-        self._samples[cell] = n
+    def _ewm(self, table: dict[int, float], key: int, value: float) -> None:
         prev = table.get(key)
-        a = max(1.0 / n, self._alpha)
+        a = self._alpha
         table[key] = value if prev is None else (1 - a) * prev + a * value
-
-    def cell_samples(self, b: int, width: int) -> int:
-        """Steps measured at exactly (b, width) (warm-up included, the first dropped)."""
-        return self._samples.get(("verify", b, width), 0)
 
     def add(
         self,
@@ -498,14 +486,14 @@ class BatchCosts:
                 self._seen.add((b, width))
                 return
             if width <= 0:
-                self._ewm(self._plain, b, seconds, ("plain", b))
+                self._ewm(self._plain, b, seconds)
                 key = ("plain", b)
             else:
                 verify = seconds - draft_seconds if verify_seconds is None else verify_seconds
                 if draft_forwards > 0:
-                    self._ewm(self._draft, b, draft_seconds / draft_forwards, ("draft", b))
-                self._ewm(self._verify.setdefault(b, {}), width, verify, ("verify", b, width))
-                self._ewm(self._rest, b, max(seconds - draft_seconds - verify, 0.0), ("rest", b))
+                    self._ewm(self._draft, b, draft_seconds / draft_forwards)
+                self._ewm(self._verify.setdefault(b, {}), width, verify)
+                self._ewm(self._rest, b, max(seconds - draft_seconds - verify, 0.0))
                 key = ("spec", b)
             self._counts[key] = self._counts.get(key, 0) + 1
 
@@ -570,19 +558,10 @@ class BatchCosts:
             plain = {s: v for s, v in self._plain.items()
                      if self._counts.get(("plain", s), 0) >= MIN_SAMPLES}  # fmt: skip
             models = self._models_near(b) if any(w > 0 for w in widths) else {}
-            cells = self._verify.get(b, {}) if b in models else {}
-            measured = {
-                w: cells[w]
-                for w in widths
-                if w in cells and self._samples.get(("verify", b, w), 0) >= MIN_SAMPLES
-            }
-            rest, draft = self._rest.get(b, 0.0), self._draft.get(b, 0.0)
         out: dict[int, float] = {}
         for w in widths:
             if w <= 0:
                 v = self._at(plain, b)
-            elif w in measured:  # this size's own cell, measured enough
-                v = rest + w * draft + measured[w]
             else:
                 v = self._at({s: m.step_seconds(w) for s, m in models.items()}, b)
             if v is not None:
@@ -606,10 +585,6 @@ BATCH_GAMMAS = (0, 1, 2, 3, 4, 6, 8)
 MIN_SAMPLES = 3
 # batch-goodput: at G = 0, one step in this many drafts one token (acceptance keeps learning).
 PROBE_EVERY = 16
-# batch-goodput: at a batch size, one drafting step in this many runs a neighbouring width
-# (G + 1 and G - 1 in turn) instead of the chosen G, so the costs of the widths it might
-# switch to stay measured rather than read off the line through the warm-up's widths.
-COST_PROBE_EVERY = 24
 # batch-goodput's replayed tokens per step (`match_replay.ReplayYield`): each replayed step's
 # weight decays by this per later replayed step of the same γ — a memory of about 1000
 # replayed steps, some 50 requests of 48 tokens. It prices γ for the workload's prompt mix,
@@ -884,7 +859,6 @@ class BatchStats:
     chosen: dict[int, dict[int, int]] = field(
         default_factory=dict
     )  # batch-goodput: b -> G -> steps
-    cost_probes: int = 0  # batch-goodput steps run at a neighbouring width to measure it
 
     @property
     def mean_batch(self) -> float:
@@ -902,21 +876,15 @@ class BatchScheduler:
         max_queue: int = 16,
         coalescer: DecisionCoalescer | None = None,
         row_prior_steps: float | None = ROW_PRIOR_STEPS,
-        cost_probe_every: int | None = COST_PROBE_EVERY,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
         if row_prior_steps is not None and row_prior_steps <= 0:
             raise ValueError(f"row_prior_steps must be > 0 or None, got {row_prior_steps}")
-        if cost_probe_every is not None and cost_probe_every < 2:
-            raise ValueError(f"cost_probe_every must be ≥ 2 or None, got {cost_probe_every}")
         self.engine = engine
         # batch-goodput: how many pseudo-steps of the pooled estimate a row's own replay is
         # shrunk towards; None prices every row with the pooled estimate alone.
         self.row_prior_steps = row_prior_steps
-        # batch-goodput: one drafting step in this many at a size runs a neighbouring width
-        # (None: never; the costs of widths not run then come from the line).
-        self.cost_probe_every = cost_probe_every
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.coalescer = coalescer
@@ -930,7 +898,6 @@ class BatchScheduler:
             [g for g in BATCH_GAMMAS if 0 < g <= max_gamma] or [1], decay=REPLAY_DECAY
         )
         self._warming = False
-        self._probe_ticks: dict[int, int] = {}  # batch size -> batch-goodput drafting steps
         self.concurrency = (
             f"continuous batching: up to {max_batch_size} sequences per batched draft/verify "
             f"forward, {max_queue} more queued"
@@ -1305,12 +1272,11 @@ class BatchScheduler:
             )
 
     def _plan_batch(self, rows: list[_Row]) -> None:
-        """batch-goodput rows: one verify width for the batch (docs/worker.md, "Batching";
-        docs/design.md, "The batch's draft length"). A greedy row is priced by the replay
-        over its own text, shrunk towards the pooled replay (`row_prior_steps`); a sampled
-        row by the pooled estimate. (A per-row *acceptance scale* on the position model was
-        tried first and dropped: over rows of 48 tokens its noise made the batch pick G = 0
-        or 1 where G = 2 paid, in-process at 8 rows 414 vs 497 tokens/s.)"""
+        """batch-goodput rows: one verify width for the batch (docs/worker.md, "Batching").
+        Every row gets the pooled expectation: a per-row scale (the row's own acceptance
+        over the pooled one, shrunk by 4 pseudo-events) was tried and dropped — over rows of
+        48 tokens its noise made the batch pick G = 0 or 1 where G = 2 paid (in-process,
+        8 rows, same requests: 414 vs 497 tokens/s)."""
         aware = [r for r in rows if getattr(r.policy, "batch_aware", False)]
         if not aware:
             return
@@ -1331,34 +1297,11 @@ class BatchScheduler:
         # the replay the draft's argmax after every skipped position).
         if g == 0 and max(caps) > 0 and self.stats.steps % PROBE_EVERY == PROBE_EVERY - 1:
             g = 1
-        elif g is not None and g > 0:
-            g = self._cost_probe(len(rows), g, min(max(caps), max(cands)), cands)
         for r in aware:
             r.policy.batch_gamma = g  # type: ignore[attr-defined]
         if g is not None:
             per = self.stats.chosen.setdefault(len(rows), {})
             per[g] = per.get(g, 0) + 1
-
-    def _cost_probe(self, b: int, g: int, top: int, cands: Sequence[int]) -> int:
-        """Every `cost_probe_every`-th drafting step at size b: a neighbouring candidate width
-        (above and below in turn, within `top`, the widest any row can use) instead of g."""
-        every = self.cost_probe_every
-        if every is None:
-            return g
-        tick = self._probe_ticks.get(b, 0) + 1
-        self._probe_ticks[b] = tick
-        if tick % every:
-            return g
-        drafting = [c for c in cands if 0 < c <= top]
-        if g not in drafting:
-            return g
-        i = drafting.index(g)
-        up = (tick // every) % 2 == 1
-        for j in [i + 1, i - 1] if up else [i - 1, i + 1]:
-            if 0 <= j < len(drafting):
-                self.stats.cost_probes += 1
-                return drafting[j]
-        return g
 
     def warmup(
         self,
