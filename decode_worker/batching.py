@@ -1272,11 +1272,12 @@ class BatchScheduler:
             )
 
     def _plan_batch(self, rows: list[_Row]) -> None:
-        """batch-goodput rows: one verify width for the batch (docs/worker.md, "Batching").
-        Every row gets the pooled expectation: a per-row scale (the row's own acceptance
-        over the pooled one, shrunk by 4 pseudo-events) was tried and dropped — over rows of
-        48 tokens its noise made the batch pick G = 0 or 1 where G = 2 paid (in-process,
-        8 rows, same requests: 414 vs 497 tokens/s)."""
+        """batch-goodput rows: one verify width for the batch (docs/worker.md, "Batching";
+        docs/design.md, "The batch's draft length"). A greedy row is priced by the replay
+        over its own text, shrunk towards the pooled replay (`row_prior_steps`); a sampled
+        row by the pooled estimate. (A per-row *acceptance scale* on the position model was
+        tried first and dropped: over rows of 48 tokens its noise made the batch pick G = 0
+        or 1 where G = 2 paid, in-process at 8 rows 414 vs 497 tokens/s.)"""
         aware = [r for r in rows if getattr(r.policy, "batch_aware", False)]
         if not aware:
             return
