@@ -18,10 +18,11 @@ serving path and docs/notes.md "Batching"). Subcommands, demo pair by default:
     # what batch-goodput itself costs per step: its planning, and the match replay every
     # greedy row keeps (docs/design.md, "The batch's draft length")
     .venv/bin/python benchmarks/batch_overhead.py policy-cost --rows 8
-    # two policies through two serving workers, each worker serving both (per-request
-    # policy): the policies compared inside one process, and the processes against each other
+    # policies through two serving workers, each worker serving all of them (per-request
+    # policy): each policy against the first inside one process, and the processes against
+    # each other
     .venv/bin/python benchmarks/batch_overhead.py served-ab --clients 8 \
-        --policies fixed:2 batch-goodput
+        --policies fixed:2 batch-goodput [fixed:1 fixed:3 ...]
 """
 
 from __future__ import annotations
@@ -489,10 +490,13 @@ def policy_cost(args: argparse.Namespace) -> None:
 
 def served_ab(args: argparse.Namespace) -> None:
     """batch.py runs one worker per policy, so a policy's ratio there also carries whatever
-    differs between two worker processes. Here two workers each serve both policies (the
+    differs between two worker processes. Here two workers each serve every policy (the
     policy is per request): the arms (worker, policy) run the same requests in rotated
-    order each round. Policy A ÷ B within a worker is the policy's effect; worker 1 ÷ worker
-    2 under one policy is the processes' (an A/A test)."""
+    order each round. The first policy ÷ each other within a worker is the policies'
+    effect; worker 1 ÷ worker 2 under one policy is the processes' (an A/A test). With
+    more fixed policies beside `batch-goodput`, their steps also measure widths it would
+    not run itself, which its cost line then fits through (a served worker with one policy
+    does not get that)."""
     prompts = B.prompt_texts()
     workers = {
         n: B.start_worker(args.pair, args.compression, args.threads, batching=True)
@@ -529,10 +533,11 @@ def served_ab(args: argparse.Namespace) -> None:
         + ", ".join(f"{w} {p} {rate((w, p)):.0f}" for w, p in arms)
         + f" tokens/s; load {os.getloadavg()[0]:.2f}"
     )
-    a, b = args.policies
+    a = args.policies[0]
     for w in workers:
-        print(f"  {w}: {a} ÷ {b} = {rate((w, a)) / rate((w, b)):.3f}, per round "
-              f"{per_round((w, a), (w, b))}")  # fmt: skip
+        for b in args.policies[1:]:
+            print(f"  {w}: {a} ÷ {b} = {rate((w, a)) / rate((w, b)):.3f}, per round "
+                  f"{per_round((w, a), (w, b))}")  # fmt: skip
     for p in args.policies:
         print(f"  {p}: w1 ÷ w2 = {rate(('w1', p)) / rate(('w2', p)):.3f}, per round "
               f"{per_round(('w1', p), ('w2', p))}")  # fmt: skip
@@ -570,8 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=8)
     p = sub.add_parser("served-ab")
     p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--policies", nargs=2, default=["fixed:2", "batch-goodput"])
+    p.add_argument("--policies", nargs="+", default=["fixed:2", "batch-goodput"])
     args = ap.parse_args(argv)
+    if args.what == "served-ab" and len(args.policies) < 2:
+        ap.error("served-ab compares policies: give at least two with --policies")
     run = {
         "inproc": inproc,
         "widths": widths,
