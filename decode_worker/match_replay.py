@@ -22,7 +22,7 @@ probing of other widths, and compares every γ on the same prompts. Torch-free.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 class MatchTrack:
@@ -123,15 +123,7 @@ class ReplayYield:
     def expected(self, prior: Sequence[float]) -> list[float]:
         """Tokens per step at γ = 0 … len(prior) − 1 (index γ): 1 at γ = 0, else the
         replayed mean shrunk towards prior[γ]. γ not replayed keep the prior."""
-        k = self.prior_steps
-        out = [1.0]
-        for g in range(1, len(prior)):
-            st = self._steps.get(g)
-            if st is None:
-                out.append(prior[g])
-            else:
-                out.append((self._tokens[g] + k * prior[g]) / (st + k))
-        return out
+        return _shrunk(self._tokens, self._steps, prior, self.prior_steps)
 
     @staticmethod
     def row_expected(track: MatchTrack, pooled: Sequence[float], prior_steps: float) -> list[float]:
@@ -142,11 +134,17 @@ class ReplayYield:
         γ = 1 makes nearly as many tokens per step as γ = 2 there, and others reward longer
         drafts — which the pooled mean averages away (docs/design.md, "The batch's draft
         length")."""
-        out = [1.0]
-        for g in range(1, len(pooled)):
-            st = track.steps.get(g)
-            if not st:
-                out.append(pooled[g])
-            else:
-                out.append((track.tokens[g] + prior_steps * pooled[g]) / (st + prior_steps))
-        return out
+        return _shrunk(track.tokens, track.steps, pooled, prior_steps)
+
+
+def _shrunk(
+    tokens: Mapping[int, float], steps: Mapping[int, float], prior: Sequence[float], k: float
+) -> list[float]:
+    """Tokens per step at γ = 0 … len(prior) − 1: 1 at γ = 0; else the replayed
+    tokens[γ] / steps[γ] shrunk towards prior[γ] by k pseudo-steps, or prior[γ] itself
+    where γ has no replayed steps."""
+    out = [1.0]
+    for g in range(1, len(prior)):
+        st = steps.get(g)
+        out.append((tokens[g] + k * prior[g]) / (st + k) if st else prior[g])
+    return out
