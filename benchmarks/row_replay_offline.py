@@ -35,7 +35,7 @@ from typing import Any
 
 import batch as B  # benchmarks/batch.py, beside this script
 
-from decode_worker.match_replay import MatchTrack, ReplayYield, replay_steps
+from decode_worker.match_replay import ReplayYield, replay_steps
 
 # Median ms of a batch step per (batch size, G), fixed arms, policy_ab_fp16_replay_decay999.txt.
 DEFAULT_COSTS = {
@@ -72,12 +72,10 @@ def step_tokens(m: Sequence[bool], s: int, g: int) -> int | None:
     """Tokens a step of draft length g from position s makes; None when m ends first."""
     if s >= len(m):
         return None
-    a = 0
-    while a < g and s + a < len(m) and m[s + a]:
-        a += 1
-    if a < g and s + a >= len(m):
-        return None
-    return a + 1
+    if g == 0:
+        return 1
+    done, _ = replay_steps(m[: s + g], g, s)  # at most the first step can complete there
+    return done[0] if done else None
 
 
 def run_batch(seqs: list[list[bool]], b: int, costs: dict[int, float], choose: Chooser) -> float:
@@ -119,11 +117,12 @@ def per_row(pooled: list[float], costs: dict[int, float], prior_steps: float) ->
     def choose(hists: list[list[bool]]) -> int:
         tables = []
         for h in hists:
-            track = MatchTrack(0, gammas)
+            # Each row's own replay, through the scheduler's code (the pooled sums this
+            # throwaway ReplayYield keeps are not used).
+            replay = ReplayYield(gammas, decay=1.0)
+            track = replay.track(0)
             track.matches = list(h)
-            for g in gammas:
-                done, track.cursors[g] = replay_steps(h, g, 0)
-                track.steps[g], track.tokens[g] = len(done), sum(done)
+            replay.advance(track)
             tables.append(ReplayYield.row_expected(track, pooled, prior_steps))
         return max(sorted(costs), key=lambda g: sum(t[g] for t in tables) / costs[g])
 
