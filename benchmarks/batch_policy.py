@@ -32,6 +32,20 @@ from typing import Any
 
 import batch as B  # benchmarks/batch.py, beside this script
 
+# batch-goodput arms: the policy as a serving worker runs it, and variants of its scheduler
+# options to compare with it (each an arm name → BatchScheduler keyword arguments).
+GOODPUT_VARIANTS: dict[str, dict[str, Any]] = {
+    "batch-goodput": {},
+    # every row priced with the pooled replay, to compare with the per-row pricing
+    "batch-goodput-pooled": {"row_prior_steps": None},
+    # every width's cost read off the per-size model (no ratios between adjacent steps)
+    "batch-goodput-noratio": {"cost_ratios": False},
+    # with cost probes: a neighbouring width run now and then to measure it
+    "batch-goodput-probes": {"cost_probes": True},
+    # the rows' own replays may choose G = 0 (the design before)
+    "batch-goodput-rowplain": {"row_plain": True},
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -44,22 +58,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-
     from decode_worker.batching import BATCH_GAMMAS, BatchScheduler
-    from decode_worker.policies import parse_local_policy
+    from decode_worker.policies import PolicyError, parse_local_policy
+
+    for arm in args.arms:
+        if arm in GOODPUT_VARIANTS:
+            continue
+        try:
+            if parse_local_policy(arm) is None:
+                raise PolicyError(f"{arm!r} is not a local policy")
+        except PolicyError as err:
+            ap.error(f"--arms: {err} (batch-goodput variants: {', '.join(GOODPUT_VARIANTS)})")
 
     _, eng, _, ids = B.local_engine(args.pair, args.compression, args.threads)
     scheds: dict[str, Any] = {}
     logs: dict[str, list[tuple[int, int, float]]] = {}
     for arm in args.arms:
-        # "batch-goodput-pooled": every row priced with the pooled replay (row_prior_steps
-        # None), to compare with the per-row pricing.
-        pooled = arm == "batch-goodput-pooled"
-        s = BatchScheduler(
-            eng, max_batch_size=16, max_queue=64, **({"row_prior_steps": None} if pooled else {})
-        )
+        s = BatchScheduler(eng, max_batch_size=16, max_queue=64, **GOODPUT_VARIANTS.get(arm, {}))
         logs[arm] = B.step_cost_log(s)
-        if arm.startswith("batch-goodput"):
+        if arm in GOODPUT_VARIANTS:
             s.warmup()
         scheds[arm] = s
 
@@ -69,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         def request(i: int) -> None:
             h = s.submit(
                 ids[i % len(ids)],
-                parse_local_policy("batch-goodput" if arm.startswith("batch-goodput") else arm),
+                parse_local_policy("batch-goodput" if arm in GOODPUT_VARIANTS else arm),
                 max_new_tokens=args.max_new_tokens,
                 request_id=f"{arm}-{i}-{time.monotonic_ns()}",
                 record=False,
@@ -113,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {arm} steps (b, G): median ms × count " + " ".join(shown))
         modeled = _modeled(args.arms, logs, shapes0, scheds, total)
         print("   modeled tokens/s " + " ".join(f"{a} {v:.0f}" for a, v in modeled.items()))
-        goodput = [a for a in args.arms if a.startswith("batch-goodput")]
+        goodput = [a for a in args.arms if a in GOODPUT_VARIANTS]
         fixed = [a for a in args.arms if a not in goodput]
         for g_arm in goodput:
             s = scheds[g_arm]
@@ -129,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"   {g_arm} chose",
                 dict(sorted(s.stats.chosen.get(b, {}).items())),
+                f"(cost probes so far {s.stats.cost_probes})",
                 "| E(γ) replayed",
                 [round(x, 2) for x in s.replay.expected(s.yields.expected(6))],
                 "position model",
