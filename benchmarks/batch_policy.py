@@ -38,10 +38,6 @@ GOODPUT_VARIANTS: dict[str, dict[str, Any]] = {
     "batch-goodput": {},
     # every row priced with the pooled replay, to compare with the per-row pricing
     "batch-goodput-pooled": {"row_prior_steps": None},
-    # every width's cost read off the per-size model (no ratios between adjacent steps)
-    "batch-goodput-noratio": {"cost_ratios": False},
-    # with cost probes: a neighbouring width run now and then to measure it
-    "batch-goodput-probes": {"cost_probes": True},
     # the rows' own replays may choose G = 0 (the design before)
     "batch-goodput-rowplain": {"row_plain": True},
 }

@@ -451,9 +451,8 @@ class BatchCosts:
     each (b, width) is dropped (one-off buffer growth). Sizes not measured are interpolated
     between measured neighbours (scaled by b above the largest)."""
 
-    def __init__(self, alpha: float = 0.1, ratios: bool = True) -> None:
+    def __init__(self, alpha: float = 0.1) -> None:
         self._alpha = alpha
-        self._use_ratios = ratios  # False: every width read off the model (the design before)
         self._lock = threading.Lock()
         self._plain: dict[int, float] = {}
         self._draft: dict[int, float] = {}
@@ -461,10 +460,6 @@ class BatchCosts:
         self._verify: dict[int, dict[int, float]] = {}  # b -> width -> verify seconds
         self._counts: dict[tuple[str, int], int] = {}
         self._seen: set[tuple[int, int]] = set()
-        # Adjacent steps (`WidthRatios`): the last step added, and each size's ratios.
-        self._prev: tuple[int, int, float] | None = None
-        self._ratios: dict[int, WidthRatios] = {}
-        self._recent: dict[int, dict[int, float]] = {}  # b -> width -> recent share of steps
 
     def _ewm(self, table: dict[int, float], key: int, value: float) -> None:
         prev = table.get(key)
@@ -487,17 +482,9 @@ class BatchCosts:
         to a new shape), and as the first sample of a moving average it would weigh on the
         estimate for many steps."""
         with self._lock:
-            prev, self._prev = self._prev, None
             if (b, width) not in self._seen:
                 self._seen.add((b, width))
                 return
-            self._prev = (b, width, seconds)
-            recent = self._recent.setdefault(b, {})
-            for w in recent:
-                recent[w] *= 1 - RECENT_ALPHA
-            recent[width] = recent.get(width, 0.0) + RECENT_ALPHA
-            if prev is not None and prev[0] == b and prev[1] != width:
-                self._ratios.setdefault(b, WidthRatios()).add(width, prev[1], seconds / prev[2])
             if width <= 0:
                 self._ewm(self._plain, b, seconds)
                 key = ("plain", b)
@@ -509,30 +496,6 @@ class BatchCosts:
                 self._ewm(self._rest, b, max(seconds - draft_seconds - verify, 0.0))
                 key = ("spec", b)
             self._counts[key] = self._counts.get(key, 0) + 1
-
-    def interrupt(self) -> None:
-        """The next step is not adjacent to the last one added (a step between them was
-        not a cost sample), so the two are not compared."""
-        with self._lock:
-            self._prev = None
-
-    def ratio_samples(self, b: int, width: int, other: int) -> int:
-        """Adjacent pairs of steps at size b measured between `width` and `other`."""
-        with self._lock:
-            r = self._ratios.get(b)
-            return 0 if r is None else r.samples(width, other)
-
-    def _measured_step(self, b: int, width: int) -> float | None:
-        """A step at exactly (b, width) from its own cells (plain, or rest + width draft
-        forwards + that width's verify), None while they are not measured enough."""
-        if width <= 0:
-            if self._counts.get(("plain", b), 0) < MIN_SAMPLES:
-                return None
-            return self._plain.get(b)
-        cells = self._verify.get(b, {})
-        if width not in cells or self._counts.get(("spec", b), 0) < MIN_SAMPLES:
-            return None
-        return self._rest.get(b, 0.0) + width * self._draft.get(b, 0.0) + cells[width]
 
     def _model(self, b: int) -> CostModel | None:
         """The cost model (speckv.costs) of a batch step at size `b` — draft forward, verify
@@ -595,17 +558,6 @@ class BatchCosts:
             plain = {s: v for s, v in self._plain.items()
                      if self._counts.get(("plain", s), 0) >= MIN_SAMPLES}  # fmt: skip
             models = self._models_near(b) if any(w > 0 for w in widths) else {}
-            ratios = self._ratios.get(b)
-            recent = self._recent.get(b)
-            ref = max(recent, key=recent.__getitem__) if recent else None
-            measured = (
-                ratios.relative_to(ref, widths)
-                if ratios is not None and ref is not None and self._use_ratios
-                else {}
-            )
-            base = None
-            if measured and ref is not None:  # the running width's own measured cell
-                base = self._measured_step(b, ref)
         out: dict[int, float] = {}
         for w in widths:
             if w <= 0:
@@ -614,13 +566,6 @@ class BatchCosts:
                 v = self._at({s: m.step_seconds(w) for s, m in models.items()}, b)
             if v is not None:
                 out[w] = v
-        # Widths measured against the width the batch mostly runs now, in adjacent steps:
-        # priced as that ratio times the running width's own measured step (docs/design.md,
-        # "The batch's draft length"), which replaces the model's estimate of both.
-        if base is not None and ref is not None:
-            out[ref] = base
-            for w, ratio in measured.items():
-                out[w] = base * ratio
         return out
 
     def snapshot(self) -> dict[str, dict[int, float]]:
@@ -634,65 +579,6 @@ class BatchCosts:
                 "verify_per_gamma_s": {b: ln[1] for b, ln in lines.items()},
             }
 
-
-class WidthRatios:
-    """What a step at one verify width costs relative to another at the same batch size,
-    from adjacent steps: a step at width w right after one at width v (same b) gives one
-    sample of T(w)/T(v). Two steps 30–90 ms apart run on the same machine speed, at the same
-    context lengths, while cells measured minutes apart do not: this machine's speed
-    swings 2× over minutes, and a verify cell last measured in the warm-up, on short dummy
-    prompts, made the line through the cells price G = 4 at 8 and 16 rows 9–13 % below
-    its measured steps (docs/results.md §7). Kept as a moving average of log(T(w)/T(v))
-    per unordered pair (a plain mean of the first 1/alpha samples), each sample clipped to
-    ±RATIO_CLIP so that one stalled step does not move it far."""
-
-    __slots__ = ("_alpha", "_log", "_n")
-
-    def __init__(self, alpha: float = 0.1) -> None:
-        self._alpha = alpha
-        self._log: dict[tuple[int, int], float] = {}  # (low, high) -> mean log(T(high)/T(low))
-        self._n: dict[tuple[int, int], int] = {}
-
-    def add(self, width: int, other: int, ratio: float) -> None:
-        """One adjacent pair: a step at `width` took `ratio` times the one at `other`."""
-        if width == other or not ratio > 0:
-            return
-        x = math.log(ratio) if other < width else -math.log(ratio)  # log(T(high)/T(low))
-        key = (min(width, other), max(width, other))
-        x = max(-RATIO_CLIP, min(RATIO_CLIP, x))
-        n = self._n.get(key, 0) + 1
-        self._n[key] = n
-        a = max(1.0 / n, self._alpha)
-        self._log[key] = (1 - a) * self._log.get(key, 0.0) + a * x
-
-    def samples(self, width: int, other: int) -> int:
-        return self._n.get((min(width, other), max(width, other)), 0)
-
-    def relative_to(self, ref: int, widths: Sequence[int]) -> dict[int, float]:
-        """T(w)/T(ref) for each w in `widths` (not ref) with MIN_RATIO_SAMPLES pairs."""
-        out: dict[int, float] = {}
-        for w in widths:
-            if w == ref or self.samples(w, ref) < MIN_RATIO_SAMPLES:
-                continue
-            x = self._log[(min(w, ref), max(w, ref))]
-            out[w] = math.exp(x if w > ref else -x)
-        return out
-
-
-# Adjacent pairs of steps (`WidthRatios`) before a width's cost is read relative to the
-# running width rather than off the model; and the largest log ratio one pair counts.
-MIN_RATIO_SAMPLES = 4
-RATIO_CLIP = 0.5
-# `BatchCosts`: the width a size "runs now" is the one with the largest share of its recent
-# steps (a moving average of each width's indicator with this weight).
-RECENT_ALPHA = 0.05
-# batch-goodput: at a batch size, one drafting step in this many runs a neighbouring width
-# (G + 1 and G − 1 in turn) instead of the chosen G — adjacent to steps at G, so its cost is
-# measured relative to G — while that neighbour has fewer than RATIO_SETTLED pairs, and one
-# in COST_PROBE_SETTLED after.
-COST_PROBE_EVERY = 16
-COST_PROBE_SETTLED = 64
-RATIO_SETTLED = 8
 
 BATCH_GAMMAS = (0, 1, 2, 3, 4, 6, 8)
 # Steps a batch size needs before its costs are used.
@@ -1000,7 +886,6 @@ class BatchStats:
     chosen: dict[int, dict[int, int]] = field(
         default_factory=dict
     )  # batch-goodput: b -> G -> steps
-    cost_probes: int = 0  # batch-goodput steps run at a neighbouring width to measure it
 
     @property
     def mean_batch(self) -> float:
@@ -1018,8 +903,6 @@ class BatchScheduler:
         max_queue: int = 16,
         coalescer: DecisionCoalescer | None = None,
         row_prior_steps: float | None = ROW_PRIOR_STEPS,
-        cost_ratios: bool = True,
-        cost_probes: bool = False,
         row_plain: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
@@ -1030,22 +913,14 @@ class BatchScheduler:
         # batch-goodput: how many pseudo-steps of the pooled estimate a row's own replay is
         # shrunk towards; None prices every row with the pooled estimate alone.
         self.row_prior_steps = row_prior_steps
-        # batch-goodput: run a neighbouring width now and then, so its cost relative to the
-        # chosen one is measured (COST_PROBE_EVERY); off by default: on the demo pair the
-        # probes cost more than they found (docs/results.md §7, "Widths priced by adjacent
-        # steps"), and the widths the policy itself switches between are measured anyway.
-        self.cost_probes = cost_probes
         # batch-goodput: whether the rows' own replays may send the batch to G = 0, or only
-        # the pooled estimate may (False; see _plan_batch).
+        # the pooled estimate may (False; see choose_batch_gamma's `pooled`).
         self.row_plain = row_plain
-        self._probe_ticks: dict[int, int] = {}  # batch size -> batch-goodput drafting steps
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.coalescer = coalescer
         self.stats = BatchStats()
-        # cost_ratios=False: every width's cost read off the per-size model, none relative
-        # to the width running beside it (the design before; kept to compare with).
-        self.costs = BatchCosts(ratios=cost_ratios)
+        self.costs = BatchCosts()
         # What a row-step yields at each draft length (batch-goodput), from recent rows.
         self.yields = StepYield(self.engine.config.max_gamma)
         # ... and what each fixed draft length would have made on the same rows' text.
@@ -1417,9 +1292,7 @@ class BatchScheduler:
         # its whole step (finished rows have their results before this line runs).
         st.forward_seconds += draft_seconds + verify_seconds
         st.step_seconds += elapsed
-        if catch_up > 2:
-            self.costs.interrupt()
-        else:
+        if catch_up <= 2:
             self.costs.add(
                 b,
                 width,
@@ -1457,35 +1330,11 @@ class BatchScheduler:
         # the replay the draft's argmax after every skipped position).
         if g == 0 and max(caps) > 0 and self.stats.steps % PROBE_EVERY == PROBE_EVERY - 1:
             g = 1
-        elif g is not None and g > 0 and self.cost_probes:
-            g = self._cost_probe(len(rows), g, min(max(caps), max(cands)), cands)
         for r in aware:
             r.policy.batch_gamma = g  # type: ignore[attr-defined]
         if g is not None:
             per = self.stats.chosen.setdefault(len(rows), {})
             per[g] = per.get(g, 0) + 1
-
-    def _cost_probe(self, b: int, g: int, top: int, cands: Sequence[int]) -> int:
-        """Every COST_PROBE_EVERY-th drafting step at size b: the neighbouring candidate
-        width (within `top`, the widest any row can use) with fewer adjacent pairs measured
-        against g, instead of g; once both have RATIO_SETTLED, every COST_PROBE_SETTLED-th.
-        The probe runs between steps at g, so `BatchCosts` compares it with them."""
-        tick = self._probe_ticks.get(b, 0) + 1
-        self._probe_ticks[b] = tick
-        if tick % COST_PROBE_EVERY:
-            return g
-        drafting = [c for c in cands if 0 < c <= top]
-        if g not in drafting:
-            return g
-        i = drafting.index(g)
-        near = [drafting[j] for j in (i + 1, i - 1) if 0 <= j < len(drafting)]
-        if not near:
-            return g
-        w = min(near, key=lambda c: self.costs.ratio_samples(b, c, g))
-        if self.costs.ratio_samples(b, w, g) >= RATIO_SETTLED and tick % COST_PROBE_SETTLED:
-            return g
-        self.stats.cost_probes += 1
-        return w
 
     def warmup(
         self,

@@ -648,89 +648,12 @@ def test_leaving_and_joining_rows_reuse_the_buffers() -> None:
     assert kv.layers is None and kv.lengths == []
 
 
-def test_batch_costs_price_widths_by_adjacent_steps_through_machine_drift() -> None:
-    """A width measured minutes ago, when the machine ran at another speed, is priced by
-    its ratio to the steps beside it, not by its stale cell (docs/design.md, "The batch's
-    draft length")."""
-    from decode_worker.batching import MIN_RATIO_SAMPLES, BatchCosts
-
-    true = {2: 0.050, 3: 0.052, 4: 0.070}  # seconds at speed 1: G = 3 nearly as cheap as 2
-    costs = BatchCosts()
-    # Warm-up-like cells: every width measured at double speed, long ago.
-    for _ in range(6):
-        for g in (2, 3, 4):
-            costs.interrupt()  # not adjacent: the warm-up's separate batches
-            costs.add(8, g, true[g] / 2, draft_seconds=0.0, draft_forwards=g)
-    costs.interrupt()
-    # Now the machine runs at speed 1 and the batch runs G = 2; too few adjacent G = 3
-    # steps yet: G = 3 is still read off the stale model, G = 4 too.
-    for _ in range(40):
-        costs.add(8, 2, true[2], draft_seconds=0.0, draft_forwards=2)
-    stale = costs.step_table(8, [2, 3, 4])
-    assert costs.ratio_samples(8, 3, 2) == 0
-    assert stale[4] / stale[2] < 0.9 * true[4] / true[2]  # the drift fooled the model
-    for k in range(MIN_RATIO_SAMPLES):
-        costs.add(8, 3, true[3] * (1.01 if k % 2 else 0.99), draft_forwards=3)
-        costs.add(8, 2, true[2], draft_forwards=2)
-        costs.add(8, 4, true[4], draft_forwards=4)
-        costs.add(8, 2, true[2], draft_forwards=2)
-    table = costs.step_table(8, [2, 3, 4])
-    assert costs.ratio_samples(8, 3, 2) >= MIN_RATIO_SAMPLES
-    assert table[2] == pytest.approx(true[2], rel=0.05)
-    assert table[3] / table[2] == pytest.approx(true[3] / true[2], rel=0.02)
-    assert table[4] / table[2] == pytest.approx(true[4] / true[2], rel=0.02)
-    # A step that was not a cost sample breaks adjacency: nothing is compared across it.
-    n = costs.ratio_samples(8, 3, 2)
-    costs.interrupt()
-    costs.add(8, 3, 1.0, draft_forwards=3)
-    assert costs.ratio_samples(8, 3, 2) == n
-    # Another batch size's steps are never compared with this one's.
-    costs.add(4, 2, 0.02)
-    costs.add(4, 2, 0.02)
-    costs.add(8, 2, true[2], draft_forwards=2)
-    assert costs.ratio_samples(8, 3, 2) == n
-
-
-@pytest.mark.timeout(240)
-def test_batch_goodput_probes_neighbouring_widths_and_stays_exact(
-    loaded_pair: Callable[[str], Any],
-) -> None:
-    """batch-goodput runs a neighbouring width now and then (cost probes) so its cost is
-    measured beside the chosen width's steps; the rows' outputs are still each row's target
-    greedy output."""
-    from decode_worker.batching import COST_PROBE_EVERY, BatchGoodputPolicy
-    from tests.worker.engine_helpers import target_greedy
-
-    pair = loaded_pair("fp16")
-    eng = SpeculativeEngine(pair, EngineConfig(max_gamma=8))
-    ps = [eng.encode(t) for t in TEXTS[:4]]
-    new = 6 * COST_PROBE_EVERY
-    sched = BatchScheduler(eng, max_batch_size=4, max_queue=4, cost_probes=True)
-    try:
-        sched.warmup(sizes=(4,), gammas=(0, 2, 4), steps=4)
-        handles = [
-            sched.submit(p, BatchGoodputPolicy(), max_new_tokens=new, request_id=f"g{i}")
-            for i, p in enumerate(ps)
-        ]
-        results = [_drain(h) for h in handles]
-    finally:
-        sched.close(timeout=10)
-    for p, r in zip(ps, results, strict=True):
-        assert list(r.token_ids) == target_greedy(pair.target, p, new)
-    st = sched.stats
-    assert st.cost_probes >= 1, st.chosen
-    ran = {g for g, n in st.chosen.get(4, {}).items() if n}
-    assert len(ran) >= 2, st.chosen  # the chosen width and at least one probed neighbour
-    pairs = [(w, v) for w in ran for v in ran if w < v and sched.costs.ratio_samples(4, w, v)]
-    assert pairs, (st.chosen, "no adjacent steps of two widths were compared")
-
-
 def test_rows_own_evidence_does_not_send_the_batch_to_plain_steps_alone() -> None:
     """At G = 0 the draft stops and the rows' replays freeze, so G = 0 needs the pooled
     estimate to choose it too; the rows' own estimates still pick among drafting widths."""
     from decode_worker.batching import BatchCosts, choose_batch_gamma
 
-    costs = BatchCosts(ratios=False)
+    costs = BatchCosts()
     for _ in range(6):  # 16 rows: a plain step 45 % of a G = 2 step
         costs.add(16, 0, 0.018)
         for g in (1, 2, 3):
