@@ -142,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"   {g_arm} chose",
                 dict(sorted(s.stats.chosen.get(b, {}).items())),
-                f"(cost probes so far {s.stats.cost_probes})",
                 "| E(γ) replayed",
                 [round(x, 2) for x in s.replay.expected(s.yields.expected(6))],
                 "position model",
