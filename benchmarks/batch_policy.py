@@ -38,8 +38,6 @@ GOODPUT_VARIANTS: dict[str, dict[str, Any]] = {
     "batch-goodput": {},
     # every row priced with the pooled replay, to compare with the per-row pricing
     "batch-goodput-pooled": {"row_prior_steps": None},
-    # the rows' own replays may choose G = 0 (the design before)
-    "batch-goodput-rowplain": {"row_plain": True},
 }
 
 

@@ -693,39 +693,12 @@ def choose_batch_gamma(
     b: int,
     costs: BatchCosts,
     candidates: Sequence[int] = BATCH_GAMMAS,
-    pooled: Sequence[float] | None = None,
 ) -> int | None:
     """The verify width G maximising the batch's expected tokens per second,
     Σ_i E_i(min(G, cap_i)) / step_seconds(b, G), where tokens[i][γ] = E_i(γ); None before
     costs are measured. Rows draft G each (capped by their remaining tokens): in a padded
     batched forward a shorter draft saves nothing, so per-row γ below G would only lose
-    tokens.
-
-    With `pooled` (the estimate every row would get without its own text), G = 0 needs
-    the pooled estimate to choose it too; otherwise the best drafting width is taken. At
-    G = 0 the draft stops and with it every row's replay, so a G = 0 chosen on the rows'
-    own (short, early) evidence was chosen again on the same frozen evidence until the next
-    probe: at 16 rows 41 of 173 steps in one run, most on fresh rows whose first steps read
-    low (docs/design.md, "The batch's draft length"). The rows' own replays choose among
-    drafting widths, where they keep learning."""
-    g = _best_width(tokens, caps, b, costs, candidates)
-    if (
-        g == 0
-        and pooled is not None
-        and max(caps, default=0) > 0
-        and _best_width([pooled] * len(tokens), caps, b, costs, candidates) != 0
-    ):
-        g = _best_width(tokens, caps, b, costs, [c for c in candidates if c > 0])
-    return g
-
-
-def _best_width(
-    tokens: Sequence[Sequence[float]],
-    caps: Sequence[int],
-    b: int,
-    costs: BatchCosts,
-    candidates: Sequence[int],
-) -> int | None:
+    tokens."""
     best, best_rate = None, -1.0
     table = costs.step_table(b, candidates)
     for g in candidates:
@@ -903,7 +876,6 @@ class BatchScheduler:
         max_queue: int = 16,
         coalescer: DecisionCoalescer | None = None,
         row_prior_steps: float | None = ROW_PRIOR_STEPS,
-        row_plain: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
@@ -913,9 +885,6 @@ class BatchScheduler:
         # batch-goodput: how many pseudo-steps of the pooled estimate a row's own replay is
         # shrunk towards; None prices every row with the pooled estimate alone.
         self.row_prior_steps = row_prior_steps
-        # batch-goodput: whether the rows' own replays may send the batch to G = 0, or only
-        # the pooled estimate may (False; see choose_batch_gamma's `pooled`).
-        self.row_plain = row_plain
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.coalescer = coalescer
@@ -1323,8 +1292,7 @@ class BatchScheduler:
             else ReplayYield.row_expected(r.track, expected, k)
             for r in aware
         ]
-        pooled = None if self.row_plain else expected
-        g = choose_batch_gamma(tokens, caps, len(rows), self.costs, cands, pooled=pooled)
+        g = choose_batch_gamma(tokens, caps, len(rows), self.costs, cands)
         # The draft does not run at G = 0, so neither estimate learns: while the batch sits
         # at G = 0, every PROBE_EVERY-th step drafts one token (its catch-up feed also gives
         # the replay the draft's argmax after every skipped position).

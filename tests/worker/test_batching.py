@@ -646,25 +646,3 @@ def test_leaving_and_joining_rows_reuse_the_buffers() -> None:
     assert torch.equal(kv.layers[0].bk[1, :, :6], torch.full((2, 6, 3), 0.0))
     kv.keep_rows([])
     assert kv.layers is None and kv.lengths == []
-
-
-def test_rows_own_evidence_does_not_send_the_batch_to_plain_steps_alone() -> None:
-    """At G = 0 the draft stops and the rows' replays freeze, so G = 0 needs the pooled
-    estimate to choose it too; the rows' own estimates still pick among drafting widths."""
-    from decode_worker.batching import BatchCosts, choose_batch_gamma
-
-    costs = BatchCosts()
-    for _ in range(6):  # 16 rows: a plain step 45 % of a G = 2 step
-        costs.add(16, 0, 0.018)
-        for g in (1, 2, 3):
-            costs.add(16, g, 0.028 + 0.006 * g, draft_seconds=0.002 * g, draft_forwards=g)
-    pooled = [1.0, 1.63, 2.52, 2.69, 2.87]
-    weak = [1.0, 1.5, 1.9, 1.95, 2.0]  # rows whose first steps read low
-    caps = [4] * 16
-    assert choose_batch_gamma([pooled] * 16, caps, 16, costs, range(5)) == 2
-    assert choose_batch_gamma([weak] * 16, caps, 16, costs, range(5)) == 0  # rows alone
-    g = choose_batch_gamma([weak] * 16, caps, 16, costs, range(5), pooled=pooled)
-    assert g is not None and g > 0  # the best drafting width for those rows instead
-    # Where the pooled estimate itself says G = 0, it stays G = 0; all rows done drafting too.
-    assert choose_batch_gamma([weak] * 16, caps, 16, costs, range(5), pooled=weak) == 0
-    assert choose_batch_gamma([weak] * 16, [0] * 16, 16, costs, range(5), pooled=pooled) == 0
