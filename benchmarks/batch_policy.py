@@ -38,8 +38,6 @@ GOODPUT_VARIANTS: dict[str, dict[str, Any]] = {
     "batch-goodput": {},
     # every row priced with the pooled replay, to compare with the per-row pricing
     "batch-goodput-pooled": {"row_prior_steps": None},
-    # every width's verify read off the line through the cells (no width's own average)
-    "batch-goodput-line": {"own_cells": False},
 }
 
 

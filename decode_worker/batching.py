@@ -440,14 +440,9 @@ class BatchCosts:
 
     - draft_b, the seconds of one batched draft forward — measured on every drafting step
       whatever its width, so it stays current while the batch sits at one width;
-    - verify_b(G), the width's own measured verify forward (one moving average per
-      (b, width)) once the batch has run that width OWN_CELL_SAMPLES times, else a line
-      fitted through those averages. A width not run lately keeps its last value, scaled
-      by how much the width the batch runs now has moved since then (its average then
-      and now): the machine's speed drifts and contexts grow for every width alike. The
-      line alone, fitted through the warm-up's cells at widths the batch never ran again,
-      priced G = 4 at 16 rows 1.18× G = 2 where its steps took 1.37–1.40×
-      (docs/results.md §7), and the batch kept choosing it;
+    - verify_b(G), a line fitted through the measured verify forward at each width (one
+      moving average per (b, width): a width not run lately keeps its last value rather
+      than being dragged by others);
     - rest_b, the rest of the step (sampling, signals, hooks, streaming, per row).
 
     A whole-step line moved by each chosen width (the first design) kept its slope from the
@@ -456,9 +451,8 @@ class BatchCosts:
     each (b, width) is dropped (one-off buffer growth). Sizes not measured are interpolated
     between measured neighbours (scaled by b above the largest)."""
 
-    def __init__(self, alpha: float = 0.1, own_cells: bool = True) -> None:
+    def __init__(self, alpha: float = 0.1) -> None:
         self._alpha = alpha
-        self._own_cells = own_cells  # False: every width off the line (the design before)
         self._lock = threading.Lock()
         self._plain: dict[int, float] = {}
         self._draft: dict[int, float] = {}
@@ -466,10 +460,6 @@ class BatchCosts:
         self._verify: dict[int, dict[int, float]] = {}  # b -> width -> verify seconds
         self._counts: dict[tuple[str, int], int] = {}
         self._seen: set[tuple[int, int]] = set()
-        self._cell_n: dict[tuple[int, int], int] = {}  # (b, width) -> verify samples
-        # (b, width) -> the size's verify averages right after that width's last sample
-        self._anchor: dict[tuple[int, int], dict[int, float]] = {}
-        self._running: dict[int, int] = {}  # b -> width of the last drafting step at b
 
     def _ewm(self, table: dict[int, float], key: int, value: float) -> None:
         prev = table.get(key)
@@ -502,11 +492,7 @@ class BatchCosts:
                 verify = seconds - draft_seconds if verify_seconds is None else verify_seconds
                 if draft_forwards > 0:
                     self._ewm(self._draft, b, draft_seconds / draft_forwards)
-                cells = self._verify.setdefault(b, {})
-                self._ewm(cells, width, verify)
-                self._cell_n[(b, width)] = self._cell_n.get((b, width), 0) + 1
-                self._anchor[(b, width)] = dict(cells)
-                self._running[b] = width
+                self._ewm(self._verify.setdefault(b, {}), width, verify)
                 self._ewm(self._rest, b, max(seconds - draft_seconds - verify, 0.0))
                 key = ("spec", b)
             self._counts[key] = self._counts.get(key, 0) + 1
@@ -564,21 +550,6 @@ class BatchCosts:
                     break
         return out
 
-    def _own(self, b: int) -> dict[int, float]:
-        """Size b's verify averages at the widths run OWN_CELL_SAMPLES times, each scaled
-        by the running width's average now over its value at that width's last sample."""
-        if not self._own_cells:
-            return {}
-        cells = self._verify.get(b, {})
-        r = self._running.get(b)
-        out: dict[int, float] = {}
-        for w, v in cells.items():
-            if self._cell_n.get((b, w), 0) < OWN_CELL_SAMPLES:
-                continue
-            then = self._anchor.get((b, w), {}).get(r) if r is not None else None
-            out[w] = v * cells[r] / then if r is not None and then else v
-        return out
-
     def step_table(self, b: int, widths: Sequence[int]) -> dict[int, float]:
         """Expected wall seconds of a batch step of `b` rows at each verify width G in
         `widths` that has an estimate, fitting the lines it needs once (the scheduler asks
@@ -587,14 +558,10 @@ class BatchCosts:
             plain = {s: v for s, v in self._plain.items()
                      if self._counts.get(("plain", s), 0) >= MIN_SAMPLES}  # fmt: skip
             models = self._models_near(b) if any(w > 0 for w in widths) else {}
-            own = self._own(b) if b in models else {}
-            rest, draft = self._rest.get(b, 0.0), self._draft.get(b, 0.0)
         out: dict[int, float] = {}
         for w in widths:
             if w <= 0:
                 v = self._at(plain, b)
-            elif w in own:
-                v = rest + w * draft + own[w]
             else:
                 v = self._at({s: m.step_seconds(w) for s, m in models.items()}, b)
             if v is not None:
@@ -616,9 +583,6 @@ class BatchCosts:
 BATCH_GAMMAS = (0, 1, 2, 3, 4, 6, 8)
 # Steps a batch size needs before its costs are used.
 MIN_SAMPLES = 3
-# Verify samples at a (b, width) before that width's own average replaces the line there
-# (the warm-up gives 3 per width; the first, with one-off buffer growth, is dropped).
-OWN_CELL_SAMPLES = 8
 # batch-goodput: at G = 0, one step in this many drafts one token (acceptance keeps learning).
 PROBE_EVERY = 16
 # batch-goodput's replayed tokens per step (`match_replay.ReplayYield`): each replayed step's
@@ -912,7 +876,6 @@ class BatchScheduler:
         max_queue: int = 16,
         coalescer: DecisionCoalescer | None = None,
         row_prior_steps: float | None = ROW_PRIOR_STEPS,
-        own_cells: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
@@ -926,8 +889,7 @@ class BatchScheduler:
         self.max_queue = max_queue
         self.coalescer = coalescer
         self.stats = BatchStats()
-        # own_cells=False: every width's verify read off the line (the design before).
-        self.costs = BatchCosts(own_cells=own_cells)
+        self.costs = BatchCosts()
         # What a row-step yields at each draft length (batch-goodput), from recent rows.
         self.yields = StepYield(self.engine.config.max_gamma)
         # ... and what each fixed draft length would have made on the same rows' text.

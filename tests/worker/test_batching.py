@@ -646,31 +646,3 @@ def test_leaving_and_joining_rows_reuse_the_buffers() -> None:
     assert torch.equal(kv.layers[0].bk[1, :, :6], torch.full((2, 6, 3), 0.0))
     kv.keep_rows([])
     assert kv.layers is None and kv.lengths == []
-
-
-def test_batch_costs_use_a_widths_own_average_once_run_and_follow_the_drift() -> None:
-    """A width the batch has run enough is priced by its own verify average, not the line
-    through the warm-up's cells; a width not run lately moves with the running width."""
-    from decode_worker.batching import OWN_CELL_SAMPLES, BatchCosts
-
-    verify = {2: 0.030, 4: 0.052, 8: 0.060}  # not linear in the width (16 rows)
-    costs, line = BatchCosts(), BatchCosts(own_cells=False)
-    for c in (costs, line):
-        for g in (2, 4, 8):  # the warm-up: 4 steps per width, the first dropped
-            for _ in range(4):
-                c.add(16, g, 0.010 + verify[g], draft_seconds=0.0, verify_seconds=verify[g])
-        for _ in range(OWN_CELL_SAMPLES):  # the batch ran G = 4 and G = 2 for a while
-            c.add(16, 4, 0.010 + verify[4], verify_seconds=verify[4])
-            c.add(16, 2, 0.010 + verify[2], verify_seconds=verify[2])
-    own, fitted = costs.step_table(16, [2, 4, 8]), line.step_table(16, [2, 4, 8])
-    assert own[4] == pytest.approx(0.010 + verify[4], rel=0.01)
-    assert own[2] == pytest.approx(0.010 + verify[2], rel=0.01)
-    assert fitted[4] < 0.95 * own[4]  # the line through 2, 4, 8 prices G = 4 low
-    assert own[8] == pytest.approx(fitted[8], rel=1e-9)  # too few samples: still the line
-    # The machine slows by half while the batch runs G = 2 only: G = 4, not run since,
-    # moves with it.
-    for _ in range(60):
-        costs.add(16, 2, 1.5 * (0.010 + verify[2]), verify_seconds=1.5 * verify[2])
-    later = costs.step_table(16, [2, 4])
-    assert later[2] == pytest.approx(0.010 * 1.5 + 1.5 * verify[2], rel=0.02)
-    assert later[4] - 0.015 == pytest.approx(1.5 * verify[4], rel=0.02)
