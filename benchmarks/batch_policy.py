@@ -38,8 +38,6 @@ GOODPUT_VARIANTS: dict[str, dict[str, Any]] = {
     "batch-goodput": {},
     # every row priced with the pooled replay, to compare with the per-row pricing
     "batch-goodput-pooled": {"row_prior_steps": None},
-    # cells not run lately enter the cost line as last measured (not drift-scaled)
-    "batch-goodput-unscaled": {"scale_stale": False},
 }
 
 

@@ -441,12 +441,8 @@ class BatchCosts:
     - draft_b, the seconds of one batched draft forward — measured on every drafting step
       whatever its width, so it stays current while the batch sits at one width;
     - verify_b(G), a line fitted through the measured verify forward at each width (one
-      moving average per (b, width)). A width not run lately keeps its last value, scaled
-      by how much the width the batch mostly runs has moved since then (its average then
-      and now): the warm-up measures every width on short dummy prompts, the running
-      width's average then follows the real steps (1.2–1.4× dearer at 16 rows), and a line
-      through the one real cell and the stale others flattened — it priced G = 4 at
-      16 rows 1.18× G = 2 where its steps took 1.37–1.40× (docs/results.md §7);
+      moving average per (b, width): a width not run lately keeps its last value rather
+      than being dragged by others);
     - rest_b, the rest of the step (sampling, signals, hooks, streaming, per row).
 
     A whole-step line moved by each chosen width (the first design) kept its slope from the
@@ -455,9 +451,8 @@ class BatchCosts:
     each (b, width) is dropped (one-off buffer growth). Sizes not measured are interpolated
     between measured neighbours (scaled by b above the largest)."""
 
-    def __init__(self, alpha: float = 0.1, scale_stale: bool = True) -> None:
+    def __init__(self, alpha: float = 0.1) -> None:
         self._alpha = alpha
-        self._scale_stale = scale_stale  # False: stale cells as measured (the design before)
         self._lock = threading.Lock()
         self._plain: dict[int, float] = {}
         self._draft: dict[int, float] = {}
@@ -465,9 +460,6 @@ class BatchCosts:
         self._verify: dict[int, dict[int, float]] = {}  # b -> width -> verify seconds
         self._counts: dict[tuple[str, int], int] = {}
         self._seen: set[tuple[int, int]] = set()
-        # (b, width) -> the size's verify averages right after that width's last sample
-        self._anchor: dict[tuple[int, int], dict[int, float]] = {}
-        self._recent: dict[int, dict[int, float]] = {}  # b -> width -> recent share of steps
 
     def _ewm(self, table: dict[int, float], key: int, value: float) -> None:
         prev = table.get(key)
@@ -500,13 +492,7 @@ class BatchCosts:
                 verify = seconds - draft_seconds if verify_seconds is None else verify_seconds
                 if draft_forwards > 0:
                     self._ewm(self._draft, b, draft_seconds / draft_forwards)
-                cells = self._verify.setdefault(b, {})
-                self._ewm(cells, width, verify)
-                self._anchor[(b, width)] = dict(cells)
-                recent = self._recent.setdefault(b, {})
-                for w in recent:
-                    recent[w] *= 1 - RECENT_ALPHA
-                recent[width] = recent.get(width, 0.0) + RECENT_ALPHA
+                self._ewm(self._verify.setdefault(b, {}), width, verify)
                 self._ewm(self._rest, b, max(seconds - draft_seconds - verify, 0.0))
                 key = ("spec", b)
             self._counts[key] = self._counts.get(key, 0) + 1
@@ -522,22 +508,8 @@ class BatchCosts:
         rest = self._rest.get(b, 0.0)
         return CostModel(self._draft.get(b, 0.0), base + rest, slope, self._plain.get(b, 0.0))
 
-    def _cells(self, b: int) -> dict[int, float]:
-        """Size b's verify averages, each width not the running one scaled by the running
-        width's average now over its value at that width's last sample."""
-        cells = self._verify.get(b, {})
-        recent = self._recent.get(b)
-        if not self._scale_stale or not recent:
-            return dict(cells)
-        r = max(recent, key=recent.__getitem__)
-        out = {}
-        for w, v in cells.items():
-            then = self._anchor.get((b, w), {}).get(r)
-            out[w] = v * cells[r] / then if w != r and r in cells and then else v
-        return out
-
     def _line(self, b: int) -> tuple[float, float] | None:
-        cells = self._cells(b)
+        cells = self._verify.get(b)
         if not cells or len(cells) < 2 or self._counts.get(("spec", b), 0) < MIN_SAMPLES:
             return None
         gs = list(cells)
@@ -611,9 +583,6 @@ class BatchCosts:
 BATCH_GAMMAS = (0, 1, 2, 3, 4, 6, 8)
 # Steps a batch size needs before its costs are used.
 MIN_SAMPLES = 3
-# `BatchCosts`: the width a size mostly runs is the one with the largest share of its recent
-# drafting steps (a moving average of each width's indicator with this weight).
-RECENT_ALPHA = 0.05
 # batch-goodput: at G = 0, one step in this many drafts one token (acceptance keeps learning).
 PROBE_EVERY = 16
 # batch-goodput's replayed tokens per step (`match_replay.ReplayYield`): each replayed step's
@@ -907,7 +876,6 @@ class BatchScheduler:
         max_queue: int = 16,
         coalescer: DecisionCoalescer | None = None,
         row_prior_steps: float | None = ROW_PRIOR_STEPS,
-        scale_stale: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
@@ -921,8 +889,7 @@ class BatchScheduler:
         self.max_queue = max_queue
         self.coalescer = coalescer
         self.stats = BatchStats()
-        # scale_stale=False: cells not run lately enter the cost line as last measured.
-        self.costs = BatchCosts(scale_stale=scale_stale)
+        self.costs = BatchCosts()
         # What a row-step yields at each draft length (batch-goodput), from recent rows.
         self.yields = StepYield(self.engine.config.max_gamma)
         # ... and what each fixed draft length would have made on the same rows' text.

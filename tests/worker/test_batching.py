@@ -646,24 +646,3 @@ def test_leaving_and_joining_rows_reuse_the_buffers() -> None:
     assert torch.equal(kv.layers[0].bk[1, :, :6], torch.full((2, 6, 3), 0.0))
     kv.keep_rows([])
     assert kv.layers is None and kv.lengths == []
-
-
-def test_batch_costs_scale_stale_cells_by_the_running_widths_drift() -> None:
-    """The warm-up measures every width; the batch then runs one of them, whose average
-    follows the real (dearer) steps. The widths not run since move with it, so the line
-    keeps its slope instead of flattening between one fresh cell and stale ones."""
-    from decode_worker.batching import BatchCosts
-
-    verify = {2: 0.030, 4: 0.045, 8: 0.075}  # the warm-up's verify seconds: 7.5 ms per G
-    scaled, stale = BatchCosts(), BatchCosts(scale_stale=False)
-    for c in (scaled, stale):
-        for g in (2, 4, 8):  # the warm-up: 4 steps per width, the first dropped
-            for _ in range(4):
-                c.add(16, g, 0.010 + verify[g], verify_seconds=verify[g])
-        for _ in range(60):  # real steps at G = 2 cost 1.3x the warm-up's
-            c.add(16, 2, 0.010 + 1.3 * verify[2], verify_seconds=1.3 * verify[2])
-    t, flat = scaled.step_table(16, [2, 4, 8]), stale.step_table(16, [2, 4, 8])
-    # Every width 1.3x its warm-up verify: the line through the scaled cells recovers it.
-    for g in (2, 4, 8):
-        assert t[g] == pytest.approx(0.010 + 1.3 * verify[g], rel=0.03), g
-    assert flat[4] / flat[2] < 0.95 * t[4] / t[2]  # unscaled, G = 4 looked cheaper
