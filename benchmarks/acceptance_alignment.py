@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-from pathlib import Path
 
 import batch as B  # benchmarks/batch.py, beside this script
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pair", type=Path, default=B.DEMO_PAIR)
-    ap.add_argument("--compression", default="fp16")
+    B.local_engine_args(ap)
     ap.add_argument("--gammas", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--prompts", type=int, default=24)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
     from decode_worker.policies import FixedPolicy

@@ -383,12 +383,22 @@ def step_cost_log(sched: Any) -> list[tuple[int, int, float]]:
     return log
 
 
+def local_engine_args(ap: argparse.ArgumentParser, max_new_tokens: int = 48) -> None:
+    """The in-process benchmarks' options for `local_engine` (--pair, --compression,
+    --threads) and their request length (--max-new-tokens)."""
+    ap.add_argument("--pair", type=Path, default=DEMO_PAIR)
+    ap.add_argument("--compression", default="fp16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+
+
 def local_engine(
     pair_dir: Path, compression: str, threads: int, max_gamma: int = 8
 ) -> tuple[Any, Any, list[str], list[list[int]]]:
     """For the in-process benchmarks (batch_overhead.py, batch_policy.py,
-    acceptance_alignment.py): torch threads set, the pair loaded on the CPU, an engine over
-    it, and the prompt mix as texts and token ids."""
+    acceptance_alignment.py, row_replay_offline.py; options from `local_engine_args`):
+    torch threads set, the pair loaded on the CPU, an engine over it, and the prompt mix as
+    texts and token ids."""
     import torch
     from speckv_eval.services import load_local_pair
 

@@ -545,10 +545,7 @@ def served_ab(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pair", type=Path, default=B.DEMO_PAIR)
-    ap.add_argument("--compression", default="fp16")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    B.local_engine_args(ap)
     ap.add_argument("--repeats", type=int, default=3)
     sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("inproc")

@@ -27,7 +27,6 @@ import os
 import statistics
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import batch as B  # benchmarks/batch.py, beside this script
@@ -43,14 +42,11 @@ GOODPUT_VARIANTS: dict[str, dict[str, Any]] = {
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pair", type=Path, default=B.DEMO_PAIR)
-    ap.add_argument("--compression", default="fp16")
+    B.local_engine_args(ap)
     ap.add_argument("--sizes", nargs="+", type=int, default=[1, 4, 8, 16])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--per-client", type=int, default=3, help="requests per client per round")
     ap.add_argument("--arms", nargs="+", default=["batch-goodput", "fixed:1", "fixed:2", "fixed:3"])
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     from decode_worker.batching import BATCH_GAMMAS, BatchScheduler
     from decode_worker.policies import PolicyError, parse_local_policy

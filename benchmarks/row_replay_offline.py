@@ -30,11 +30,11 @@ import argparse
 import random
 import statistics
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import batch as B  # benchmarks/batch.py, beside this script
 
+from decode_worker.batching import ROW_PRIOR_STEPS
 from decode_worker.match_replay import ReplayYield, replay_steps
 
 # Median ms of a batch step per (batch size, G), fixed arms, policy_ab_fp16_replay_decay999.txt.
@@ -103,12 +103,15 @@ def fixed(g: int) -> Chooser:
 
 
 def pooled_expected(seqs: list[list[bool]], gammas: Sequence[int]) -> list[float]:
-    """E(γ) for γ = 0 … max(gammas) from every γ's replay over `seqs`."""
-    out = [1.0]
-    for g in range(1, max(gammas) + 1):
-        steps = [n for m in seqs for n in replay_steps(m, g, 0)[0]]
-        out.append(sum(steps) / len(steps))
-    return out
+    """E(γ) for γ = 0 … max(gammas) from every γ's replay over `seqs`: the scheduler's
+    pooled replay (`ReplayYield`) with no forgetting and no prior."""
+    top = max(gammas)
+    replay = ReplayYield(range(1, top + 1), decay=1.0, prior_steps=0.0)
+    for m in seqs:
+        track = replay.track(0)
+        track.matches = list(m)
+        replay.advance(track)
+    return replay.expected([1.0] * (top + 1))
 
 
 def per_row(pooled: list[float], costs: dict[int, float], prior_steps: float) -> Chooser:
@@ -131,12 +134,9 @@ def per_row(pooled: list[float], costs: dict[int, float], prior_steps: float) ->
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pair", type=Path, default=B.DEMO_PAIR)
-    ap.add_argument("--compression", default="fp16")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    B.local_engine_args(ap, max_new_tokens=64)
     ap.add_argument("--splits", type=int, default=20)
-    ap.add_argument("--prior-steps", type=float, default=4.0)
+    ap.add_argument("--prior-steps", type=float, default=ROW_PRIOR_STEPS)
     ap.add_argument("--sizes", nargs="+", type=int, default=sorted(DEFAULT_COSTS))
     ap.add_argument(
         "--costs-ms",
