@@ -100,12 +100,14 @@ def test_scraped_metrics_equal_the_generation_summaries(pair, predictor, batchin
     try:
         assert worker._predictor is not None
         wait_connected(worker._predictor.stream)
+        t0 = time.perf_counter()
         summaries = [
             _generate(worker.address, prompt="hello world", max_new_tokens=30, request_id="a"),
             _generate(worker.address, prompt="the cat sat", max_new_tokens=20, request_id="b"),
             _generate(worker.address, prompt="abc", policy="fixed:3", request_id="c"),
         ]
         m = scrape(worker.metrics_url)
+        window = time.perf_counter() - t0  # encloses all the scheduler's counted work
     finally:
         worker.stop(0.5)
     assert sum(s.remote_decisions for s in summaries) > 0  # the predictor decided steps
@@ -156,7 +158,10 @@ def test_scraped_metrics_equal_the_generation_summaries(pair, predictor, batchin
         forward_s = value(m, "speckv_worker_batch_forward_seconds")
         join_s = value(m, "speckv_worker_batch_join_seconds")
         assert 0 < forward_s < step_s and join_s > 0
-        assert step_s + join_s < wall
+        # Not the requests' own walls: a request's wall ends when its result is made, inside
+        # its last step, whose remaining bookkeeping still counts as step time (CI saw
+        # 0.7694 s of steps and joins against 0.7690 s of walls). The scrape came after.
+        assert step_s + join_s < window
 
 
 def test_reconnects_are_counted_from_the_decision_stream(pair, model_repo: Path) -> None:  # type: ignore[no-untyped-def]
