@@ -1,8 +1,10 @@
 """Start the project's servers as subprocesses, as a user runs them, for benchmarks and the demo.
 
 Both `speckv-predictor serve` and `speckv-worker serve` print `listening on HOST:PORT` once
-they serve; `ServiceProcess` waits for that line, keeps draining stdout so the child never
-blocks on a full pipe, and stops the child with SIGTERM (SIGKILL after a grace).
+they serve; `ServiceProcess` waits for that line (a child that exits first, or stays silent
+past the timeout, is reported with the last lines of its stderr), keeps draining stdout so
+the child never blocks on a full pipe, and stops the child with SIGTERM (SIGKILL after a
+grace).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -36,43 +39,80 @@ class ServiceProcess:
     ) -> None:
         self.name = name
         self.log_path = log_path
-        self._log: IO[str] | None = log_path.open("w") if log_path is not None else None
+        # Without a log, stderr goes to an unnamed temporary file, so that a server that dies
+        # before it listens can be reported with its last lines (and a long run's stderr
+        # never fills a pipe).
+        self._log: IO[str] = (
+            log_path.open("w") if log_path is not None else tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in stop)
+        )
         self.proc = subprocess.Popen(
             [str(c) for c in cmd],
             stdout=subprocess.PIPE,
-            stderr=self._log if self._log is not None else subprocess.DEVNULL,
+            stderr=self._log,
             text=True,
         )
+        self._listening = threading.Event()
+        self._address = ""
+        # One reader for stdout from the start: it finds the `listening on` line and then
+        # keeps draining, so the wait below can time out even while the child prints nothing.
+        threading.Thread(target=self._read_stdout, daemon=True).start()
         self.address = self._wait_address(timeout_s)
-        threading.Thread(target=self._drain, daemon=True).start()
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def _wait_address(self, timeout_s: float) -> str:
+    def _read_stdout(self) -> None:
         assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if not self._listening.is_set():
+                match = LISTENING.search(line)
+                if match:
+                    self._address = match.group(1)
+                    self._listening.set()
+
+    def _wait_address(self, timeout_s: float) -> str:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            match = LISTENING.search(line)
-            if match:
-                return match.group(1)
+            if self._listening.wait(0.05):
+                return self._address
+            if self.proc.poll() is not None:
+                break
+        if self._listening.is_set():  # it listened and exited at once
+            return self._address
+        code = self.proc.poll()
+        self._terminate()
+        tail = self._stderr_tail()
         self.stop()
+        what = (
+            f"{self.name} exited with code {code} before it listened"
+            if code is not None
+            else f"{self.name} did not start within {timeout_s:g} s"
+        )
         where = f"; its log is {self.log_path}" if self.log_path is not None else ""
-        raise RuntimeError(f"{self.name} did not start within {timeout_s:g} s{where}")
+        raise RuntimeError(f"{what}{where}{tail}")
 
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for _ in self.proc.stdout:
-            pass
+    def _stderr_tail(self, lines: int = 8) -> str:
+        """The last lines of stderr (from the log file when there is one), for errors."""
+        try:
+            if self.log_path is not None:
+                text = self.log_path.read_text(errors="replace")
+            else:
+                self._log.seek(0)
+                text = self._log.read()
+        except (OSError, ValueError):  # closed or unreadable: the error says what it can
+            return ""
+        tail = [ln for ln in text.splitlines() if ln.strip()][-lines:]
+        return ("; last stderr lines:\n" + "\n".join(tail)) if tail else ""
 
     def stop(self, grace_s: float = 30.0) -> int | None:
         """SIGTERM (the services drain), then SIGKILL after `grace_s`; returns the exit code."""
+        self._terminate(grace_s)
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+    def _terminate(self, grace_s: float = 30.0) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -80,9 +120,6 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-        return self.proc.returncode
 
     def __enter__(self) -> ServiceProcess:
         return self
