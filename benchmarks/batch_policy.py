@@ -37,6 +37,8 @@ GOODPUT_VARIANTS: dict[str, dict[str, Any]] = {
     "batch-goodput": {},
     # every row priced with the pooled replay, to compare with the per-row pricing
     "batch-goodput-pooled": {"row_prior_steps": None},
+    # the rows' own prices may choose any width, not only G = 0 and the pooled choice ± 1
+    "batch-goodput-anywhere": {"row_reach": None},
 }
 
 

@@ -594,6 +594,9 @@ REPLAY_DECAY = 0.999
 # batch-goodput prices each greedy row by the replay over its own text, shrunk towards the
 # pooled replay by this many pseudo-steps (`ReplayYield.row_expected`).
 ROW_PRIOR_STEPS = 4.0
+# batch-goodput: the rows' own prices choose among G = 0 and the candidate widths at most this
+# many places from the pooled estimate's choice (`BATCH_GAMMAS` order).
+ROW_REACH = 1
 # batch-goodput's yield model (`StepYield`): counts decay by POOL_DECAY per drafted row-step;
 # each position's rate is shrunk by PRIOR_EVENTS pseudo-tries towards the rate of the
 # position before it (the first towards ACCEPT_PRIOR); the first is read with OPTIMISM
@@ -710,6 +713,31 @@ def choose_batch_gamma(
         if rate > best_rate:
             best, best_rate = g, rate
     return best
+
+
+def choose_within_reach(
+    tokens: Sequence[Sequence[float]],
+    pooled: Sequence[float],
+    caps: Sequence[int],
+    b: int,
+    costs: BatchCosts,
+    candidates: Sequence[int] = BATCH_GAMMAS,
+    reach: int | None = ROW_REACH,
+) -> int | None:
+    """`choose_batch_gamma` over the rows' own prices `tokens`, among G = 0 and the
+    candidates at most `reach` places (in `candidates` order) from the width the pooled
+    prices `pooled` choose for the same rows; `reach` None: among all candidates. Widths
+    far from the pooled choice are ones the batch has not run lately at this size, priced
+    by a cost line fitted mostly through other widths: at 16 rows the line put G = 4 at
+    1.18× G = 2 where such steps took 1.37–1.40×, and the rows' prices chose it on up to
+    15 % of steps (docs/design.md, "The batch's draft length")."""
+    cands = list(candidates)
+    if reach is not None:
+        centre = choose_batch_gamma([pooled] * len(tokens), caps, b, costs, cands)
+        if centre is not None:
+            at = cands.index(centre)
+            cands = [g for i, g in enumerate(cands) if g == 0 or abs(i - at) <= reach]
+    return choose_batch_gamma(tokens, caps, b, costs, cands)
 
 
 class _BatchGoodputSequence(SequencePolicy):
@@ -876,12 +904,18 @@ class BatchScheduler:
         max_queue: int = 16,
         coalescer: DecisionCoalescer | None = None,
         row_prior_steps: float | None = ROW_PRIOR_STEPS,
+        row_reach: int | None = ROW_REACH,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
         if row_prior_steps is not None and row_prior_steps <= 0:
             raise ValueError(f"row_prior_steps must be > 0 or None, got {row_prior_steps}")
+        if row_reach is not None and row_reach < 0:
+            raise ValueError(f"row_reach must be ≥ 0 or None, got {row_reach}")
         self.engine = engine
+        # batch-goodput: how many candidate widths away from the pooled estimate's choice
+        # the rows' own pricing may move the batch (G = 0 always allowed); None: anywhere.
+        self.row_reach = row_reach
         # batch-goodput: how many pseudo-steps of the pooled estimate a row's own replay is
         # shrunk towards; None prices every row with the pooled estimate alone.
         self.row_prior_steps = row_prior_steps
@@ -1292,7 +1326,8 @@ class BatchScheduler:
             else ReplayYield.row_expected(r.track, expected, k)
             for r in aware
         ]
-        g = choose_batch_gamma(tokens, caps, len(rows), self.costs, cands)
+        reach = self.row_reach if k is not None else None
+        g = choose_within_reach(tokens, expected, caps, len(rows), self.costs, cands, reach)
         # The draft does not run at G = 0, so neither estimate learns: while the batch sits
         # at G = 0, every PROBE_EVERY-th step drafts one token (its catch-up feed also gives
         # the replay the draft's argmax after every skipped position).

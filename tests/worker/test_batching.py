@@ -470,6 +470,41 @@ def test_batch_goodput_picks_zero_when_plain_steps_are_cheap_and_speculates_othe
     assert g_steep is not None and g_flat is not None and g_steep < g_flat
 
 
+def test_rows_own_prices_move_the_batch_only_near_the_pooled_choice() -> None:
+    """batch-goodput's trust region (docs/design.md, "The batch's draft length"): rows whose
+    own text promises long drafts move the batch one width past the pooled choice, not to
+    widths priced only by the cost line; G = 0 stays open to them."""
+    from decode_worker.batching import (
+        BatchCosts,
+        choose_batch_gamma,
+        choose_within_reach,
+        position_expected_tokens,
+    )
+
+    def table(rates: list[float]) -> list[float]:
+        return [position_expected_tokens(rates, g) for g in range(9)]
+
+    costs = BatchCosts()
+    for _ in range(5):
+        for g in (2, 4, 8):
+            costs.add(16, g, 0.030 + 0.005 * g)
+        costs.add(16, 0, 0.026)
+    pooled = table([0.88] + [0.32] * 7)  # the demo pair's pooled rates: G = 2 here
+    caps = [8] * 16
+    assert choose_batch_gamma([pooled] * 16, caps, 16, costs) == 2
+    agreeing, disagreeing = table([0.95] * 8), table([0.3] * 8)
+
+    def choose(rows: list[float], reach: int | None) -> int | None:
+        return choose_within_reach([rows] * 16, pooled, caps, 16, costs, reach=reach)
+
+    assert choose(agreeing, None) == 8  # unrestricted: as far as the line says
+    assert choose(agreeing, 1) == 3  # one place past the pooled choice
+    assert choose(agreeing, 0) == 2
+    assert choose(disagreeing, 1) == choose(disagreeing, None) == 0
+    with pytest.raises(ValueError, match="row_reach"):
+        BatchScheduler(SpeculativeEngine(random_pair()), row_reach=-1)
+
+
 def test_step_yield_learns_each_drafted_position() -> None:
     import random
 
