@@ -24,7 +24,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -702,8 +702,16 @@ def choose_batch_gamma(
     costs are measured. Rows draft G each (capped by their remaining tokens): in a padded
     batched forward a shorter draft saves nothing, so per-row γ below G would only lose
     tokens."""
+    return _best_width(tokens, caps, costs.step_table(b, candidates), candidates)
+
+
+def _best_width(
+    tokens: Sequence[Sequence[float]],
+    caps: Sequence[int],
+    table: Mapping[int, float],
+    candidates: Sequence[int],
+) -> int | None:
     best, best_rate = None, -1.0
-    table = costs.step_table(b, candidates)
     for g in candidates:
         seconds = table.get(g)
         if seconds is None or seconds <= 0:
@@ -732,12 +740,13 @@ def choose_within_reach(
     1.18× G = 2 where such steps took 1.37–1.40×, and the rows' prices chose it on up to
     15 % of steps (docs/design.md, "The batch's draft length")."""
     cands = list(candidates)
+    table = costs.step_table(b, cands)  # once: it fits the cost lines
     if reach is not None:
-        centre = choose_batch_gamma([pooled] * len(tokens), caps, b, costs, cands)
+        centre = _best_width([pooled] * len(tokens), caps, table, cands)
         if centre is not None:
             at = cands.index(centre)
             cands = [g for i, g in enumerate(cands) if g == 0 or abs(i - at) <= reach]
-    return choose_batch_gamma(tokens, caps, b, costs, cands)
+    return _best_width(tokens, caps, table, cands)
 
 
 class _BatchGoodputSequence(SequencePolicy):
