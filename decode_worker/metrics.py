@@ -24,7 +24,7 @@ rest are counted under model="other", version="other", arm="other".
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -64,9 +64,21 @@ class _Readout(Collector):
 
     def __init__(self) -> None:
         self._sources: list[tuple[str, str, str, Callable[[], float]]] = []
+        self._labeled: list[
+            tuple[str, str, Sequence[str], Callable[[], Mapping[tuple[str, ...], float]]]
+        ] = []
 
     def add(self, kind: str, name: str, documentation: str, read: Callable[[], float]) -> None:
         self._sources.append((kind, name, documentation, read))
+
+    def add_labeled(
+        self,
+        name: str,
+        documentation: str,
+        labels: Sequence[str],
+        read: Callable[[], Mapping[tuple[str, ...], float]],
+    ) -> None:
+        self._labeled.append((name, documentation, labels, read))
 
     def collect(self) -> Iterable[Metric]:
         for kind, name, documentation, read in self._sources:
@@ -75,6 +87,11 @@ class _Readout(Collector):
                 yield CounterMetricFamily(name, documentation, value=value)
             else:
                 yield GaugeMetricFamily(name, documentation, value=value)
+        for name, documentation, labels, read_many in self._labeled:
+            family = CounterMetricFamily(name, documentation, labels=list(labels))
+            for key, value in sorted(read_many().items()):
+                family.add_metric(list(key), float(value))
+            yield family
 
     def describe(self) -> Iterable[Metric]:
         return self.collect()
@@ -175,6 +192,16 @@ class WorkerMetrics:
 
     def read_gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         self._readout.add("gauge", f"{PREFIX}_{name}", documentation, read)
+
+    def read_counters(
+        self,
+        name: str,
+        documentation: str,
+        labels: Sequence[str],
+        read: Callable[[], Mapping[tuple[str, ...], float]],
+    ) -> None:
+        """A counter family read at scrape time: `read` maps label values to counts."""
+        self._readout.add_labeled(f"{PREFIX}_{name}", documentation, labels, read)
 
     def finish_wiring(self) -> None:
         """Register the read-at-scrape metrics (after every `read_*` call)."""

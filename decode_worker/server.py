@@ -134,6 +134,13 @@ class WorkerServer:
                 ),
             ):
                 self.metrics.read_gauge(name, text, read)
+            self.metrics.read_counters(
+                "batch_width_steps",
+                "Batch steps by rows in the batch and verify width (the step's longest draft; "
+                "0: a step without drafting)",
+                ("rows", "width"),
+                lambda: {(str(b), str(w)): n for (b, w), n in dict(st.shapes).items()},
+            )
         desc = describe or {}
         info = ServiceInfo(
             draft_model=desc.get("draft_model", config.draft),

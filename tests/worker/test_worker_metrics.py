@@ -158,6 +158,11 @@ def test_scraped_metrics_equal_the_generation_summaries(pair, predictor, batchin
         forward_s = value(m, "speckv_worker_batch_forward_seconds")
         join_s = value(m, "speckv_worker_batch_join_seconds")
         assert 0 < forward_s < step_s and join_s > 0
+        # Steps by batch size and verify width: one row each, widths summing to the drafts.
+        widths = series(m, "speckv_worker_batch_width_steps_total")
+        assert sum(widths.values()) == steps
+        assert {dict(k)["rows"] for k in widths} == {"1"}
+        assert sum(int(dict(k)["width"]) * n for k, n in widths.items()) == drafted
         # Not the requests' own walls: a request's wall ends when its result is made, inside
         # its last step, whose remaining bookkeeping still counts as step time (CI saw
         # 0.7694 s of steps and joins against 0.7690 s of walls). The scrape came after.
