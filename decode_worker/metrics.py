@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -59,26 +59,25 @@ class _Arm:
         self.accepted = m.arm_accepted.labels(*key)
 
 
+class _LabeledSource(NamedTuple):
+    name: str
+    documentation: str
+    labels: Sequence[str]
+    read: Callable[[], Mapping[tuple[str, ...], float]]
+
+
 class _Readout(Collector):
     """Metrics whose value lives elsewhere, read at scrape time (no copies to keep in sync)."""
 
     def __init__(self) -> None:
         self._sources: list[tuple[str, str, str, Callable[[], float]]] = []
-        self._labeled: list[
-            tuple[str, str, Sequence[str], Callable[[], Mapping[tuple[str, ...], float]]]
-        ] = []
+        self._labeled: list[_LabeledSource] = []
 
     def add(self, kind: str, name: str, documentation: str, read: Callable[[], float]) -> None:
         self._sources.append((kind, name, documentation, read))
 
-    def add_labeled(
-        self,
-        name: str,
-        documentation: str,
-        labels: Sequence[str],
-        read: Callable[[], Mapping[tuple[str, ...], float]],
-    ) -> None:
-        self._labeled.append((name, documentation, labels, read))
+    def add_labeled(self, source: _LabeledSource) -> None:
+        self._labeled.append(source)
 
     def collect(self) -> Iterable[Metric]:
         for kind, name, documentation, read in self._sources:
@@ -201,7 +200,7 @@ class WorkerMetrics:
         read: Callable[[], Mapping[tuple[str, ...], float]],
     ) -> None:
         """A counter family read at scrape time: `read` maps label values to counts."""
-        self._readout.add_labeled(f"{PREFIX}_{name}", documentation, labels, read)
+        self._readout.add_labeled(_LabeledSource(f"{PREFIX}_{name}", documentation, labels, read))
 
     def finish_wiring(self) -> None:
         """Register the read-at-scrape metrics (after every `read_*` call)."""
