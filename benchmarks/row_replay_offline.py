@@ -34,7 +34,7 @@ from typing import Any
 
 import batch as B  # benchmarks/batch.py, beside this script
 
-from decode_worker.batching import ROW_PRIOR_STEPS
+from decode_worker.batching import ROW_PRIOR_STEPS, choose_in_table
 from decode_worker.match_replay import ReplayYield, replay_steps
 
 # Median ms of a batch step per (batch size, G), fixed arms, policy_ab_fp16_replay_decay999.txt.
@@ -127,7 +127,12 @@ def per_row(pooled: list[float], costs: dict[int, float], prior_steps: float) ->
             track.matches = list(h)
             replay.advance(track)
             tables.append(ReplayYield.row_expected(track, pooled, prior_steps))
-        return max(sorted(costs), key=lambda g: sum(t[g] for t in tables) / costs[g])
+        # The scheduler's choice over these step costs, every width open to the rows' own
+        # prices (`reach` None: the rule this script's documented run measured).
+        widths = sorted(costs)
+        g = choose_in_table(tables, pooled, [widths[-1]] * len(tables), costs, widths, None)
+        assert g is not None  # every width has a cost
+        return g
 
     return choose
 

@@ -740,7 +740,21 @@ def choose_within_reach(
     1.18× G = 2 where such steps took 1.37–1.40×, and the rows' prices chose it on up to
     15 % of steps (docs/design.md, "The batch's draft length")."""
     cands = list(candidates)
-    table = costs.step_table(b, cands)  # once: it fits the cost lines
+    # The table once for both choices: it fits the cost lines.
+    return choose_in_table(tokens, pooled, caps, costs.step_table(b, cands), cands, reach)
+
+
+def choose_in_table(
+    tokens: Sequence[Sequence[float]],
+    pooled: Sequence[float],
+    caps: Sequence[int],
+    table: Mapping[int, float],
+    candidates: Sequence[int] = BATCH_GAMMAS,
+    reach: int | None = ROW_REACH,
+) -> int | None:
+    """`choose_within_reach` with the step seconds per width given (`table`), as an
+    offline evaluation that has measured them does."""
+    cands = list(candidates)
     if reach is not None:
         centre = _best_width([pooled] * len(tokens), caps, table, cands)
         if centre is not None:
